@@ -1,0 +1,24 @@
+"""Commons node: one process of a peer-to-peer mixture-of-experts training swarm.
+
+Map of this package (imports point down the list):
+- errors      user-facing error types and their exit codes
+- config      the typed config tree behind flags, COMMONS_* variables and config files
+- logs        text / JSON logging to stderr, hivemind's records included
+- model       byte-level mixture-of-experts transformer; module/expert split
+- data        streams the user's text files (or the default corpus) with a held-out split
+- training    inner AdamW steps and evaluation
+- diloco      per-module global copy and outer Nesterov step
+- placement   which experts to host, from DHT replica counts
+- swarm       the only hivemind adapter: DHT, p2p streams, event loop thread
+- handshake   hello exchange; refuses other manifests / protocol versions
+- membership  announces this node and reads peer records
+- matchmaking forms an averaging group per module and round
+- averaging   butterfly all-reduce within a group
+- runtime     the Node: join, train rounds, average, leave
+- status      `node status`: the swarm as seen from the DHT
+- cli         `node start` / `node status` command line
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

@@ -1,0 +1,151 @@
+"""The `node` command: a thin layer over NodeConfig, Node and the status reader.
+
+One exit path: every user error is a CommonsError (or a ManifestError) printed as one
+line on stderr with its documented exit code; see EXIT_CODES in node.errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from typing import Any, List, NoReturn, Optional, Sequence
+
+from node import __version__
+from node.config import DEVICES, ENV_PREFIX, LOG_FORMATS, LOG_LEVELS, NodeConfig, build_config
+from node.errors import EXIT_CODES, CommonsError, ConfigError
+from protocol.manifest import ManifestError
+
+logger = logging.getLogger("node")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(ConfigError.exit_code)
+
+
+# (flag, dest, kind, metavar, help) for every `start` option; dest names a NodeConfig field.
+_START_OPTIONS = [
+    ("--initial-peers", "initial_peers", "list", "MADDR", "multiaddrs of running peers to join (none: start a new swarm)"),
+    ("--host-maddrs", "host_maddrs", "list", "MADDR", "multiaddrs to listen on"),
+    ("--announce-maddrs", "announce_maddrs", "list", "MADDR", "multiaddrs other peers should dial (behind NAT)"),
+    ("--identity", "identity", str, "PATH", "private key file; created if missing; keeps the peer id across restarts"),
+    ("--data", "data", str, "PATH", "your text: a file, a directory or a glob (default: embedded corpus)"),
+    ("--manifest", "manifest", str, "PATH", "swarm manifest YAML (default: the one shipped with Commons)"),
+    ("--experts", "experts", int, "N", "how many experts to host"),
+    ("--device", "device", str, "|".join(DEVICES), "where to train"),
+    ("--checkpoint-dir", "checkpoint_dir", str, "DIR", "where checkpoints go (reserved: not written yet)"),
+    ("--metrics-addr", "metrics_addr", str, "HOST:PORT", "metrics/health endpoint address (reserved: not served yet)"),
+    ("--log-format", "log_format", str, "|".join(LOG_FORMATS), "log format on stderr"),
+    ("--log-level", "log_level", str, "|".join(LOG_LEVELS), "log level"),
+    ("--max-rounds", "max_rounds", int, "N", "leave cleanly after N averaging rounds"),
+    ("--max-seconds", "max_seconds", float, "S", "leave cleanly after S seconds of training"),
+    ("--bootstrap-timeout-seconds", "bootstrap_timeout_seconds", float, "S", "how long to try the initial peers"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = "exit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in sorted(EXIT_CODES.items()))
+    parser = _Parser(
+        prog="node",
+        description="Commons: a peer-to-peer mixture-of-experts training node.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"commons node {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{start,status}", parser_class=_Parser)
+    commands.required = True
+
+    defaults = NodeConfig()
+    start = commands.add_parser(
+        "start",
+        help="join a swarm (or start one) and train",
+        description="Join a swarm, or start a new one, and train. Every option can also be set as an "
+        f"environment variable ({ENV_PREFIX}EXPERTS=2, lists space- or comma-separated) or in a YAML "
+        "file given by --config; flags win over the environment, which wins over the file.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    start.add_argument("--config", metavar="PATH", help=f"YAML file of options (also {ENV_PREFIX}CONFIG)")
+    for flag, dest, kind, metavar, text in _START_OPTIONS:
+        default = getattr(defaults, dest)
+        shown = " ".join(default) if isinstance(default, tuple) else default
+        suffix = f" (default: {shown})" if shown not in (None, "", ()) else ""
+        if kind == "list":
+            start.add_argument(flag, dest=dest, nargs="+", metavar=metavar, help=text + suffix)
+        else:
+            start.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=text + suffix)
+
+    status = commands.add_parser("status", help="describe a running swarm", description="Describe a running swarm.")
+    status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
+    status.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    status.add_argument("--timeout", type=float, default=20.0, metavar="S", help="seconds to wait for the swarm")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "start":
+            return _start(args)
+        return _status(args)
+    except ManifestError as e:
+        return _fail(str(e), ConfigError.exit_code)
+    except CommonsError as e:
+        return _fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"node: error: {message}\n")
+    return code
+
+
+def _start(args: argparse.Namespace) -> int:
+    from node.logs import setup_logging
+    from node.runtime import Node
+
+    flags = {dest: getattr(args, dest) for _, dest, *_ in _START_OPTIONS}
+    config = build_config(flags, config_path=args.config)
+    setup_logging(config.log_format, config.log_level)
+    logger.info("effective config: %s", json.dumps(config.as_log_dict()))
+    node = Node(config)
+    logger.info("manifest %r, swarm id %s", node.manifest.name, node.manifest.swarm_id)
+    _install_stop_handlers(node)
+    try:
+        node.open()
+        node.run(out=sys.stdout)
+    finally:
+        node.close()
+    return 0
+
+
+def _install_stop_handlers(node: Any) -> None:
+    """First Ctrl+C / SIGTERM: finish or abandon the round and leave. A second one: leave now."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        if node.stop_requested.is_set():
+            raise KeyboardInterrupt
+        logger.info("received %s: leaving the swarm", signal.Signals(signum).name)
+        node.stop_requested.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from node.config import validate_peer_maddr
+    from node.logs import setup_logging
+    from node.status import collect, format_table
+
+    peers: List[str] = [validate_peer_maddr(a, "--initial-peers") for a in args.initial_peers]
+    setup_logging("text", "warning")
+    status = collect(peers, timeout=args.timeout)
+    print(json.dumps(status) if args.json else format_table(status))
+    return 0

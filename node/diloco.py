@@ -1,0 +1,81 @@
+"""Per-module DiLoCo state: the global copy of the parameters and the outer optimizer.
+
+After H inner steps the pseudo-gradient of a module is ``global - local``. Its group
+average is applied by SGD with Nesterov momentum to the global copy, which is then
+written back into the model. When a group's members start from different global
+copies (a newcomer, a peer that missed rounds), the round also averages the global
+copies and momentum buffers, after which all members hold bit-identical state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import List
+
+import numpy as np
+import torch
+
+from protocol.manifest import OuterOptimizerSpec
+
+
+class ModuleState:
+    """Global parameters and momentum of one module, kept as flat float32 CPU tensors."""
+
+    def __init__(self, name: str, params: List[torch.nn.Parameter], spec: OuterOptimizerSpec) -> None:
+        self.name = name
+        self.params = params
+        self.spec = spec
+        self.global_flat = self._flatten_params()
+        self.momentum = torch.zeros_like(self.global_flat)
+
+    @property
+    def numel(self) -> int:
+        return int(self.global_flat.numel())
+
+    def _flatten_params(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
+
+    def params_hash(self) -> str:
+        """Identifies the (global parameters, momentum) pair; equal hashes mean identical state."""
+        digest = hashlib.sha256(self.global_flat.numpy().tobytes())
+        digest.update(self.momentum.numpy().tobytes())
+        return digest.hexdigest()[:32]
+
+    def pseudo_gradient(self) -> torch.Tensor:
+        """global - local: the direction the inner steps moved, to be averaged."""
+        return self.global_flat - self._flatten_params()
+
+    def payload(self, resync: bool) -> np.ndarray:
+        """The vector sent to the group: the pseudo-gradient, plus global params and momentum on a resync."""
+        parts = [self.pseudo_gradient()]
+        if resync:
+            parts += [self.global_flat, self.momentum]
+        return torch.cat(parts).numpy()
+
+    def apply(self, averaged: np.ndarray, resync: bool) -> None:
+        """Outer step with the group's averaged payload; writes the new global copy into the model."""
+        n = self.numel
+        averaged_t = torch.from_numpy(np.ascontiguousarray(averaged, dtype=np.float32))
+        delta = averaged_t[:n]
+        if resync:
+            self.global_flat = averaged_t[n : 2 * n].clone()
+            self.momentum = averaged_t[2 * n : 3 * n].clone()
+        mu, lr = self.spec.momentum, self.spec.lr
+        # torch.optim.SGD(nesterov=True) on a gradient g: buf = mu*buf + g; step = g + mu*buf
+        self.momentum.mul_(mu).add_(delta)
+        step = delta + mu * self.momentum
+        self.global_flat = self.global_flat - lr * step
+        self.load_global()
+
+    def load_global(self) -> None:
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                count = p.numel()
+                p.copy_(self.global_flat[offset : offset + count].view_as(p).to(p.device, p.dtype))
+                offset += count
+
+    def reset_from_params(self) -> None:
+        """Adopt the model's current values as the global copy (a newly hosted expert)."""
+        self.global_flat = self._flatten_params()
+        self.momentum = torch.zeros_like(self.global_flat)

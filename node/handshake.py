@@ -1,0 +1,93 @@
+"""The hello exchange: a node refuses to train with peers on another manifest or protocol."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+from node.errors import PeerUnreachable, SwarmMismatch
+from protocol.manifest import Manifest
+from protocol.version import PROTOCOL_VERSION
+from protocol.wire import Hello, HelloReply, WireError, decode, encode
+
+logger = logging.getLogger(__name__)
+
+HELLO_HANDLER = "commons/hello"  # not namespaced: peers of any swarm must be able to ask
+
+
+def peer_id_of(maddr: str) -> str:
+    return maddr.rsplit("/p2p/", 1)[1].split("/")[0]
+
+
+class Greeter:
+    """Answers hellos for this node and checks the bootstrap peers' answers."""
+
+    def __init__(self, swarm, manifest: Manifest) -> None:
+        self._swarm = swarm
+        self._manifest = manifest
+        self.refused_peers = 0
+
+    async def start(self) -> None:
+        await self._swarm.add_handler(HELLO_HANDLER, self._handle)
+
+    def _verdict(self, swarm_id: str, protocol_version: int) -> str:
+        if protocol_version != PROTOCOL_VERSION:
+            return f"protocol version {protocol_version} differs from ours ({PROTOCOL_VERSION}); upgrade the older node"
+        if swarm_id and swarm_id != self._manifest.swarm_id:
+            return (
+                f"swarm id {swarm_id} differs from ours ({self._manifest.swarm_id}): the manifests differ; "
+                "start with the same --manifest as the swarm you join"
+            )
+        return ""
+
+    async def _handle(self, remote_peer: str, frame: bytes) -> bytes:
+        try:
+            hello, _ = decode(frame)
+            if not isinstance(hello, Hello):
+                raise WireError("expected hello")
+            reason = self._verdict(hello.swarm_id, hello.protocol_version)
+        except WireError as e:
+            reason = f"malformed hello: {e}"
+        if reason:
+            self.refused_peers += 1
+            logger.warning("refused peer %s: %s", remote_peer[-8:], reason)
+        reply = HelloReply(
+            swarm_id=self._manifest.swarm_id,
+            manifest_name=self._manifest.name,
+            accepted=not reason,
+            reason=reason,
+        )
+        return encode(reply)
+
+
+async def ask(swarm, peer_id: str, swarm_id: str, timeout: float) -> HelloReply:
+    """Send a hello; swarm_id "" asks without committing to a swarm (used by `node status`)."""
+    frame = await swarm.call(peer_id, HELLO_HANDLER, encode(Hello(swarm_id=swarm_id, peer_id=swarm.peer_id)), timeout)
+    reply, _ = decode(frame)
+    if not isinstance(reply, HelloReply):
+        raise WireError("expected hello_reply")
+    return reply
+
+
+async def check_bootstrap_peers(swarm, manifest: Manifest, initial_peers: Sequence[str], timeout: float) -> None:
+    """Raise SwarmMismatch when the bootstrap peers train something else, PeerUnreachable when none answers."""
+    mismatch: Optional[str] = None
+    errors = []
+    for maddr in initial_peers:
+        peer = peer_id_of(maddr)
+        try:
+            reply = await ask(swarm, peer, manifest.swarm_id, timeout)
+        except (TimeoutError, ConnectionError, WireError) as e:
+            errors.append(f"{peer[-8:]}: {e}")
+            continue
+        if reply.accepted:
+            return
+        mismatch = (
+            f"bootstrap peer {peer[-8:]} trains manifest {reply.manifest_name!r} (swarm id {reply.swarm_id}), "
+            f"this node has {manifest.name!r} (swarm id {manifest.swarm_id}): {reply.reason}"
+        )
+    if mismatch:
+        raise SwarmMismatch(mismatch)
+    raise PeerUnreachable(
+        "no bootstrap peer answered as a Commons node (" + "; ".join(errors) + "); check --initial-peers"
+    )

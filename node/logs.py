@@ -1,0 +1,55 @@
+"""Logging to stderr as readable text or one JSON object per line; hivemind's logs included."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, Dict, TextIO
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """timestamp, level, logger, message, plus any ``extra={...}`` fields (round, module, ...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: Dict[str, Any] = {
+            "timestamp": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+        self.converter = time.localtime
+
+
+def setup_logging(log_format: str = "text", level: str = "info", stream: TextIO = sys.stderr) -> None:
+    """Install one stderr handler on the root logger and send hivemind's records through it."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    try:
+        from hivemind.utils.logging import use_hivemind_log_handler
+
+        use_hivemind_log_handler("nowhere")  # its records propagate to our root handler
+    except ImportError:
+        pass
+    # hivemind logs routine events at INFO; keep them unless the user asked for debug output.
+    hivemind_level = logging.DEBUG if level == "debug" else max(logging.WARNING, root.level)
+    logging.getLogger("hivemind").setLevel(hivemind_level)

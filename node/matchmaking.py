@@ -1,0 +1,126 @@
+"""Forming an averaging group for one module and round, with no coordinator.
+
+Each ready peer posts a ReadyRecord (stamped with its post time) under the module's
+ready key for the round. Records are cut into consecutive *windows*: a window opens
+at the earliest post not yet in a window and holds every post within
+``gather_seconds`` of it. A peer's group is its window. Every peer that reads after
+its window closed (plus a settle margin for DHT propagation) sees the same records
+and so computes the same group, its id, and whether parameters must be re-synced.
+
+The window closes early when every host the peer expects (from peer records) has
+posted; peers with differing expectations may then disagree, which the all-reduce
+detects by group id and turns into a partial round, never into mixed-up sums.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Set, Tuple
+
+from protocol.records import ReadyRecord, RecordError, parse_record, ready_key
+
+logger = logging.getLogger(__name__)
+
+SETTLE_SECONDS = 0.5  # DHT stores finish within milliseconds on a LAN; this covers clock jitter too
+
+
+@dataclass(frozen=True)
+class Group:
+    """The peers averaging one module in one round, sorted by peer id."""
+
+    module: str
+    round: int
+    members: Tuple[str, ...]
+    params_hashes: Tuple[str, ...]
+    group_id: str
+
+    @property
+    def needs_resync(self) -> bool:
+        """Members start from different parameters: average the parameters too this round."""
+        return len(set(self.params_hashes)) > 1
+
+    def index_of(self, peer_id: str) -> int:
+        return self.members.index(peer_id)
+
+
+def make_group(module: str, round_number: int, records: Dict[str, ReadyRecord]) -> Group:
+    members = tuple(sorted(records))
+    hashes = tuple(records[m].params_hash for m in members)
+    digest = hashlib.sha256(f"{module}|{round_number}|{'|'.join(members)}|{'|'.join(hashes)}".encode()).hexdigest()
+    return Group(module, round_number, members, hashes, digest[:16])
+
+
+def window_of(peer_id: str, records: Dict[str, ReadyRecord], gather_seconds: float) -> Dict[str, ReadyRecord]:
+    """The window (see module doc) holding ``peer_id``'s own record."""
+    ordered = sorted(records.items(), key=lambda item: (item[1].posted_at, item[0]))
+    window: Dict[str, ReadyRecord] = {}
+    opened_at: Optional[float] = None
+    for peer, record in ordered:
+        if opened_at is None or record.posted_at > opened_at + gather_seconds:
+            if peer_id in window:
+                break
+            window, opened_at = {}, record.posted_at
+        window[peer] = record
+    return window if peer_id in window else {}
+
+
+class Matchmaker:
+    """Posts readiness and waits for the group; one per node, used for every module."""
+
+    def __init__(self, swarm, swarm_id: str, gather_seconds: float, clock=None) -> None:
+        self._swarm = swarm
+        self._swarm_id = swarm_id
+        self._gather = gather_seconds
+        self._clock = clock or swarm_clock
+        self.rejected_records = 0
+
+    async def read_ready(self, module: str, round_number: int) -> Dict[str, ReadyRecord]:
+        raw = await self._swarm.get_subkeys(ready_key(self._swarm_id, module, round_number))
+        records: Dict[str, ReadyRecord] = {}
+        for peer, (value, _) in raw.items():
+            try:
+                records[peer] = parse_record(ReadyRecord, value)  # type: ignore[assignment]
+            except RecordError as e:
+                self.rejected_records += 1
+                logger.debug("ignoring ready record from %s: %s", peer[-8:], e)
+        return records
+
+    async def form_group(
+        self,
+        module: str,
+        round_number: int,
+        params_hash: str,
+        numel: int,
+        expected_peers: Iterable[str],
+        expiration_seconds: float,
+    ) -> Group:
+        """Post our ReadyRecord and return our window's group (possibly just ourselves)."""
+        me = self._swarm.peer_id
+        posted_at = self._clock()
+        record = ReadyRecord(posted_at=posted_at, params_hash=params_hash, numel=numel)
+        key = ready_key(self._swarm_id, module, round_number)
+        await self._swarm.store(key, me, record.dict(), posted_at + expiration_seconds)
+        expected: Set[str] = set(expected_peers) | {me}
+        while True:
+            records = await self.read_ready(module, round_number)
+            records[me] = record
+            records = {p: r for p, r in records.items() if r.numel == numel}
+            window = window_of(me, records, self._gather)
+            opened_at = min(r.posted_at for r in window.values())
+            closes_at = opened_at + self._gather
+            if expected <= set(window) or self._clock() >= closes_at + SETTLE_SECONDS:
+                return make_group(module, round_number, window)
+            await asyncio.sleep(min(0.2, max(0.01, closes_at + SETTLE_SECONDS - self._clock())))
+
+
+def swarm_clock() -> float:
+    from node.swarm import now
+
+    return now()
+
+
+def expected_hosts(peer_modules: Dict[str, List[str]], module: str) -> Set[str]:
+    return {peer for peer, modules in peer_modules.items() if module in modules}

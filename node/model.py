@@ -1,0 +1,240 @@
+"""Byte-level mixture-of-experts transformer.
+
+The parameters are split into averaging units: the trunk (everything shared) and one unit
+per expert. Each expert owns its own router gate vector, so a peer that does not host an
+expert never reads or writes any of that expert's parameters, gate included.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from protocol.manifest import ModelSpec
+
+AUX_LOSS_COEF = 0.01
+_INIT_STD = 0.02
+
+
+class Expert(nn.Module):
+    """Feed-forward expert plus the router gate that scores tokens for it."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        # Registered first so the gate leads the module's fixed parameter order.
+        self.gate = nn.Parameter(torch.empty(d_model))
+        self.up = nn.Linear(d_model, hidden)
+        self.down = nn.Linear(hidden, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class MoELayer(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.top_k = spec.top_k
+        self.experts = nn.ModuleList(Expert(spec.d_model, spec.expert_hidden) for _ in range(spec.n_experts))
+        self.hosted: list[int] = list(range(spec.n_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if not self.hosted:
+            return torch.zeros_like(x), flat.new_zeros(())
+        # Stacking only hosted gates is the -inf mask in effect, and keeps autograd from
+        # ever reaching a non-hosted expert's gate (its .grad must stay None).
+        gates = torch.stack([self.experts[i].gate for i in self.hosted])
+        logits = flat @ gates.t()
+        n_hosted = len(self.hosted)
+        k = min(self.top_k, n_hosted)
+        top_logits, top_idx = logits.topk(k, dim=-1)
+        weights = torch.softmax(top_logits, dim=-1)
+
+        out = torch.zeros_like(flat)
+        for slot_expert, expert_id in enumerate(self.hosted):
+            token_ids, slot = (top_idx == slot_expert).nonzero(as_tuple=True)
+            # An expert that got no tokens still runs on an empty batch, so every hosted
+            # expert receives a (zero) gradient and the optimizer treats them alike.
+            y = self.experts[expert_id](flat[token_ids])
+            out.index_add_(0, token_ids, y * weights[token_ids, slot].unsqueeze(-1))
+
+        # Switch-transformer balance loss: fraction dispatched times mean router probability.
+        probs = torch.softmax(logits, dim=-1)
+        counts = torch.bincount(top_idx.reshape(-1), minlength=n_hosted).to(flat.dtype)
+        fraction = counts / top_idx.numel()
+        aux = n_hosted * torch.sum(fraction * probs.mean(dim=0))
+        return out.reshape(shape), aux
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.n_heads = spec.n_heads
+        self.qkv = nn.Linear(spec.d_model, 3 * spec.d_model)
+        self.proj = nn.Linear(spec.d_model, spec.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(spec.d_model)
+        self.attn = Attention(spec)
+        self.ln2 = nn.LayerNorm(spec.d_model)
+        self.moe = MoELayer(spec)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x + self.attn(self.ln1(x))
+        y, aux = self.moe(self.ln2(x))
+        return x + y, aux
+
+
+class MoETransformer(nn.Module):
+    """Causal byte-level transformer whose feed-forward layers are mixtures of experts."""
+
+    def __init__(self, spec: ModelSpec, seed: int) -> None:
+        super().__init__()
+        self.spec = spec
+        # Module constructors draw default inits from the global RNG; forking keeps the
+        # caller's RNG untouched, and every value is then redrawn from a private generator.
+        with torch.random.fork_rng(devices=[]):
+            self.tok_emb = nn.Embedding(spec.vocab_size, spec.d_model)
+            self.pos_emb = nn.Embedding(spec.seq_len, spec.d_model)
+            self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
+            self.ln_f = nn.LayerNorm(spec.d_model)
+        self._init_weights(seed)
+        self._modules_params = self._build_partition()
+
+    def _init_weights(self, seed: int) -> None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        # GPT-2 style: residual-writing projections shrink with depth to keep the stream stable.
+        resid_std = _INIT_STD / math.sqrt(2 * self.spec.n_layers)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("ln") or ".ln" in name:
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    std = resid_std if name.endswith(("proj.weight", "down.weight")) else _INIT_STD
+                    p.normal_(0.0, std, generator=gen)
+
+    def _build_partition(self) -> dict[str, list[nn.Parameter]]:
+        parts: dict[str, list[nn.Parameter]] = {}
+        expert_ids = set()
+        for layer, block in enumerate(self.blocks):
+            for index, expert in enumerate(block.moe.experts):
+                params = list(expert.parameters())
+                parts[f"expert.{layer}.{index}"] = params
+                expert_ids.update(id(p) for p in params)
+        parts = {"trunk": [p for p in self.parameters() if id(p) not in expert_ids], **parts}
+        return parts
+
+    # -- hosting -----------------------------------------------------------------------
+
+    def set_hosted_experts(self, modules: Iterable[str]) -> None:
+        """Restrict routing to these experts. "trunk" is accepted and ignored, so a peer
+        can pass its whole list of hosted modules."""
+        hosted: list[list[int]] = [[] for _ in range(self.spec.n_layers)]
+        for name in modules:
+            if name not in self._modules_params:
+                raise ValueError(f"unknown module name {name!r}; expected 'trunk' or 'expert.<layer>.<index>'")
+            if name == "trunk":
+                continue
+            _, layer, index = name.split(".")
+            hosted[int(layer)].append(int(index))
+        for block, indices in zip(self.blocks, hosted, strict=True):
+            block.moe.hosted = sorted(set(indices))
+
+    @property
+    def hosted_experts(self) -> tuple[str, ...]:
+        names = [f"expert.{layer}.{i}" for layer, block in enumerate(self.blocks) for i in block.moe.hosted]
+        return tuple(sorted(names))
+
+    # -- parameters --------------------------------------------------------------------
+
+    def module_parameters(self, module: str) -> list[nn.Parameter]:
+        """Parameters of one averaging unit, in a fixed order shared by every peer."""
+        try:
+            return list(self._modules_params[module])
+        except KeyError:
+            raise ValueError(f"unknown module name {module!r}; expected 'trunk' or 'expert.<layer>.<index>'") from None
+
+    def count_parameters(self, module: str | None = None) -> int:
+        params = self.parameters() if module is None else self.module_parameters(module)
+        return sum(p.numel() for p in params)
+
+    # -- compute -----------------------------------------------------------------------
+
+    def _forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = tokens.shape[1]
+        if t > self.spec.seq_len:
+            raise ValueError(f"sequence length {t} exceeds model seq_len {self.spec.seq_len}")
+        pos = torch.arange(t, device=tokens.device)
+        x = self.tok_emb(tokens) + self.pos_emb(pos)
+        aux = x.new_zeros(())
+        for block in self.blocks:
+            x, layer_aux = block(x)
+            aux = aux + layer_aux
+        # Output head tied to the token embedding: fewer trunk parameters to average.
+        logits = self.ln_f(x) @ self.tok_emb.weight.t()
+        return logits, aux
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._forward(tokens)[0]
+
+    def _split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch.dim() != 2 or batch.shape[1] < 2:
+            raise ValueError(f"batch must have shape (B, T+1) with T >= 1, got {tuple(batch.shape)}")
+        return batch[:, :-1], batch[:, 1:]
+
+    def lm_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Next-byte cross entropy only (what evaluation reports)."""
+        inputs, targets = self._split(batch)
+        logits = self.forward(inputs)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Training objective: next-byte cross entropy plus the load-balancing term."""
+        inputs, targets = self._split(batch)
+        logits, aux = self._forward(inputs)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return ce + AUX_LOSS_COEF * aux
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: bytes,
+        max_new_bytes: int,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> bytes:
+        """Sample continuation bytes; temperature <= 0 means greedy decoding."""
+        if any(b >= self.spec.vocab_size for b in prompt):
+            raise ValueError(f"prompt contains bytes >= vocab_size {self.spec.vocab_size}")
+        device = self.tok_emb.weight.device
+        # An empty prompt still needs one position to predict from; a newline is the most
+        # neutral start for text.
+        context = list(prompt) or [10]
+        out: list[int] = []
+        for _ in range(max_new_bytes):
+            window = torch.tensor([context[-self.spec.seq_len :]], dtype=torch.long, device=device)
+            logits = self.forward(window)[0, -1].float()
+            if temperature <= 0:
+                nxt = int(logits.argmax())
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1).cpu()
+                nxt = int(torch.multinomial(probs, 1, generator=generator))
+            context.append(nxt)
+            out.append(nxt)
+        return bytes(out)

@@ -1,0 +1,271 @@
+"""A running node: open the swarm, train rounds, average each module, leave cleanly.
+
+Threads: the caller's thread runs the training loop (torch); the Swarm's loop thread
+runs every network coroutine (announcements, matchmaking, all-reduce, handlers).
+The training thread hands a round's averaging to the loop and waits on it, checking
+for a stop request so Ctrl+C abandons a round within a second or two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, TextIO
+
+from node import __version__
+from node.averaging import AllReduceResult, Averager
+from node.config import NodeConfig
+from node.data import TextData
+from node.diloco import ModuleState
+from node.handshake import Greeter, check_bootstrap_peers
+from node.matchmaking import Matchmaker
+from node.membership import Membership
+from node.placement import choose_experts, rebalance, replica_counts
+from node.swarm import Swarm, now
+from node.training import Trainer, resolve_device
+from protocol.manifest import Manifest, load_manifest
+from protocol.records import PeerRecord
+
+logger = logging.getLogger("node")
+
+
+@dataclass(frozen=True)
+class ModuleOutcome:
+    module: str
+    group_size: int
+    averaged_fraction: float
+    resync: bool
+    seconds: float
+
+
+class Node:
+    """One node's state and lifecycle. ``open()`` joins, ``run()`` trains, ``close()`` leaves."""
+
+    def __init__(self, config: NodeConfig, manifest: Optional[Manifest] = None) -> None:
+        self.config = config
+        self.manifest = manifest or load_manifest(config.manifest)
+        self.stop_requested = threading.Event()
+        self.outer_round = 0
+        self.rounds_done = 0
+        self.last_eval_loss: Optional[float] = None
+        self.swarm: Optional[Swarm] = None
+        self.states: Dict[str, ModuleState] = {}
+        self.hosted: List[str] = []
+        self._maddrs: List[str] = []
+
+    # --- joining -----------------------------------------------------------------
+    def open(self) -> None:
+        """Validate local inputs first (cheap), then start networking; raises CommonsError subclasses."""
+        spec = self.manifest.model
+        data = TextData(self.config.data, spec.seq_len, seed=self.manifest.seed)
+        self.device = resolve_device(self.config.device)
+        self.trainer = Trainer(self.manifest, data, self.device)
+        logger.info("data: %s", data.describe())
+        self.swarm = Swarm.open(
+            initial_peers=self.config.initial_peers,
+            host_maddrs=self.config.host_maddrs,
+            announce_maddrs=self.config.announce_maddrs,
+            identity_path=self.config.identity,
+            startup_timeout=self.config.bootstrap_timeout_seconds,
+        )
+        try:
+            self._join()
+        except BaseException:
+            self.close()
+            raise
+
+    def _join(self) -> None:
+        assert self.swarm is not None
+        swarm_id = self.manifest.swarm_id
+        averaging = self.manifest.averaging
+        self.greeter = Greeter(self.swarm, self.manifest)
+        self.matchmaker = Matchmaker(self.swarm, swarm_id, averaging.gather_seconds)
+        self.averager = Averager(
+            self.swarm,
+            swarm_id,
+            hosted=lambda: set(self.states),
+            part_timeout=averaging.part_timeout_seconds,
+            compression=averaging.compression,
+        )
+        self.membership = Membership(self.swarm, swarm_id, self._describe_self, now)
+        self.swarm.run(self.greeter.start())
+        self.swarm.run(self.averager.start())
+        if self.config.initial_peers:
+            self.swarm.run(
+                check_bootstrap_peers(
+                    self.swarm, self.manifest, self.config.initial_peers, self.config.bootstrap_timeout_seconds
+                )
+            )
+        self.swarm.run(self.membership.start())
+        view = self.membership.view
+        self.outer_round = view.max_round(exclude=self.swarm.peer_id)
+        self.membership.watch_round = self.outer_round
+        all_experts = list(self.manifest.model.module_names()[1:])
+        replicas = replica_counts(view.modules_by_peer(), exclude=self.swarm.peer_id)
+        self._host(choose_experts(all_experts, replicas, self.config.experts, self.swarm.peer_id))
+
+    def _host(self, experts: List[str]) -> None:
+        """Set the hosted experts; keep state of those that stay, start fresh state for new ones."""
+        self.hosted = sorted(experts)
+        self.trainer.model.set_hosted_experts(self.hosted)
+        modules = ["trunk"] + self.hosted
+        outer = self.manifest.outer_optimizer
+        self.states = {
+            m: self.states.get(m) or ModuleState(m, self.trainer.model.module_parameters(m), outer) for m in modules
+        }
+
+    def _describe_self(self) -> PeerRecord:
+        assert self.swarm is not None
+        return PeerRecord(
+            peer_id=self.swarm.peer_id,
+            modules=["trunk"] + list(self.hosted),
+            outer_round=self.outer_round,
+            local_steps=self.trainer.local_steps,
+            loss=self.trainer.loss_ema,
+            samples_per_second=self.trainer.samples_per_second,
+            maddrs=self._maddrs[:16],
+            device=self.device.type,
+            version=__version__,
+        )
+
+    def ready_event(self) -> dict:
+        assert self.swarm is not None
+        self._maddrs = self.swarm.visible_maddrs()
+        return {
+            "event": "ready",
+            "peer_id": self.swarm.peer_id,
+            "maddrs": self._maddrs,
+            "swarm_id": self.manifest.swarm_id,
+            "manifest": self.manifest.name,
+            "protocol_version": self.manifest.protocol_version,
+            "version": __version__,
+            "modules": ["trunk"] + self.hosted,
+            "outer_round": self.outer_round,
+            "device": self.device.type,
+            "join": f"node start --initial-peers {self._maddrs[0]}" if self._maddrs else None,
+        }
+
+    # --- training ----------------------------------------------------------------
+    def run(self, out: Optional[TextIO] = None) -> None:
+        """Print the ready line, then train rounds until a limit or a stop request."""
+        ready = self.ready_event()
+        if out is not None:
+            out.write(json.dumps(ready) + "\n")
+            out.flush()
+        logger.info("ready: swarm %s, peer %s, hosting %s", ready["swarm_id"], ready["peer_id"], ", ".join(ready["modules"]))
+        logger.info("others can join with: %s", ready["join"])
+        started = time.monotonic()
+        limit = self.config.max_seconds
+
+        def out_of_time() -> bool:
+            return limit is not None and time.monotonic() - started >= limit
+
+        while not self.stop_requested.is_set() and not out_of_time():
+            steps = self._local_steps(out_of_time)
+            if steps == 0 or self.stop_requested.is_set() or out_of_time():
+                break
+            outcomes = self._average_round(steps)
+            if outcomes is None:
+                break
+            self._finish_round(outcomes, steps)
+            if self.config.max_rounds is not None and self.rounds_done >= self.config.max_rounds:
+                break
+        logger.info("leaving after %d round(s), %d local step(s)", self.rounds_done, self.trainer.local_steps)
+
+    def _local_steps(self, out_of_time) -> int:
+        """Up to H inner steps; cut short when another peer is already averaging this round."""
+        done = 0
+        for _ in range(self.manifest.training.inner_steps):
+            if self.stop_requested.is_set() or out_of_time():
+                break
+            if done > 0 and self.membership.others_ready_round >= self.outer_round:
+                break
+            self.trainer.step()
+            done += 1
+        return done
+
+    def _average_round(self, steps: int) -> Optional[List[ModuleOutcome]]:
+        """Average every hosted module concurrently; None when a stop request abandoned the round."""
+        assert self.swarm is not None
+        future = self.swarm.submit(self._average_all(steps))
+        while True:
+            try:
+                return future.result(timeout=0.2)
+            except concurrent.futures.TimeoutError:
+                if self.stop_requested.is_set():
+                    future.cancel()
+                    logger.info("abandoned averaging round %d to shut down", self.outer_round)
+                    return None
+
+    async def _average_all(self, steps: int) -> List[ModuleOutcome]:
+        tasks = [self._average_module(name, state, float(steps)) for name, state in self.states.items()]
+        return list(await asyncio.gather(*tasks))
+
+    async def _average_module(self, name: str, state: ModuleState, weight: float) -> ModuleOutcome:
+        assert self.swarm is not None
+        started = time.monotonic()
+        spec = self.manifest.averaging
+        others = self.membership.view.hosts_of(name, exclude=self.swarm.peer_id)
+        if not others:  # alone: DiLoCo outer step on our own pseudo-gradient
+            state.apply(state.payload(resync=False), resync=False)
+            return ModuleOutcome(name, 1, 0.0, False, 0.0)
+        group = await self.matchmaker.form_group(
+            name, self.outer_round, state.params_hash(), state.numel, others, spec.round_timeout_seconds
+        )
+        resync = group.needs_resync
+        vector = state.payload(resync)
+        remaining = spec.round_timeout_seconds - (time.monotonic() - started)
+        result: AllReduceResult = await self.averager.all_reduce(group, vector, weight, max(1.0, remaining))
+        state.apply(result.vector, resync)
+        return ModuleOutcome(name, len(group.members), result.averaged_fraction, resync, time.monotonic() - started)
+
+    def _finish_round(self, outcomes: List[ModuleOutcome], steps: int) -> None:
+        self.rounds_done += 1
+        self.last_eval_loss = self.trainer.evaluate()
+        trunk = next(o for o in outcomes if o.module == "trunk")
+        expert_groups = [o.group_size for o in outcomes if o.module != "trunk"]
+        logger.info(
+            "round %d: %d steps, loss %.3f, eval %s, trunk group %d (%.0f%% averaged%s, %.2fs), expert groups %s",
+            self.outer_round,
+            steps,
+            self.trainer.loss_ema or float("nan"),
+            f"{self.last_eval_loss:.3f}" if self.last_eval_loss is not None else "n/a",
+            trunk.group_size,
+            100 * trunk.averaged_fraction,
+            ", resync" if trunk.resync else "",
+            trunk.seconds,
+            expert_groups,
+            extra={"round": self.outer_round, "eval_loss": self.last_eval_loss},
+        )
+        assert self.swarm is not None
+        self.outer_round = max(self.outer_round + 1, self.membership.view.max_round(exclude=self.swarm.peer_id))
+        self.membership.watch_round = self.outer_round
+        self._replace_if_needed()
+
+    def _replace_if_needed(self) -> None:
+        assert self.swarm is not None
+        view = dict(self.membership.view.modules_by_peer())
+        view[self.swarm.peer_id] = ["trunk"] + self.hosted
+        swap = rebalance(self.swarm.peer_id, view, list(self.manifest.model.module_names()[1:]))
+        if swap is not None:
+            drop, add = swap
+            logger.info("re-placement: %s has no host left; hosting it instead of %s", add, drop)
+            self._host([e for e in self.hosted if e != drop] + [add])
+
+    # --- leaving -----------------------------------------------------------------
+    def close(self) -> None:
+        """Leave the swarm and stop every helper process; safe to call twice."""
+        swarm, self.swarm = self.swarm, None
+        if swarm is None:
+            return
+        try:
+            if hasattr(self, "membership"):
+                swarm.run(self.membership.stop(), timeout=5)
+        except Exception as e:
+            logger.debug("membership stop: %s", e)
+        swarm.close()

@@ -1,0 +1,292 @@
+"""The one door to hivemind: DHT, p2p streams and the event loop they run on.
+
+Nothing else in `node/` imports hivemind. Multiaddrs go in and come out as strings;
+hivemind's exceptions become ours (`PeerUnreachable`). Every coroutine here runs on the
+Swarm's own event loop thread, so callers on the training thread never block it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import os
+import signal
+import threading
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+
+import hivemind
+from hivemind.p2p import PeerID
+from hivemind.utils.timed_storage import get_dht_time
+
+from node.errors import PeerUnreachable
+
+T = TypeVar("T")
+Handler = Callable[[str, bytes], Awaitable[bytes]]
+
+# A frame larger than this from a peer is refused before it is read: the largest
+# legitimate message is one slice of the largest module, far below this.
+MAX_FRAME_BYTES = 1 << 30
+_PR_SET_PDEATHSIG = 1
+
+
+def now() -> float:
+    """The clock every DHT record is stamped with (wall time, shared with hivemind)."""
+    return get_dht_time()
+
+
+class LoopThread:
+    """An asyncio (uvloop) event loop on a daemon thread, owned by the Swarm."""
+
+    def __init__(self, name: str = "commons-swarm") -> None:
+        self.loop = _new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Awaitable[T]) -> "concurrent.futures.Future[T]":
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+
+    def run(self, coro: Awaitable[T], timeout: Optional[float] = None) -> T:
+        return self.submit(coro).result(timeout)
+
+    def stop(self) -> None:
+        async def _cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self.loop.is_running():
+            try:
+                self.run(_cancel_all(), timeout=5)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                pass
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # uvloop is a hard dependency, but a plain loop still works
+        return asyncio.new_event_loop()
+
+
+class _GuardedDHT(hivemind.DHT):
+    """hivemind's DHT process, made to die with its parent and take its p2pd along.
+
+    hivemind's DHT child ignores SIGINT and outlives a SIGKILLed parent, leaving the
+    p2pd daemon running forever. Here the child asks the kernel for SIGTERM when its
+    parent dies, and on SIGTERM stops its own p2pd before exiting.
+    """
+
+    def run(self) -> None:
+        try:
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):  # not Linux: fall back to hivemind's behaviour
+            pass
+        signal.signal(signal.SIGTERM, _terminate_children_and_exit)
+        if os.getppid() != self._parent_pid:  # parent died before prctl took effect
+            _terminate_children_and_exit()
+        super().run()
+
+
+def _terminate_children_and_exit(*_: Any) -> None:
+    me = str(os.getpid())
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == me:  # field 4 of stat: ppid
+            try:
+                os.kill(int(entry), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    os._exit(0)
+
+
+class Swarm:
+    """A joined DHT plus a p2p handle for our own stream protocols."""
+
+    def __init__(self, dht: hivemind.DHT, loop: LoopThread, p2p: Any) -> None:
+        self._dht = dht
+        self._loop = loop
+        self._p2p = p2p
+        self.peer_id: str = str(p2p.peer_id)
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        initial_peers: Sequence[str] = (),
+        host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+        announce_maddrs: Sequence[str] = (),
+        identity_path: Optional[str] = None,
+        client_mode: bool = False,
+        startup_timeout: float = 20.0,
+    ) -> "Swarm":
+        """Start the DHT (and its p2pd) and join through ``initial_peers``; raise PeerUnreachable."""
+        kwargs: Dict[str, Any] = dict(
+            initial_peers=list(initial_peers),
+            host_maddrs=list(host_maddrs),
+            client_mode=client_mode,
+            identity_path=identity_path,
+            startup_timeout=startup_timeout,
+            # Never reach for the LAN gateway (UPnP) or public relays on our own.
+            nat_port_map=False,
+            use_relay=False,
+            auto_nat=False,
+        )
+        if announce_maddrs:
+            kwargs["announce_maddrs"] = list(announce_maddrs)
+        if identity_path and os.path.exists(identity_path) and not os.access(identity_path, os.R_OK):
+            raise PeerUnreachable(f"identity file {identity_path} is not readable; fix its permissions")
+        dht = _GuardedDHT(start=False, **kwargs)
+        try:
+            dht.run_in_background(await_ready=True, timeout=startup_timeout + 10)
+        except Exception as e:
+            dht_kill(dht)
+            raise PeerUnreachable(_explain_start_failure(e, initial_peers)) from None
+        loop = LoopThread()
+        try:
+            p2p = loop.run(dht.replicate_p2p(), timeout=startup_timeout)
+        except Exception as e:
+            loop.stop()
+            dht_kill(dht)
+            raise PeerUnreachable(f"cannot attach to the p2p daemon: {e}") from None
+        return cls(dht, loop, p2p)
+
+    # --- running coroutines -------------------------------------------------------
+    def run(self, coro: Awaitable[T], timeout: Optional[float] = None) -> T:
+        """Run a coroutine on the swarm loop from another thread and wait for it."""
+        return self._loop.run(coro, timeout)
+
+    def submit(self, coro: Awaitable[T]) -> "concurrent.futures.Future[T]":
+        return self._loop.submit(coro)
+
+    # --- addresses ----------------------------------------------------------------
+    def visible_maddrs(self) -> List[str]:
+        return [str(m) for m in self._dht.get_visible_maddrs(latest=True)]
+
+    # --- DHT records ----------------------------------------------------------------
+    async def store(self, key: str, subkey: str, value: dict, expiration_time: float) -> bool:
+        result = await self._dht.store(key, value, expiration_time, subkey=subkey, return_future=True)
+        return bool(result)
+
+    async def get_subkeys(self, key: str) -> Dict[str, Tuple[Any, float]]:
+        """All live subkey values under ``key``, as {subkey: (value, expiration_time)}."""
+        found = await self._dht.get(key, latest=True, return_future=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        out: Dict[str, Tuple[Any, float]] = {}
+        for subkey, item in found.value.items():
+            value = getattr(item, "value", None)
+            expiration = getattr(item, "expiration_time", 0.0)
+            if isinstance(subkey, str) and expiration >= now():
+                out[subkey] = (value, expiration)
+        return out
+
+    # --- request/response over p2p streams -----------------------------------------
+    async def add_handler(self, name: str, handler: Handler) -> None:
+        """Serve ``name``: each stream carries one framed request and one framed response."""
+
+        async def _serve(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                request = await _read_frame(reader)
+                response = await handler(str(info.peer_id), request)
+                await _write_frame(writer, response)
+            except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+                pass  # the peer went away or sent a bad frame; its caller times out or retries
+            finally:
+                writer.close()
+
+        await self._p2p.add_binary_stream_handler(name, _serve)
+
+    async def call(self, peer_id: str, name: str, request: bytes, timeout: float) -> bytes:
+        """Send one request to ``peer_id`` and return its response; TimeoutError/ConnectionError on failure."""
+
+        async def _call() -> bytes:
+            _, reader, writer = await self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), name)
+            try:
+                await _write_frame(writer, request)
+                return await _read_frame(reader)
+            finally:
+                writer.close()
+
+        try:
+            return await asyncio.wait_for(_call(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"peer {peer_id[-8:]} did not answer {name} within {timeout:.1f}s") from None
+        except asyncio.IncompleteReadError:
+            raise ConnectionError(f"peer {peer_id[-8:]} closed the {name} stream") from None
+        except Exception as e:  # p2pd reports dial failures as ControlFailure and friends
+            if isinstance(e, (ConnectionError, TimeoutError)):
+                raise
+            raise ConnectionError(f"cannot reach peer {peer_id[-8:]}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
+    # --- lifecycle -------------------------------------------------------------------
+    def close(self) -> None:
+        """Leave the swarm: stop our loop, the DHT process and its p2pd. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._loop.run(self._p2p.shutdown(), timeout=5)
+        except Exception:
+            pass
+        self._loop.stop()
+        dht_kill(self._dht)
+
+
+def dht_kill(dht: hivemind.DHT) -> None:
+    """Shut the DHT process down, hard if it does not go within its grace period."""
+    try:
+        dht.shutdown()
+    except Exception:
+        pass
+    if dht.is_alive():
+        dht.terminate()  # SIGTERM: _GuardedDHT stops its p2pd first
+        dht.join(5)
+    if dht.is_alive():
+        dht.kill()
+        dht.join(5)
+
+
+async def _write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(len(data).to_bytes(8, "big"))
+    view = memoryview(data)
+    for offset in range(0, len(view), 1 << 20):
+        writer.write(view[offset : offset + (1 << 20)])
+        await writer.drain()
+    await writer.drain()
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+    size = int.from_bytes(await reader.readexactly(8), "big")
+    if size > MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES} limit")
+    return await reader.readexactly(size)
+
+
+def _explain_start_failure(error: BaseException, initial_peers: Sequence[str]) -> str:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "bootstrap" in text or initial_peers:
+        return (
+            f"cannot reach any bootstrap peer ({', '.join(initial_peers)}): {text}; check that the node there "
+            "is running and the multiaddr is the one it printed"
+        )
+    return f"the p2p daemon failed to start: {text}; check --host-maddrs and that the port is free"
+
+
+__all__ = ["Swarm", "LoopThread", "now", "MAX_FRAME_BYTES"]

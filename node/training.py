@@ -1,0 +1,81 @@
+"""Local training: inner AdamW steps on this node's own data, and held-out evaluation.
+
+One AdamW covers every parameter; experts this node does not host get no gradient,
+so AdamW skips them (no state, no weight decay) and keeps the state of experts that
+stay hosted across re-placement.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator, Optional
+
+import torch
+
+from node.data import TextData
+from node.model import MoETransformer
+from protocol.manifest import Manifest
+
+
+def resolve_device(requested: str) -> torch.device:
+    from node.errors import ConfigError
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is visible; use --device cpu or auto")
+    return torch.device(requested)
+
+
+class Trainer:
+    """Owns the model, the inner optimizer and the data stream of one node."""
+
+    def __init__(self, manifest: Manifest, data: TextData, device: torch.device) -> None:
+        self.manifest = manifest
+        self.device = device
+        # Same seed on every peer: all replicas of a module start bit-identical.
+        self.model = MoETransformer(manifest.model, seed=manifest.seed).to(device)
+        spec = manifest.inner_optimizer
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=spec.lr, betas=(spec.beta1, spec.beta2), weight_decay=spec.weight_decay
+        )
+        self.data = data
+        self._batches: Iterator[torch.Tensor] = data.train_batches(manifest.training.batch_size)
+        self.local_steps = 0
+        self.samples = 0
+        self.loss_ema: Optional[float] = None
+        self._recent_rate: Optional[float] = None
+
+    def step(self) -> float:
+        """One inner step; returns the training loss. Syncs with the device once (loss.item())."""
+        started = time.perf_counter()
+        batch = next(self._batches).to(self.device, non_blocking=True)
+        loss = self.model.loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.manifest.inner_optimizer.grad_clip_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        value = float(loss.item())
+        self.local_steps += 1
+        self.samples += batch.shape[0]
+        self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * value
+        rate = batch.shape[0] / max(1e-9, time.perf_counter() - started)
+        self._recent_rate = rate if self._recent_rate is None else 0.9 * self._recent_rate + 0.1 * rate
+        return value
+
+    @property
+    def samples_per_second(self) -> Optional[float]:
+        return self._recent_rate
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean next-byte cross entropy on the held-out split; None when there is none."""
+        batches = self.data.eval_batches(self.manifest.training.batch_size, self.manifest.training.eval_batches)
+        if not batches:
+            return None
+        self.model.eval()
+        try:
+            losses = [float(self.model.lm_loss(b.to(self.device))) for b in batches]
+        finally:
+            self.model.train()
+        return sum(losses) / len(losses)

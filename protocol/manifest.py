@@ -1,0 +1,219 @@
+"""The swarm manifest: what a swarm trains, and its canonical hash (the swarm id).
+
+A manifest is a YAML file parsed into a tree of frozen dataclasses. Unknown keys, wrong
+types and out-of-range values are refused with a ``ManifestError`` naming the field.
+The swarm id is a hash of the canonical JSON form of the parsed tree, so two files that
+differ only in formatting, key order or comments describe the same swarm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Tuple, Type, TypeVar
+
+import yaml
+
+from protocol.version import PROTOCOL_VERSION
+
+T = TypeVar("T")
+
+DEFAULT_MANIFEST_NAME = "default_manifest.yaml"
+
+
+class ManifestError(ValueError):
+    """The manifest file is missing, unreadable or invalid."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ManifestError(message)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of the byte-level mixture-of-experts transformer."""
+
+    vocab_size: int = 256
+    seq_len: int = 128
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "n_experts", "top_k", "expert_hidden"):
+            _check(getattr(self, name) >= 1, f"model.{name} must be >= 1")
+        _check(self.d_model % self.n_heads == 0, "model.d_model must be divisible by model.n_heads")
+        _check(self.top_k <= self.n_experts, "model.top_k must be <= model.n_experts")
+        _check(self.vocab_size <= 256, "model.vocab_size must be <= 256 (the model reads bytes)")
+
+    def module_names(self) -> Tuple[str, ...]:
+        """Every averaging unit: the trunk, then ``expert.<layer>.<index>``."""
+        experts = tuple(f"expert.{layer}.{index}" for layer in range(self.n_layers) for index in range(self.n_experts))
+        return ("trunk",) + experts
+
+
+@dataclass(frozen=True)
+class InnerOptimizerSpec:
+    """AdamW applied at every local step."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.name == "adamw", "inner_optimizer.name must be 'adamw'")
+        _check(self.lr > 0, "inner_optimizer.lr must be > 0")
+        _check(self.weight_decay >= 0, "inner_optimizer.weight_decay must be >= 0")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "inner_optimizer betas must be in [0, 1)")
+        _check(self.grad_clip_norm > 0, "inner_optimizer.grad_clip_norm must be > 0")
+
+
+@dataclass(frozen=True)
+class OuterOptimizerSpec:
+    """SGD with Nesterov momentum, applied to the averaged pseudo-gradient once per round."""
+
+    name: str = "sgd_nesterov"
+    lr: float = 0.7
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        _check(self.name == "sgd_nesterov", "outer_optimizer.name must be 'sgd_nesterov'")
+        _check(self.lr > 0, "outer_optimizer.lr must be > 0")
+        _check(0 <= self.momentum < 1, "outer_optimizer.momentum must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """Local training: batch shape and how many inner steps make one outer round."""
+
+    batch_size: int = 16
+    inner_steps: int = 50
+    eval_batches: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "training.batch_size must be >= 1")
+        _check(self.inner_steps >= 1, "training.inner_steps must be >= 1")
+        _check(self.eval_batches >= 0, "training.eval_batches must be >= 0")
+
+
+COMPRESSIONS = ("none", "fp16")
+
+
+@dataclass(frozen=True)
+class AveragingSpec:
+    """How one module's averaging round is formed and bounded in time (seconds)."""
+
+    compression: str = "none"
+    gather_seconds: float = 3.0
+    part_timeout_seconds: float = 15.0
+    round_timeout_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check(self.compression in COMPRESSIONS, f"averaging.compression must be one of {', '.join(COMPRESSIONS)}")
+        _check(self.gather_seconds > 0, "averaging.gather_seconds must be > 0")
+        _check(self.part_timeout_seconds > 0, "averaging.part_timeout_seconds must be > 0")
+        _check(
+            self.round_timeout_seconds > self.gather_seconds,
+            "averaging.round_timeout_seconds must be > averaging.gather_seconds",
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything peers must agree on to train together."""
+
+    name: str = "commons-default"
+    protocol_version: int = PROTOCOL_VERSION
+    seed: int = 0
+    model: ModelSpec = field(default_factory=ModelSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    inner_optimizer: InnerOptimizerSpec = field(default_factory=InnerOptimizerSpec)
+    outer_optimizer: OuterOptimizerSpec = field(default_factory=OuterOptimizerSpec)
+    averaging: AveragingSpec = field(default_factory=AveragingSpec)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and len(self.name) <= 64, "name must be a non-empty string of at most 64 characters")
+        _check(
+            self.protocol_version == PROTOCOL_VERSION,
+            f"protocol_version {self.protocol_version} is not supported by this node (it speaks "
+            f"{PROTOCOL_VERSION}); upgrade the node or use a manifest for protocol {PROTOCOL_VERSION}",
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def canonical_json(self) -> str:
+        """The form that is hashed: sorted keys, no whitespace, floats in repr form."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def swarm_id(self) -> str:
+        """First 16 hex digits of the SHA-256 of the canonical form."""
+        return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
+        return _build(cls, data, "")
+
+
+def _build(kind: Type[T], data: Any, where: str) -> T:
+    """Build a dataclass from plain data, refusing unknown keys and wrong types."""
+    _check(isinstance(data, Mapping), f"{where or 'manifest'} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(kind)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    _check(not unknown, f"unknown manifest key(s): {', '.join((where + k) for k in map(str, unknown))}")
+    hints = typing.get_type_hints(kind)
+    kwargs = {}
+    for name, value in data.items():
+        expected = hints[name]
+        if dataclasses.is_dataclass(expected):
+            kwargs[name] = _build(expected, value, f"{where}{name}.")
+            continue
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        _check(
+            isinstance(value, expected) and not (expected is int and isinstance(value, bool)),
+            f"manifest key {where}{name} must be of type {expected.__name__}, got {value!r}",
+        )
+        kwargs[name] = value
+    return kind(**kwargs)
+
+
+def parse_manifest(text: str, source: str = "<string>") -> Manifest:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ManifestError(f"manifest {source} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    try:
+        return Manifest.from_dict(data)
+    except ManifestError as e:
+        raise ManifestError(f"manifest {source}: {e}") from None
+
+
+def load_manifest(path: str | Path | None = None) -> Manifest:
+    """Load a manifest file, or the default one shipped in this package when ``path`` is None."""
+    if path is None:
+        text = resources.files("protocol").joinpath(DEFAULT_MANIFEST_NAME).read_text()
+        return parse_manifest(text, "(built-in default)")
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ManifestError(f"manifest file {path} does not exist; pass --manifest with an existing YAML file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"cannot read manifest file {path}: {e}") from None
+    return parse_manifest(text, str(path))

@@ -1,0 +1,98 @@
+"""DHT records: their keys (namespaced by swarm id) and strict schemas.
+
+Every value a peer reads from the DHT went through ``parse_*`` here: a malformed record is
+dropped (and counted by the caller), never half-used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+from pydantic.v1 import BaseModel, StrictFloat, StrictInt, StrictStr, ValidationError, conlist, constr, validator
+
+from protocol.version import PROTOCOL_VERSION
+
+KEY_PREFIX = "commons"
+MODULE_PATTERN = r"^(trunk|expert\.\d{1,4}\.\d{1,4})$"
+MAX_MODULES_PER_PEER = 4096
+
+
+def peers_key(swarm_id: str) -> str:
+    """One key per swarm; subkey = peer id, value = that peer's PeerRecord."""
+    return f"{KEY_PREFIX}/{swarm_id}/peers"
+
+
+def ready_key(swarm_id: str, module: str, round_number: int) -> str:
+    """One key per module and round; subkey = peer id, value = ReadyRecord."""
+    return f"{KEY_PREFIX}/{swarm_id}/ready/{module}/{round_number}"
+
+
+class RecordError(ValueError):
+    """A record read from the DHT does not match its schema."""
+
+
+def _finite(value: Optional[float]) -> Optional[float]:
+    if value is not None and not math.isfinite(value):
+        raise ValueError("must be finite")
+    return value
+
+
+class PeerRecord(BaseModel):
+    """What a node says about itself, refreshed every few seconds with a short expiration."""
+
+    peer_id: constr(min_length=1, max_length=128, strict=True)  # type: ignore[valid-type]
+    protocol_version: StrictInt = PROTOCOL_VERSION
+    modules: conlist(constr(regex=MODULE_PATTERN, strict=True), max_items=MAX_MODULES_PER_PEER)  # type: ignore
+    outer_round: StrictInt
+    local_steps: StrictInt
+    loss: Optional[StrictFloat] = None
+    samples_per_second: Optional[StrictFloat] = None
+    maddrs: conlist(constr(max_length=512, strict=True), max_items=16) = []  # type: ignore[valid-type]
+    device: StrictStr = "cpu"
+    version: StrictStr = ""
+
+    class Config:
+        extra = "ignore"  # newer peers may add fields; older peers read what they know
+
+    _loss_finite = validator("loss", "samples_per_second", allow_reuse=True)(_finite)
+
+    @validator("outer_round", "local_steps")
+    def _non_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be >= 0")
+        return value
+
+
+class ReadyRecord(BaseModel):
+    """A peer is ready to average ``module`` for one round; used to form groups."""
+
+    posted_at: StrictFloat
+    params_hash: constr(regex=r"^[0-9a-f]{16,64}$", strict=True)  # type: ignore[valid-type]
+    numel: StrictInt
+    protocol_version: StrictInt = PROTOCOL_VERSION
+
+    class Config:
+        extra = "ignore"
+
+    _posted_finite = validator("posted_at", allow_reuse=True)(_finite)
+
+    @validator("numel")
+    def _positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError("must be > 0")
+        return value
+
+
+def parse_record(model: type, value: object) -> BaseModel:
+    """Validate a DHT value against ``model``; raise RecordError with a one-line reason."""
+    if not isinstance(value, dict):
+        raise RecordError(f"{model.__name__} must be a mapping, got {type(value).__name__}")
+    try:
+        record = model.parse_obj(value)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise RecordError(f"{model.__name__}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if record.protocol_version != PROTOCOL_VERSION:
+        raise RecordError(f"{model.__name__} speaks protocol {record.protocol_version}, not {PROTOCOL_VERSION}")
+    return record
