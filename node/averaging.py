@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 import numpy as np
 
 from node.matchmaking import Group
+from node.swarm import now as wall_clock
 from protocol.wire import Ack, TensorPart, WireError, decode, encode, read_tensor, tensor_payload
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,9 @@ class Averager:
         self._dtype = "float16" if compression == "fp16" else "float32"
         self._inbox = _Inbox()
         self._active: Dict[Tuple[str, int], str] = {}  # (module, round) -> our group id
+        self._finished: Dict[str, int] = {}  # module -> last round we finished averaging
         self.stats = AveragingStats()
+        self._unreachable: Dict[str, float] = {}  # peer -> wall time we last failed to connect to it
         self.handler_name = f"commons/{swarm_id}/avg"
 
     async def start(self) -> None:
@@ -151,12 +154,18 @@ class Averager:
             return "spoofed_sender: header sender differs from the stream's peer"
         if message.module not in self._hosted():
             return f"not_hosted: this peer does not host {message.module}"
+        if message.round <= self._finished.get(message.module, -1):
+            return "round_over: this peer already finished that round"
         active = self._active.get((message.module, message.round))
         if active is not None and active != message.group_id:
             return "wrong_group: this peer formed a different group for that round"
         if not (np.isfinite(message.weight) and message.weight > 0):
             return "bad_weight: weight must be finite and positive"
         return ""
+
+    def presumed_dead(self, peer: str, record_stored_at: float) -> bool:
+        """We failed to connect to ``peer`` after its latest record was stored: don't wait for it."""
+        return self._unreachable.get(peer, float("-inf")) > record_stored_at
 
     async def all_reduce(self, group: Group, vector: np.ndarray, weight: float, timeout: float) -> AllReduceResult:
         """Average ``vector`` (float32, 1-D) with the group; never raises for peer failures."""
@@ -171,19 +180,22 @@ class Averager:
         self._inbox.expire(older_than_seconds=max(timeout * 3, 60.0))
         try:
             sent_to = await self._send_parts(group, vector, weight, bounds, deadline)
-            reduced, contributors = await self._reduce_my_slice(group, vector, weight, bounds[my_index], deadline)
-            await self._send_results(group, reduced, contributors, my_index, deadline)
+            # Peers that refused our part formed another group (or finished the round): don't wait for theirs.
+            reduced, contributors = await self._reduce_my_slice(group, vector, weight, bounds[my_index], sent_to, deadline)
+            unreachable = await self._send_results(group, reduced, contributors, my_index, deadline)
+            # A reducer answers within its own part timeout plus one transfer; waiting longer only stalls us.
+            results_deadline = min(deadline, started + 1.5 * self._part_timeout + 1.0)
             result = vector.copy()
             averaged = 0
             lo, hi = bounds[my_index]
             result[lo:hi] = reduced
             averaged += (hi - lo) if len(contributors) > 1 else 0
             for index, peer in enumerate(group.members):
-                if index == my_index or peer not in sent_to:
+                if index == my_index or peer not in sent_to or peer in unreachable:
                     continue
                 key = (group.module, group.round, group.group_id, index)
                 slot = f"result:{peer}"  # only the slice's own reducer may answer for it
-                got = await self._inbox.wait_for(key, {slot}, deadline)
+                got = await self._inbox.wait_for(key, {slot}, results_deadline)
                 if slot in got:
                     count, values = got[slot]
                     lo, hi = bounds[index]
@@ -196,6 +208,7 @@ class Averager:
             return AllReduceResult(result, fraction, tuple(sorted(contributors)), time.monotonic() - started)
         finally:
             self._active.pop((group.module, group.round), None)
+            self._finished[group.module] = max(group.round, self._finished.get(group.module, -1))
             for index in range(len(group.members)):
                 self._inbox.pop((group.module, group.round, group.group_id, index))
 
@@ -210,12 +223,12 @@ class Averager:
         sends = [send(i, p) for i, p in enumerate(group.members) if p != me]
         return {peer for peer in await asyncio.gather(*sends) if peer}
 
-    async def _reduce_my_slice(self, group: Group, vector: np.ndarray, weight: float, bounds, deadline: float):
+    async def _reduce_my_slice(self, group: Group, vector: np.ndarray, weight: float, bounds, expected, deadline: float):
         me = self._swarm.peer_id
         lo, hi = bounds
         key = (group.module, group.round, group.group_id, group.index_of(me))
         others = set(group.members) - {me}
-        received = await self._inbox.wait_for(key, others, min(deadline, time.monotonic() + self._part_timeout))
+        received = await self._inbox.wait_for(key, set(expected), min(deadline, time.monotonic() + self._part_timeout))
         total = vector[lo:hi].astype(np.float64) * weight
         weight_sum = weight
         contributors = [me]
@@ -230,13 +243,16 @@ class Averager:
             contributors.append(sender)
         return (total / weight_sum).astype(np.float32), contributors
 
-    async def _send_results(self, group: Group, reduced: np.ndarray, contributors, my_index: int, deadline: float):
+    async def _send_results(
+        self, group: Group, reduced: np.ndarray, contributors, my_index: int, deadline: float
+    ) -> Set[str]:
+        """Send our reduced slice to every contributor; return those we could not reach."""
         me = self._swarm.peer_id
         count = float(len(contributors))
-        sends = [
-            self._send(peer, "result", group, my_index, count, reduced, deadline) for peer in contributors if peer != me
-        ]
-        await asyncio.gather(*sends)
+        peers = [peer for peer in contributors if peer != me]
+        sends = [self._send(peer, "result", group, my_index, count, reduced, deadline) for peer in peers]
+        delivered = await asyncio.gather(*sends)
+        return {peer for peer, ok in zip(peers, delivered) if not ok}
 
     async def _send(self, peer: str, kind: str, group: Group, index: int, weight: float, values, deadline) -> bool:
         array = np.asarray(values, dtype=np.float16 if self._dtype == "float16" else np.float32)
@@ -258,7 +274,11 @@ class Averager:
             reply = await self._swarm.call(peer, self.handler_name, frame, timeout)
             self.stats.bytes_sent += len(frame)
             ack, _ = decode(reply)
-        except (TimeoutError, ConnectionError, WireError) as e:
+        except ConnectionError as e:
+            self._unreachable[peer] = wall_clock()
+            logger.info("cannot reach %s: %s", peer[-8:], e)
+            return False
+        except (TimeoutError, WireError) as e:
             logger.debug("%s to %s failed: %s", kind, peer[-8:], e)
             return False
         if not isinstance(ack, Ack) or not ack.ok:

@@ -8,8 +8,10 @@ its window closed (plus a settle margin for DHT propagation) sees the same recor
 and so computes the same group, its id, and whether parameters must be re-synced.
 
 The window closes early when every host the peer expects (from peer records) has
-posted; peers with differing expectations may then disagree, which the all-reduce
-detects by group id and turns into a partial round, never into mixed-up sums.
+posted, in this window or another one (a host that posted in another window will
+not join ours, so waiting for it only keeps the two windows apart). Peers with
+differing expectations may then disagree, which the all-reduce detects by group id
+and turns into a partial round, never into mixed-up sums.
 """
 
 from __future__ import annotations
@@ -111,7 +113,9 @@ class Matchmaker:
             window = window_of(me, records, self._gather)
             opened_at = min(r.posted_at for r in window.values())
             closes_at = opened_at + self._gather
-            if expected <= set(window) or self._clock() >= closes_at + SETTLE_SECONDS:
+            # A host that posted in another window will not join ours: stop waiting for it.
+            missing = expected - set(records)
+            if not missing or self._clock() >= closes_at + SETTLE_SECONDS:
                 return make_group(module, round_number, window)
             await asyncio.sleep(min(0.2, max(0.01, closes_at + SETTLE_SECONDS - self._clock())))
 

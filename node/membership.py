@@ -1,9 +1,10 @@
 """This node's view of the swarm: it announces itself and reads everyone else's records.
 
-A background task on the swarm loop stores our PeerRecord every ANNOUNCE_SECONDS
-(expiring after RECORD_TTL_SECONDS, so a dead peer vanishes on its own), reads all
-peer records, and watches whether another peer is already ready to average the trunk
-in our current round (the training loop then cuts its round short to join them).
+One task on the swarm loop stores our PeerRecord every ANNOUNCE_SECONDS, or at once
+when nudged (records expire after RECORD_TTL_SECONDS, so a dead peer vanishes on its
+own). Another re-reads all peer records every WATCH_SECONDS and watches whether another
+peer is already ready to average the trunk in our current round (the training loop
+then cuts its round short to join them).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from protocol.records import PeerRecord, RecordError, parse_record, peers_key, r
 logger = logging.getLogger(__name__)
 
 ANNOUNCE_SECONDS = 2.0
-READY_POLL_SECONDS = 0.5  # how soon a peer notices the swarm is averaging; well under gather_seconds
+WATCH_SECONDS = 0.5  # how soon a peer notices the swarm is averaging or moved on; well under gather_seconds
 RECORD_TTL_SECONDS = 12.0  # a few missed announcements before a peer is considered gone
 
 
@@ -33,8 +34,19 @@ class SwarmView:
     def modules_by_peer(self) -> Dict[str, List[str]]:
         return {peer: list(record.modules) for peer, record in self.peers.items()}
 
-    def hosts_of(self, module: str, exclude: Optional[str] = None) -> List[str]:
-        return sorted(p for p, r in self.peers.items() if module in r.modules and p != exclude)
+    def hosts_of(self, module: str, exclude: Optional[str] = None, round_number: Optional[int] = None) -> List[str]:
+        """Peers hosting ``module``; with ``round_number``, only those that may still average that round.
+
+        Peers already past it will not come back. Peers behind it will: they jump to the
+        highest round they see, so they are worth waiting for (up to the gather window).
+        """
+        return sorted(
+            p
+            for p, r in self.peers.items()
+            if module in r.modules
+            and p != exclude
+            and (round_number is None or r.outer_round <= round_number)
+        )
 
     def max_round(self, exclude: Optional[str] = None) -> int:
         return max((r.outer_round for p, r in self.peers.items() if p != exclude), default=0)
@@ -53,6 +65,8 @@ async def read_peers(swarm, swarm_id: str) -> SwarmView:
         if record.peer_id != peer:  # a record may only describe its own subkey's peer
             view.rejected_records += 1
             continue
+        if record.leaving:
+            continue
         view.peers[peer] = record  # type: ignore[assignment]
         view.seen_at[peer] = expiration - RECORD_TTL_SECONDS
     return view
@@ -70,25 +84,37 @@ class Membership:
         self.watch_round: int = 0
         self.others_ready_round: int = -1  # highest round for which another peer posted trunk readiness
         self._tasks: List[asyncio.Task] = []
+        self._nudged: Optional[asyncio.Event] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+
+    async def announce(self) -> None:
+        me = self._describe_self()
+        await self._swarm.store(peers_key(self._swarm_id), me.peer_id, me.dict(), self._clock() + RECORD_TTL_SECONDS)
 
     async def refresh(self) -> SwarmView:
+        """Re-read every peer record, and whether someone is already averaging our round."""
         me = self._describe_self()
-        await self._swarm.store(
-            peers_key(self._swarm_id), me.peer_id, me.dict(), self._clock() + RECORD_TTL_SECONDS
-        )
         view = await read_peers(self._swarm, self._swarm_id)
         view.peers[me.peer_id] = me
         view.seen_at[me.peer_id] = self._clock()
         self.view = view
-        return view
-
-    async def poll_ready(self) -> None:
         round_number = self.watch_round
         posted = await self._swarm.get_subkeys(ready_key(self._swarm_id, "trunk", round_number))
         if any(peer != self._swarm.peer_id for peer in posted):
             self.others_ready_round = max(self.others_ready_round, round_number)
+        return view
 
-    async def _every(self, seconds: float, action: Callable) -> None:
+    async def say_goodbye(self) -> None:
+        """Store a last record marked leaving, so peers stop waiting for us before it expires."""
+        me = self._describe_self().copy(update={"leaving": True})
+        await self._swarm.store(peers_key(self._swarm_id), me.peer_id, me.dict(), self._clock() + RECORD_TTL_SECONDS)
+
+    def nudge(self) -> None:
+        """Ask for an announcement now (thread-safe): our round or modules just changed."""
+        if self._nudged is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._nudged.set)
+
+    async def _every(self, seconds: float, action: Callable, wake: Optional[asyncio.Event] = None) -> None:
         while True:
             try:
                 await action()
@@ -96,13 +122,23 @@ class Membership:
                 raise
             except Exception as e:  # the DHT hiccups; the next attempt tries again
                 logger.warning("swarm refresh failed: %s", e)
-            await asyncio.sleep(seconds)
+            if wake is None:
+                await asyncio.sleep(seconds)
+                continue
+            try:
+                await asyncio.wait_for(wake.wait(), seconds)
+            except asyncio.TimeoutError:
+                pass
+            wake.clear()
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._nudged = asyncio.Event()
+        await self.announce()
         await self.refresh()
         self._tasks = [
-            asyncio.create_task(self._every(ANNOUNCE_SECONDS, self.refresh), name="announce"),
-            asyncio.create_task(self._every(READY_POLL_SECONDS, self.poll_ready), name="ready-watch"),
+            asyncio.create_task(self._every(ANNOUNCE_SECONDS, self.announce, self._nudged), name="announce"),
+            asyncio.create_task(self._every(WATCH_SECONDS, self.refresh), name="watch"),
         ]
 
     async def stop(self) -> None:

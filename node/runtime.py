@@ -81,6 +81,7 @@ class Node:
 
     def _join(self) -> None:
         assert self.swarm is not None
+        self.peer_id = self.swarm.peer_id
         swarm_id = self.manifest.swarm_id
         averaging = self.manifest.averaging
         self.greeter = Greeter(self.swarm, self.manifest)
@@ -120,9 +121,8 @@ class Node:
         }
 
     def _describe_self(self) -> PeerRecord:
-        assert self.swarm is not None
         return PeerRecord(
-            peer_id=self.swarm.peer_id,
+            peer_id=self.peer_id,
             modules=["trunk"] + list(self.hosted),
             outer_round=self.outer_round,
             local_steps=self.trainer.local_steps,
@@ -183,11 +183,18 @@ class Node:
         for _ in range(self.manifest.training.inner_steps):
             if self.stop_requested.is_set() or out_of_time():
                 break
-            if done > 0 and self.membership.others_ready_round >= self.outer_round:
+            if done > 0 and self._swarm_moved_on():
                 break
             self.trainer.step()
             done += 1
         return done
+
+    def _swarm_moved_on(self) -> bool:
+        """Another peer is already averaging our round, or has gone past it: join it now."""
+        membership = self.membership
+        if membership.others_ready_round >= self.outer_round:
+            return True
+        return membership.view.max_round(exclude=self.peer_id) > self.outer_round
 
     def _average_round(self, steps: int) -> Optional[List[ModuleOutcome]]:
         """Average every hosted module concurrently; None when a stop request abandoned the round."""
@@ -210,7 +217,12 @@ class Node:
         assert self.swarm is not None
         started = time.monotonic()
         spec = self.manifest.averaging
-        others = self.membership.view.hosts_of(name, exclude=self.swarm.peer_id)
+        view = self.membership.view
+        others = [
+            peer
+            for peer in view.hosts_of(name, exclude=self.peer_id, round_number=self.outer_round)
+            if not self.averager.presumed_dead(peer, view.seen_at.get(peer, 0.0))
+        ]
         if not others:  # alone: DiLoCo outer step on our own pseudo-gradient
             state.apply(state.payload(resync=False), resync=False)
             return ModuleOutcome(name, 1, 0.0, False, 0.0)
@@ -240,12 +252,22 @@ class Node:
             ", resync" if trunk.resync else "",
             trunk.seconds,
             expert_groups,
-            extra={"round": self.outer_round, "eval_loss": self.last_eval_loss},
+            extra={
+                "event": "round",
+                "round": self.outer_round,
+                "steps": steps,
+                "loss": self.trainer.loss_ema,
+                "eval_loss": self.last_eval_loss,
+                "trunk_group": trunk.group_size,
+                "trunk_fraction": trunk.averaged_fraction,
+                "expert_groups": expert_groups,
+            },
         )
         assert self.swarm is not None
         self.outer_round = max(self.outer_round + 1, self.membership.view.max_round(exclude=self.swarm.peer_id))
         self.membership.watch_round = self.outer_round
         self._replace_if_needed()
+        self.membership.nudge()
 
     def _replace_if_needed(self) -> None:
         assert self.swarm is not None
@@ -266,6 +288,7 @@ class Node:
         try:
             if hasattr(self, "membership"):
                 swarm.run(self.membership.stop(), timeout=5)
+                swarm.run(self.membership.say_goodbye(), timeout=3)
         except Exception as e:
             logger.debug("membership stop: %s", e)
         swarm.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import List, Optional
 
-from pydantic.v1 import BaseModel, StrictFloat, StrictInt, StrictStr, ValidationError, conlist, constr, validator
+from pydantic.v1 import BaseModel, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, conlist, constr, validator
 
 from protocol.version import PROTOCOL_VERSION
 
@@ -51,6 +51,7 @@ class PeerRecord(BaseModel):
     maddrs: conlist(constr(max_length=512, strict=True), max_items=16) = []  # type: ignore[valid-type]
     device: StrictStr = "cpu"
     version: StrictStr = ""
+    leaving: StrictBool = False  # set in the last record a node stores as it leaves
 
     class Config:
         extra = "ignore"  # newer peers may add fields; older peers read what they know

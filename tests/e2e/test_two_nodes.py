@@ -1,0 +1,93 @@
+"""End to end: two `node start` processes in separate directories, `node status`, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.procs import NodeProcess, child_env, write_text_corpus, write_tiny_manifest
+
+pytestmark = pytest.mark.e2e
+
+
+def status_json(maddr: str, cwd) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "node", "status", "--initial-peers", maddr, "--json"],
+        cwd=cwd,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout
+    return json.loads(lines[0])
+
+
+def test_two_nodes_find_each_other_average_and_leave_cleanly(tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "manifest.yaml", experts=2, steps=20)
+    nodes = []
+    try:
+        for name, seed in (("first", 1), ("second", 2)):
+            workdir = tmp_path / name
+            workdir.mkdir()
+            corpus = write_text_corpus(workdir / "text.txt", seed=seed)
+            args = ["start", "--manifest", str(manifest), "--data", str(corpus), "--experts", "1"]
+            args += ["--identity", str(workdir / "identity.key"), "--log-format", "json"]
+            if nodes:
+                args += ["--initial-peers", nodes[0].maddr]
+            node = NodeProcess.node(args, workdir, name)
+            nodes.append(node)
+            ready = node.wait_ready()
+            assert {"peer_id", "maddrs", "swarm_id"} <= set(ready)
+            assert ready["maddrs"] and all(m.endswith("/p2p/" + ready["peer_id"]) for m in ready["maddrs"])
+        assert nodes[0].ready["swarm_id"] == nodes[1].ready["swarm_id"]
+        ids = {n.ready["peer_id"] for n in nodes}
+
+        # Both complete at least two rounds averaged together, as their JSON logs report.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if all(len(averaged_rounds(n)) >= 2 for n in nodes):
+                break
+            time.sleep(1)
+        assert all(len(averaged_rounds(n)) >= 2 for n in nodes), [n.stderr_tail() for n in nodes]
+
+        status = status_json(nodes[1].maddr, tmp_path)
+        assert status["swarm_id"] == nodes[0].ready["swarm_id"]
+        peers = {p["peer_id"]: p for p in status["peers"]}
+        assert ids <= set(peers)
+        for peer_id in ids:
+            assert "trunk" in peers[peer_id]["modules"]
+            assert any(m.startswith("expert.") for m in peers[peer_id]["modules"])
+            assert peers[peer_id]["local_steps"] > 0
+        replicas = {m["module"]: m["replicas"] for m in status["modules"]}
+        assert replicas["trunk"] >= 2
+        assert replicas.get("expert.0.0", 0) + replicas.get("expert.0.1", 0) >= 2
+
+        for node in nodes:
+            started = time.monotonic()
+            assert node.terminate(timeout=30) == 0, node.stderr_tail()
+            assert time.monotonic() - started < 15, "SIGTERM took too long"
+            assert node.leftovers() == [], f"{node.name} left processes behind"
+            assert sum(1 for line in node.stdout_lines if line.strip()) == 1, node.stdout_lines
+    finally:
+        leaks = {n.name: n.cleanup() for n in nodes}
+        assert not any(leaks.values()), leaks
+
+
+def averaged_rounds(node: NodeProcess) -> list:
+    """Rounds whose JSON log line says the trunk was averaged with the other node."""
+    rounds = []
+    for line in node.log_path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == "round" and entry.get("trunk_group") == 2 and entry.get("trunk_fraction") == 1.0:
+            rounds.append(entry["round"])
+    return rounds

@@ -1,0 +1,66 @@
+"""A real node that also writes its module values after every round, for swarm tests.
+
+Usage: python -m tests.swarm.recording_peer OUT_DIR [node start flags...]
+After round r it writes OUT_DIR/round_<r>.npz (every module's current values) and
+OUT_DIR/round_<r>.json (hosted modules and each module's group size). Everything
+else is the production Node, unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from node.cli import _START_OPTIONS, _install_stop_handlers, build_parser
+from node.config import build_config
+from node.logs import setup_logging
+from node.runtime import Node
+
+
+class RecordingNode(Node):
+    def __init__(self, config, out_dir: Path) -> None:
+        super().__init__(config)
+        self.out_dir = out_dir
+
+    def _finish_round(self, outcomes, steps) -> None:
+        round_number = self.outer_round
+        super()._finish_round(outcomes, steps)
+        model = self.trainer.model
+        values = {
+            m: torch.cat([p.detach().reshape(-1).cpu() for p in model.module_parameters(m)]).numpy()
+            for m in self.manifest.model.module_names()
+        }
+        np.savez(self.out_dir / f"round_{round_number}.npz", **values)
+        info = {
+            "round": round_number,
+            "peer_id": self.peer_id,
+            "steps": steps,
+            "hosted_during_round": sorted(o.module for o in outcomes),
+            "outcomes": [dataclasses.asdict(o) for o in outcomes],
+        }
+        (self.out_dir / f"round_{round_number}.json").write_text(json.dumps(info))
+
+
+def main() -> int:
+    out_dir = Path(sys.argv[1])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = build_parser().parse_args(["start", *sys.argv[2:]])
+    config = build_config({dest: getattr(args, dest) for _, dest, *_ in _START_OPTIONS})
+    setup_logging(config.log_format, config.log_level)
+    node = RecordingNode(config, out_dir)
+    _install_stop_handlers(node)
+    try:
+        node.open()
+        node.run(out=sys.stdout)
+    finally:
+        node.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Three real peers on loopback: trunk and expert averaging, placement, and a SIGKILLed peer."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+import torch
+
+from node.model import MoETransformer
+from protocol.manifest import load_manifest
+from tests.procs import NodeProcess, write_text_corpus, write_tiny_manifest
+
+pytestmark = pytest.mark.swarm
+
+
+class Peer:
+    def __init__(self, tmp: Path, name: str, manifest: Path, initial: List[str], experts: int = 1) -> None:
+        self.dir = tmp / name
+        self.dir.mkdir()
+        corpus = write_text_corpus(self.dir / "corpus.txt", seed=len(name) + ord(name[-1]))
+        args = ["--manifest", str(manifest), "--data", str(corpus), "--experts", str(experts), "--max-seconds", "240"]
+        if initial:
+            args += ["--initial-peers", *initial]
+        self.proc = NodeProcess(
+            [sys.executable, "-m", "tests.swarm.recording_peer", str(self.dir / "rounds"), *args], self.dir, name
+        )
+
+    def rounds(self) -> Dict[int, dict]:
+        out = {}
+        for path in (self.dir / "rounds").glob("round_*.json"):
+            try:
+                info = json.loads(path.read_text())
+            except (ValueError, OSError):
+                continue  # being written right now
+            out[info["round"]] = info
+        return out
+
+    def values(self, round_number: int) -> Dict[str, np.ndarray]:
+        with np.load(self.dir / "rounds" / f"round_{round_number}.npz") as data:
+            return {k: data[k].copy() for k in data.files}
+
+
+def outcome(info: dict, module: str) -> dict:
+    return next(o for o in info["outcomes"] if o["module"] == module)
+
+
+def wait_for(condition, timeout: float, what: str, peers: List[Peer]):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    tails = "\n\n".join(f"--- {p.proc.name}\n{p.proc.stderr_tail(15)}" for p in peers)
+    raise AssertionError(f"timed out waiting for {what}\n{tails}")
+
+
+@pytest.fixture
+def swarm_of_three(tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "manifest.yaml", experts=2, steps=10)
+    peers: List[Peer] = []
+    try:
+        first = Peer(tmp_path, "peer-a", manifest, [])
+        peers.append(first)
+        first.proc.wait_ready()
+        for name in ("peer-b", "peer-c"):
+            peer = Peer(tmp_path, name, manifest, [first.proc.maddr])
+            peers.append(peer)
+            peer.proc.wait_ready()
+        yield manifest, peers
+    finally:
+        leaks = {p.proc.name: p.proc.cleanup() for p in peers}
+        assert not any(leaks.values()), f"processes leaked: {leaks}"
+
+
+def full_trunk_round(peers: List[Peer]):
+    """The latest round in which every peer averaged the trunk in one group of all of them."""
+    common = set.intersection(*(set(p.rounds()) for p in peers))
+    full = [
+        r
+        for r in common
+        if all(outcome(p.rounds()[r], "trunk")["group_size"] == len(peers) for p in peers)
+        and all(outcome(p.rounds()[r], "trunk")["averaged_fraction"] == 1.0 for p in peers)
+    ]
+    return max(full) if full else None
+
+
+def test_trunk_converges_experts_average_within_hosts_and_placement_covers_all(swarm_of_three):
+    manifest_path, peers = swarm_of_three
+    round_number = wait_for(lambda: full_trunk_round(peers), 120, "a round with all 3 peers in the trunk group", peers)
+
+    values = {p.proc.name: p.values(round_number) for p in peers}
+    infos = {p.proc.name: p.rounds()[round_number] for p in peers}
+    names = list(values)
+
+    # 1. The trunk is one value on all peers.
+    for name in names[1:]:
+        np.testing.assert_array_equal(values[name]["trunk"], values[names[0]]["trunk"])
+
+    # 2. Placement covers every expert (3 peers x 1 expert over 2 experts).
+    manifest = load_manifest(manifest_path)
+    experts = list(manifest.model.module_names()[1:])
+    hosts = {e: [n for n in names if e in infos[n]["hosted_during_round"]] for e in experts}
+    assert all(hosts[e] for e in experts), f"an expert has no host: {hosts}"
+
+    # 3. The expert hosted by two peers is averaged between those two only; the third's copy is untouched.
+    shared = next(e for e in experts if len(hosts[e]) == 2)
+    a, b = hosts[shared]
+    (third,) = [n for n in names if n not in hosts[shared]]
+    for host in (a, b):
+        result = outcome(infos[host], shared)
+        assert result["group_size"] == 2 and result["averaged_fraction"] == 1.0, result
+    np.testing.assert_array_equal(values[a][shared], values[b][shared])
+
+    fresh = MoETransformer(manifest.model, seed=manifest.seed)
+    initial = torch.cat([p.detach().reshape(-1) for p in fresh.module_parameters(shared)]).numpy()
+    np.testing.assert_array_equal(values[third][shared], initial)
+    assert not np.array_equal(values[a][shared], initial), "the shared expert was never trained"
+
+    for peer in peers:
+        assert peer.proc.terminate() == 0, peer.proc.stderr_tail()
+
+
+def test_sigkilled_peer_does_not_stop_the_others(swarm_of_three):
+    _, peers = swarm_of_three
+    wait_for(lambda: full_trunk_round(peers), 120, "a round with all 3 peers", peers)
+    victim, survivors = peers[2], peers[:2]
+    time.sleep(0.7)  # land inside a round (local steps or averaging)
+    victim.proc.kill()
+    killed_at = time.monotonic()
+    last_before = {p.proc.name: max(p.rounds()) for p in survivors}
+    assert victim.proc.leftovers() == [], "the killed peer left processes behind"
+
+    def next_round_done():
+        return all(any(r > last_before[p.proc.name] for r in p.rounds()) for p in survivors)
+
+    # The round in flight may lose the victim's slices, but it ends by its deadline...
+    wait_for(next_round_done, 30, "the survivors' next round after the kill", survivors)
+    took = time.monotonic() - killed_at
+
+    def averaged_pairwise_after_kill():
+        done = []
+        for peer in survivors:
+            later = [peer.rounds()[r] for r in sorted(peer.rounds()) if r > last_before[peer.proc.name] + 1]
+            done.append(
+                any(outcome(i, "trunk")["group_size"] == 2 and outcome(i, "trunk")["averaged_fraction"] == 1.0 for i in later)
+            )
+        return all(done)
+
+    # ...and the survivors go on averaging with each other, without the dead peer.
+    wait_for(averaged_pairwise_after_kill, 40, "a full round of the two survivors", survivors)
+    assert took < 30
+    for peer in survivors:
+        assert peer.proc.terminate() == 0, peer.proc.stderr_tail()

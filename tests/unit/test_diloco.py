@@ -1,0 +1,183 @@
+"""Unit tests for the per-module DiLoCo state and the all-reduce slicing."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from node.averaging import slice_bounds
+from node.diloco import ModuleState
+from protocol.manifest import OuterOptimizerSpec
+
+SPEC = OuterOptimizerSpec(lr=0.7, momentum=0.9)
+
+
+def _linear(seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(5, 3)
+
+
+def _flat(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def _inner_steps(module: torch.nn.Module, seed: int) -> None:
+    """Stand-in for H local steps: move every parameter a little."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def test_initial_state() -> None:
+    layer = _linear()
+    state = ModuleState("trunk", list(layer.parameters()), SPEC)
+    assert state.numel == 5 * 3 + 3
+    assert torch.equal(state.global_flat, _flat(layer))
+    assert torch.count_nonzero(state.momentum) == 0
+    assert torch.count_nonzero(state.pseudo_gradient()) == 0
+    # The global copy is a copy, not a view of the parameters.
+    _inner_steps(layer, 1)
+    assert not torch.equal(state.global_flat, _flat(layer))
+
+
+def test_pseudo_gradient_is_global_minus_local() -> None:
+    layer = _linear()
+    state = ModuleState("trunk", list(layer.parameters()), SPEC)
+    start = _flat(layer).clone()
+    _inner_steps(layer, 1)
+    expected = start - _flat(layer)
+    assert torch.allclose(state.pseudo_gradient(), expected)
+    payload = state.payload(resync=False)
+    assert isinstance(payload, np.ndarray) and payload.dtype == np.float32 and payload.shape == (state.numel,)
+    np.testing.assert_allclose(payload, expected.numpy(), rtol=0, atol=1e-7)
+
+
+def test_apply_matches_torch_sgd_nesterov() -> None:
+    layer = _linear()
+    reference = copy.deepcopy(layer)
+    state = ModuleState("trunk", list(layer.parameters()), SPEC)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=SPEC.lr, momentum=SPEC.momentum, nesterov=True)
+    for step in range(3):
+        _inner_steps(layer, seed=10 + step)
+        averaged = state.payload(resync=False)
+        # Reference: the same gradient, applied by torch's own optimizer to the previous global copy.
+        offset = 0
+        for p in reference.parameters():
+            p.grad = torch.from_numpy(averaged[offset : offset + p.numel()].copy()).view_as(p)
+            offset += p.numel()
+        optimizer.step()
+        state.apply(averaged, resync=False)
+        assert torch.allclose(state.global_flat, _flat(reference), rtol=1e-5, atol=1e-6), step
+        # The new global copy is written back into the model.
+        assert torch.equal(_flat(layer), state.global_flat)
+        buf = torch.cat([optimizer.state[p]["momentum_buffer"].reshape(-1) for p in reference.parameters()])
+        assert torch.allclose(state.momentum, buf, rtol=1e-5, atol=1e-6), step
+
+
+def test_apply_does_not_keep_a_view_of_the_averaged_buffer() -> None:
+    layer = _linear()
+    state = ModuleState("trunk", list(layer.parameters()), SPEC)
+    _inner_steps(layer, 1)
+    averaged = state.payload(resync=True)
+    state.apply(averaged, resync=True)
+    snapshot = (state.global_flat.clone(), state.momentum.clone())
+    averaged[:] = 123.0  # the caller reuses its buffer
+    assert torch.equal(state.global_flat, snapshot[0]) and torch.equal(state.momentum, snapshot[1])
+
+
+def test_resync_payload_and_adoption() -> None:
+    layer = _linear()
+    state = ModuleState("trunk", list(layer.parameters()), SPEC)
+    _inner_steps(layer, 1)
+    state.apply(state.payload(resync=False), resync=False)  # some momentum
+    _inner_steps(layer, 2)
+    n = state.numel
+    payload = state.payload(resync=True)
+    assert payload.shape == (3 * n,)
+    np.testing.assert_array_equal(payload[:n], state.pseudo_gradient().numpy())
+    np.testing.assert_array_equal(payload[n : 2 * n], state.global_flat.numpy())
+    np.testing.assert_array_equal(payload[2 * n :], state.momentum.numpy())
+
+    # A group averaged (delta, global, momentum): the member adopts the averaged global/momentum, then steps.
+    g = torch.Generator().manual_seed(5)
+    delta, avg_global, avg_momentum = (torch.randn(n, generator=g) for _ in range(3))
+    averaged = torch.cat([delta, avg_global, avg_momentum]).numpy()
+    state.apply(averaged, resync=True)
+    mu, lr = SPEC.momentum, SPEC.lr
+    expected_momentum = mu * avg_momentum + delta
+    expected_global = avg_global - lr * (delta + mu * expected_momentum)
+    assert torch.allclose(state.momentum, expected_momentum, atol=1e-6)
+    assert torch.allclose(state.global_flat, expected_global, atol=1e-6)
+    assert torch.equal(_flat(layer), state.global_flat)
+
+
+def test_resync_makes_members_identical() -> None:
+    a_layer, b_layer = _linear(0), _linear(1)
+    a = ModuleState("trunk", list(a_layer.parameters()), SPEC)
+    b = ModuleState("trunk", list(b_layer.parameters()), SPEC)
+    _inner_steps(a_layer, 1)
+    _inner_steps(b_layer, 2)
+    b.apply(b.payload(resync=False), resync=False)
+    assert a.params_hash() != b.params_hash()
+    averaged = (a.payload(resync=True) + b.payload(resync=True)) / 2
+    a.apply(averaged.copy(), resync=True)
+    b.apply(averaged.copy(), resync=True)
+    assert a.params_hash() == b.params_hash()
+    assert torch.equal(_flat(a_layer), _flat(b_layer))
+
+
+def test_params_hash() -> None:
+    a = ModuleState("trunk", list(_linear(0).parameters()), SPEC)
+    b = ModuleState("trunk", list(_linear(0).parameters()), SPEC)
+    c = ModuleState("trunk", list(_linear(1).parameters()), SPEC)
+    assert a.params_hash() == b.params_hash()
+    assert len(a.params_hash()) == 32 and int(a.params_hash(), 16) >= 0
+    assert a.params_hash() != c.params_hash()
+    # Only the momentum differs.
+    b.momentum[0] = 1e-3
+    assert a.params_hash() != b.params_hash()
+    # Local (inner-step) changes do not change the hash of the global state.
+    before = a.params_hash()
+    with torch.no_grad():
+        a.params[0].add_(1.0)
+    assert a.params_hash() == before
+
+
+def test_reset_from_params() -> None:
+    layer = _linear()
+    state = ModuleState("expert.0.0", list(layer.parameters()), SPEC)
+    _inner_steps(layer, 1)
+    state.apply(state.payload(resync=False), resync=False)
+    _inner_steps(layer, 2)
+    state.reset_from_params()
+    assert torch.equal(state.global_flat, _flat(layer))
+    assert torch.count_nonzero(state.momentum) == 0
+
+
+def test_multiple_parameters_keep_their_shapes() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2, bias=False))
+    state = ModuleState("trunk", list(model.parameters()), SPEC)
+    shapes = [p.shape for p in model.parameters()]
+    _inner_steps(model, 3)
+    state.apply(state.payload(resync=False), resync=False)
+    assert [p.shape for p in model.parameters()] == shapes
+    assert torch.equal(_flat(model), state.global_flat)
+
+
+@pytest.mark.parametrize(
+    "numel, parts", [(10, 1), (10, 3), (10, 4), (9, 3), (3, 5), (0, 2), (1, 1), (1000003, 7), (17, 16)]
+)
+def test_slice_bounds(numel: int, parts: int) -> None:
+    bounds = slice_bounds(numel, parts)
+    assert len(bounds) == parts
+    assert bounds[0][0] == 0 and bounds[-1][1] == numel
+    for (_, end), (start, _) in zip(bounds, bounds[1:]):
+        assert end == start
+    sizes = [end - start for start, end in bounds]
+    assert min(sizes) >= 0 and max(sizes) - min(sizes) <= 1
+    assert sum(sizes) == numel
+    assert sizes == sorted(sizes, reverse=True)  # the longer slices come first
