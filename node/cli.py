@@ -108,11 +108,12 @@ def _fail(message: str, code: int) -> int:
 
 
 def _start(args: argparse.Namespace) -> int:
+    flags = {dest: getattr(args, dest) for _, dest, *_ in _START_OPTIONS}
+    config = build_config(flags, config_path=args.config)  # before the heavy imports: config errors come fast
+
     from node.logs import setup_logging
     from node.runtime import Node
 
-    flags = {dest: getattr(args, dest) for _, dest, *_ in _START_OPTIONS}
-    config = build_config(flags, config_path=args.config)
     setup_logging(config.log_format, config.log_level)
     logger.info("effective config: %s", json.dumps(config.as_log_dict()))
     node = Node(config)

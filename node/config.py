@@ -8,6 +8,7 @@ Precedence, highest first: command-line flag, ``COMMONS_<NAME>`` environment var
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -129,14 +130,23 @@ def _coerce(raw: Any, hint: Any, what: str) -> Any:
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
             raise ConfigError(f"{what} must be a list of strings")
         return tuple(items)
-    try:
-        if hint is int and not isinstance(raw, bool):
-            return int(raw)
-        if hint is float and not isinstance(raw, bool):
-            return float(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{what} must be a {hint.__name__}, got {raw!r}") from None
+    if hint in (int, float):
+        try:
+            if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+                raise ValueError
+            number = float(raw)
+            if not math.isfinite(number):
+                raise ValueError
+            if hint is int:
+                if isinstance(raw, float) and not raw.is_integer():
+                    raise ValueError
+                return int(raw) if not isinstance(raw, float) else int(number)
+            return number
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what} must be a finite {hint.__name__}, got {raw!r}") from None
     if hint is str:
+        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
+            raise ConfigError(f"{what} must be a string, got {raw!r}")
         return str(raw)
     raise ConfigError(f"{what} must be a {getattr(hint, '__name__', hint)}, got {raw!r}")
 
@@ -180,5 +190,5 @@ def build_config(
         merged.update(NodeConfig.coerce_mapping(read_config_file(config_path), f"config file {config_path}"))
     for name, raw in read_env(environ).items():
         merged.update(NodeConfig.coerce_mapping({name: raw}, f"environment variable {ENV_PREFIX}{name.upper()}"))
-    merged.update({k: v for k, v in flags.items() if v is not None})
+    merged.update(NodeConfig.coerce_mapping({k: v for k, v in flags.items() if v is not None}, "command line"))
     return NodeConfig(**merged)

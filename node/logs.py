@@ -8,16 +8,18 @@ import sys
 import time
 from typing import Any, Dict, TextIO
 
+# hivemind renames WARNING to "WARN" process-wide; JSON logs keep the names --log-level takes.
+_LEVEL_NAMES = {10: "debug", 20: "info", 30: "warning", 40: "error", 50: "critical"}
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):
-    """timestamp, level, logger, message, plus any ``extra={...}`` fields (round, module, ...)."""
+    """timestamp, level, logger, message, plus any ``extra={...}`` fields (event, round, loss, ...)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: Dict[str, Any] = {
             "timestamp": round(record.created, 3),
-            "level": record.levelname.lower(),
+            "level": _LEVEL_NAMES.get(record.levelno, record.levelname.lower()),
             "logger": record.name,
             "message": record.getMessage(),
         }
@@ -50,6 +52,9 @@ def setup_logging(log_format: str = "text", level: str = "info", stream: TextIO 
         use_hivemind_log_handler("nowhere")  # its records propagate to our root handler
     except ImportError:
         pass
+    hivemind_logger = logging.getLogger("hivemind")
+    for old in list(hivemind_logger.handlers):  # whatever its own setup left there
+        hivemind_logger.removeHandler(old)
+    hivemind_logger.propagate = True
     # hivemind logs routine events at INFO; keep them unless the user asked for debug output.
-    hivemind_level = logging.DEBUG if level == "debug" else max(logging.WARNING, root.level)
-    logging.getLogger("hivemind").setLevel(hivemind_level)
+    hivemind_logger.setLevel(logging.DEBUG if level == "debug" else max(logging.WARNING, root.level))

@@ -156,7 +156,7 @@ class Swarm:
         try:
             dht.run_in_background(await_ready=True, timeout=startup_timeout + 10)
         except Exception as e:
-            dht_kill(dht)
+            dht_kill(dht, graceful=False)
             raise PeerUnreachable(_explain_start_failure(e, initial_peers)) from None
         loop = LoopThread()
         try:
@@ -249,12 +249,13 @@ class Swarm:
         dht_kill(self._dht)
 
 
-def dht_kill(dht: hivemind.DHT) -> None:
+def dht_kill(dht: hivemind.DHT, graceful: bool = True) -> None:
     """Shut the DHT process down, hard if it does not go within its grace period."""
-    try:
-        dht.shutdown()
-    except Exception:
-        pass
+    if graceful:
+        try:
+            dht.shutdown()
+        except Exception:
+            pass
     if dht.is_alive():
         dht.terminate()  # SIGTERM: _GuardedDHT stops its p2pd first
         dht.join(5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -170,10 +171,10 @@ class Manifest:
 
 def _build(kind: Type[T], data: Any, where: str) -> T:
     """Build a dataclass from plain data, refusing unknown keys and wrong types."""
-    _check(isinstance(data, Mapping), f"{where or 'manifest'} must be a mapping")
+    _check(isinstance(data, Mapping), f"{where.rstrip('.') or 'manifest'} must be a mapping")
     fields = {f.name: f for f in dataclasses.fields(kind)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
-    _check(not unknown, f"unknown manifest key(s): {', '.join((where + k) for k in map(str, unknown))}")
+    unknown = sorted(str(k) for k in set(data) - set(fields))
+    _check(not unknown, f"unknown manifest key(s): {', '.join(where + k for k in unknown)}")
     hints = typing.get_type_hints(kind)
     kwargs = {}
     for name, value in data.items():
@@ -181,14 +182,29 @@ def _build(kind: Type[T], data: Any, where: str) -> T:
         if dataclasses.is_dataclass(expected):
             kwargs[name] = _build(expected, value, f"{where}{name}.")
             continue
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        if expected is float:
+            value = _as_float(value, f"{where}{name}")
         _check(
             isinstance(value, expected) and not (expected is int and isinstance(value, bool)),
             f"manifest key {where}{name} must be of type {expected.__name__}, got {value!r}",
         )
         kwargs[name] = value
     return kind(**kwargs)
+
+
+def _as_float(value: Any, where: str) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string: accept it, and ints; refuse NaN and infinities."""
+    if isinstance(value, bool):
+        return value  # refused by the type check
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if isinstance(value, (int, float)):
+        _check(math.isfinite(value), f"manifest key {where} must be a finite number, got {value!r}")
+        return float(value)
+    return value
 
 
 def parse_manifest(text: str, source: str = "<string>") -> Manifest:

@@ -14,7 +14,7 @@ from pydantic.v1 import BaseModel, StrictBool, StrictFloat, StrictInt, StrictStr
 from protocol.version import PROTOCOL_VERSION
 
 KEY_PREFIX = "commons"
-MODULE_PATTERN = r"^(trunk|expert\.\d{1,4}\.\d{1,4})$"
+MODULE_PATTERN = r"^(trunk|expert\.\d{1,4}\.\d{1,4})\Z"  # \Z: "$" would accept a trailing newline
 MAX_MODULES_PER_PEER = 4096
 
 
@@ -69,7 +69,7 @@ class ReadyRecord(BaseModel):
     """A peer is ready to average ``module`` for one round; used to form groups."""
 
     posted_at: StrictFloat
-    params_hash: constr(regex=r"^[0-9a-f]{16,64}$", strict=True)  # type: ignore[valid-type]
+    params_hash: constr(regex=r"^[0-9a-f]{16,64}\Z", strict=True)  # type: ignore[valid-type]
     numel: StrictInt
     protocol_version: StrictInt = PROTOCOL_VERSION
 

@@ -49,7 +49,7 @@ class TensorPart(BaseModel):
     swarm_id: constr(max_length=64, strict=True)  # type: ignore[valid-type]
     module: constr(regex=MODULE_PATTERN, strict=True)  # type: ignore[valid-type]
     round: conint(ge=0, strict=True)  # type: ignore[valid-type]
-    group_id: constr(regex=r"^[0-9a-f]{16}$", strict=True)  # type: ignore[valid-type]
+    group_id: constr(regex=r"^[0-9a-f]{16}\Z", strict=True)  # type: ignore[valid-type]
     slice_index: conint(ge=0, lt=4096, strict=True)  # type: ignore[valid-type]
     sender: constr(min_length=1, max_length=128, strict=True)  # type: ignore[valid-type]
     weight: StrictFloat = 1.0
@@ -83,7 +83,8 @@ def decode(frame: bytes) -> Tuple[Message, memoryview]:
         raw = msgpack.unpackb(frame[4 : 4 + size], raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises many types for garbage
         raise WireError(f"header is not msgpack: {type(e).__name__}") from None
-    if not isinstance(raw, dict) or raw.get("type") not in _TYPES:
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if not isinstance(kind, str) or kind not in _TYPES:
         raise WireError("header has no known message type")
     try:
         message = _TYPES[raw["type"]].parse_obj(raw)

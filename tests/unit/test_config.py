@@ -191,28 +191,15 @@ def test_config_file_errors(tmp_path: Path) -> None:
     assert str(tmp_path) in _error(config_path=str(tmp_path))  # a directory
 
 
-@pytest.mark.xfail(
-    reason="node/config.py _coerce: int(raw) silently truncates a YAML float (experts: 2.7 -> 2)", strict=True
-)
 def test_float_for_int_in_config_file_is_refused(tmp_path: Path) -> None:
     assert "experts" in _error(config_path=_config_file(tmp_path, "experts: 2.7\n"))
 
 
-@pytest.mark.xfail(
-    reason="node/config.py: NaN passes the range checks of float options (nan <= 0 is False), so "
-    "--max-seconds nan never stops the node",
-    strict=True,
-)
 @pytest.mark.parametrize("var", ["COMMONS_MAX_SECONDS", "COMMONS_BOOTSTRAP_TIMEOUT_SECONDS"])
 def test_nan_float_option_is_refused(var: str) -> None:
     _error(environ={var: "nan"})
 
 
-@pytest.mark.xfail(
-    reason="node/config.py _coerce: a YAML list for a str option is stringified (data: \"['a.txt']\") "
-    "instead of refused",
-    strict=True,
-)
 def test_list_for_string_option_in_config_file_is_refused(tmp_path: Path) -> None:
     assert "data" in _error(config_path=_config_file(tmp_path, "data: [a.txt, b.txt]\n"))
 

@@ -122,11 +122,6 @@ def test_setup_twice_keeps_one_handler() -> None:
     assert len(logging.getLogger().handlers) == 1
 
 
-@pytest.mark.xfail(
-    reason="node/logs.py JsonFormatter uses record.levelname, which hivemind renames globally on import "
-    "(logging.addLevelName(WARNING, 'WARN')): JSON says 'warn' while --log-level and Python say 'warning'",
-    strict=True,
-)
 def test_json_level_names_match_log_level_option() -> None:
     stream = io.StringIO()
     setup_logging("json", "debug", stream=stream)

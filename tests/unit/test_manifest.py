@@ -108,11 +108,6 @@ def test_unknown_key_is_named() -> None:
     assert "model.n_expert" in message
 
 
-@pytest.mark.xfail(
-    reason="protocol/manifest.py _build sorts unknown keys of mixed types (int and str): TypeError, not ManifestError",
-    raises=TypeError,
-    strict=True,
-)
 def test_unknown_keys_of_mixed_types_are_a_manifest_error() -> None:
     # A YAML integer key next to a string key: listing the unknown keys must not crash.
     message = _error("1: a\nfoo: b\n")
@@ -163,19 +158,10 @@ def test_out_of_range_is_named(text: str, field: str) -> None:
     assert field in _error(text)
 
 
-@pytest.mark.xfail(
-    reason="protocol/manifest.py: non-finite floats pass the range checks (inf > 0); lr=.inf is accepted",
-    strict=True,
-)
 def test_infinite_learning_rate_is_refused() -> None:
     assert "outer_optimizer.lr" in _error("outer_optimizer: {lr: .inf}\n")
 
 
-@pytest.mark.xfail(
-    reason="protocol/manifest.py: PyYAML (YAML 1.1) reads 1e-3 as a string, so the usual spelling of a "
-    "learning rate is refused as 'must be of type float'",
-    strict=True,
-)
 def test_exponent_without_dot_is_a_float() -> None:
     assert parse_manifest("inner_optimizer: {lr: 1e-3}\n").inner_optimizer.lr == 0.001
 

@@ -160,11 +160,6 @@ def test_bad_module_name(module: str) -> None:
     assert "modules" in _rejected(PeerRecord, _peer(modules=["trunk", module]))
 
 
-@pytest.mark.xfail(
-    reason="protocol/records.py MODULE_PATTERN ends in '$', which pydantic's re.match lets through before a "
-    "trailing newline: 'trunk\\n' is accepted (same for params_hash and wire group_id)",
-    strict=True,
-)
 def test_module_name_with_trailing_newline_is_rejected() -> None:
     assert "modules" in _rejected(PeerRecord, _peer(modules=["trunk\n"]))
 
