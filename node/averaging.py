@@ -181,7 +181,9 @@ class Averager:
         try:
             sent_to = await self._send_parts(group, vector, weight, bounds, deadline)
             # Peers that refused our part formed another group (or finished the round): don't wait for theirs.
-            reduced, contributors = await self._reduce_my_slice(group, vector, weight, bounds[my_index], sent_to, deadline)
+            reduced, contributors = await self._reduce_my_slice(
+                group, vector, weight, bounds[my_index], sent_to, deadline
+            )
             unreachable = await self._send_results(group, reduced, contributors, my_index, deadline)
             # A reducer answers within its own part timeout plus one transfer; waiting longer only stalls us.
             results_deadline = min(deadline, started + 1.5 * self._part_timeout + 1.0)
@@ -223,7 +225,9 @@ class Averager:
         sends = [send(i, p) for i, p in enumerate(group.members) if p != me]
         return {peer for peer in await asyncio.gather(*sends) if peer}
 
-    async def _reduce_my_slice(self, group: Group, vector: np.ndarray, weight: float, bounds, expected, deadline: float):
+    async def _reduce_my_slice(
+        self, group: Group, vector: np.ndarray, weight: float, bounds, expected, deadline: float
+    ):
         me = self._swarm.peer_id
         lo, hi = bounds
         key = (group.module, group.round, group.group_id, group.index_of(me))

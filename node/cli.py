@@ -31,7 +31,13 @@ class _Parser(argparse.ArgumentParser):
 
 # (flag, dest, kind, metavar, help) for every `start` option; dest names a NodeConfig field.
 _START_OPTIONS = [
-    ("--initial-peers", "initial_peers", "list", "MADDR", "multiaddrs of running peers to join (none: start a new swarm)"),
+    (
+        "--initial-peers",
+        "initial_peers",
+        "list",
+        "MADDR",
+        "multiaddrs of running peers to join (none: start a new swarm)",
+    ),
     ("--host-maddrs", "host_maddrs", "list", "MADDR", "multiaddrs to listen on"),
     ("--announce-maddrs", "announce_maddrs", "list", "MADDR", "multiaddrs other peers should dial (behind NAT)"),
     ("--identity", "identity", str, "PATH", "private key file; created if missing; keeps the peer id across restarts"),

@@ -42,7 +42,9 @@ def validate_peer_maddr(text: str, what: str) -> str:
     """A bootstrap peer's multiaddr: valid, and naming the peer (/p2p/<id>) so it can be dialed."""
     validate_maddr(text, what)
     if "/p2p/" not in text:
-        raise ConfigError(f"{what}: {text!r} has no /p2p/<peer id> part; copy the whole multiaddr a running node printed")
+        raise ConfigError(
+            f"{what}: {text!r} has no /p2p/<peer id> part; copy the whole multiaddr a running node printed"
+        )
     return text
 
 

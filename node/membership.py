@@ -43,9 +43,7 @@ class SwarmView:
         return sorted(
             p
             for p, r in self.peers.items()
-            if module in r.modules
-            and p != exclude
-            and (round_number is None or r.outer_round <= round_number)
+            if module in r.modules and p != exclude and (round_number is None or r.outer_round <= round_number)
         )
 
     def max_round(self, exclude: Optional[str] = None) -> int:

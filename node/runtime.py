@@ -157,7 +157,9 @@ class Node:
         if out is not None:
             out.write(json.dumps(ready) + "\n")
             out.flush()
-        logger.info("ready: swarm %s, peer %s, hosting %s", ready["swarm_id"], ready["peer_id"], ", ".join(ready["modules"]))
+        logger.info(
+            "ready: swarm %s, peer %s, hosting %s", ready["swarm_id"], ready["peer_id"], ", ".join(ready["modules"])
+        )
         logger.info("others can join with: %s", ready["join"])
         started = time.monotonic()
         limit = self.config.max_seconds

@@ -71,9 +71,9 @@ def format_table(status: Dict[str, Any]) -> str:
         rate = f"{peer['samples_per_second']:.1f}" if peer["samples_per_second"] is not None else "-"
         experts = [m for m in peer["modules"] if m != "trunk"]
         modules = "trunk" + (", " + ", ".join(experts) if experts else "")
-        lines.append(
-            f"…{peer['peer_id'][-12:]:<13} {peer['outer_round']:>5} {peer['local_steps']:>7} {loss:>7} {rate:>10}  {modules}"
-        )
+        short_id = "…" + peer["peer_id"][-12:]
+        counters = f"{peer['outer_round']:>5} {peer['local_steps']:>7} {loss:>7} {rate:>10}"
+        lines.append(f"{short_id:<14} {counters}  {modules}")
     lines.append("")
     lines.append("replicas: " + ", ".join(f"{m['module']}={m['replicas']}" for m in status["modules"]))
     return "\n".join(lines)

@@ -233,7 +233,9 @@ class Swarm:
         except Exception as e:  # p2pd reports dial failures as ControlFailure and friends
             if isinstance(e, (ConnectionError, TimeoutError)):
                 raise
-            raise ConnectionError(f"cannot reach peer {peer_id[-8:]}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+            raise ConnectionError(
+                f"cannot reach peer {peer_id[-8:]}: {str(e).splitlines()[0] if str(e) else e!r}"
+            ) from None
 
     # --- lifecycle -------------------------------------------------------------------
     def close(self) -> None:

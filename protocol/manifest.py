@@ -229,7 +229,9 @@ def load_manifest(path: str | Path | None = None) -> Manifest:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise ManifestError(f"manifest file {path} does not exist; pass --manifest with an existing YAML file") from None
+        raise ManifestError(
+            f"manifest file {path} does not exist; pass --manifest with an existing YAML file"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ManifestError(f"cannot read manifest file {path}: {e}") from None
     return parse_manifest(text, str(path))

@@ -7,9 +7,19 @@ dropped (and counted by the caller), never half-used.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import Optional
 
-from pydantic.v1 import BaseModel, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, conlist, constr, validator
+from pydantic.v1 import (
+    BaseModel,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    conlist,
+    constr,
+    validator,
+)
 
 from protocol.version import PROTOCOL_VERSION
 

@@ -149,7 +149,10 @@ def test_sigkilled_peer_does_not_stop_the_others(swarm_of_three):
         for peer in survivors:
             later = [peer.rounds()[r] for r in sorted(peer.rounds()) if r > last_before[peer.proc.name] + 1]
             done.append(
-                any(outcome(i, "trunk")["group_size"] == 2 and outcome(i, "trunk")["averaged_fraction"] == 1.0 for i in later)
+                any(
+                    outcome(i, "trunk")["group_size"] == 2 and outcome(i, "trunk")["averaged_fraction"] == 1.0
+                    for i in later
+                )
             )
         return all(done)
 

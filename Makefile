@@ -1,0 +1,36 @@
+# The two commands a newcomer needs:  make start   (set up and run a node)
+#                                     make test    (set up and run the test suite; .ci/run calls it)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Pinned first so pip never swaps in another build: on this project's CPU machines pip finds the
+# local CPU wheel; on a GPU machine the same pin pulls the CUDA build from PyPI.
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: install start test test-unit test-swarm lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+start: install
+	$(BIN)/node start $(ARGS)
+
+lint: install
+	$(BIN)/ruff check node protocol tests
+
+test: install lint
+	$(BIN)/python -m pytest -q tests/unit tests/swarm tests/e2e
+
+test-unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
