@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install start test test-unit test-swarm lint clean
+.PHONY: install start test test-unit lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,6 @@ test-unit: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+bench: install
+	$(BIN)/python -m tests.bench.swarm_rounds

@@ -9,6 +9,7 @@ Map of this package (imports point down the list):
 - training    inner AdamW steps and evaluation
 - diloco      per-module global copy and outer Nesterov step
 - placement   which experts to host, from DHT replica counts
+- procs       finding processes by parent or group (/proc)
 - swarm       the only hivemind adapter: DHT, p2p streams, event loop thread
 - handshake   hello exchange; refuses other manifests / protocol versions
 - membership  announces this node and reads peer records

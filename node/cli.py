@@ -11,7 +11,7 @@ import json
 import logging
 import signal
 import sys
-from typing import Any, List, NoReturn, Optional, Sequence
+from typing import Any, Callable, List, NoReturn, Optional, Sequence
 
 from node import __version__
 from node.config import DEVICES, ENV_PREFIX, LOG_FORMATS, LOG_LEVELS, NodeConfig, build_config
@@ -94,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, make_node: Optional[Callable[[NodeConfig], Any]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "start":
-            return _start(args)
+            return _start(args, make_node)
         return _status(args)
     except ManifestError as e:
         return _fail(str(e), ConfigError.exit_code)
@@ -113,7 +113,8 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _start(args: argparse.Namespace) -> int:
+def _start(args: argparse.Namespace, make_node: Optional[Callable[[NodeConfig], Any]] = None) -> int:
+    """`node start`; ``make_node`` lets a test harness run a Node subclass through the same path."""
     flags = {dest: getattr(args, dest) for _, dest, *_ in _START_OPTIONS}
     config = build_config(flags, config_path=args.config)  # before the heavy imports: config errors come fast
 
@@ -122,7 +123,7 @@ def _start(args: argparse.Namespace) -> int:
 
     setup_logging(config.log_format, config.log_level)
     logger.info("effective config: %s", json.dumps(config.as_log_dict()))
-    node = Node(config)
+    node = (make_node or Node)(config)
     logger.info("manifest %r, swarm id %s", node.manifest.name, node.manifest.swarm_id)
     _install_stop_handlers(node)
     try:

@@ -168,13 +168,19 @@ class Node:
             return limit is not None and time.monotonic() - started >= limit
 
         while not self.stop_requested.is_set() and not out_of_time():
+            round_started = time.perf_counter()
             steps = self._local_steps(out_of_time)
             if steps == 0 or self.stop_requested.is_set() or out_of_time():
                 break
+            compute_done = time.perf_counter()
             outcomes = self._average_round(steps)
             if outcomes is None:
                 break
-            self._finish_round(outcomes, steps)
+            timing = {
+                "compute_seconds": round(compute_done - round_started, 3),
+                "averaging_seconds": round(time.perf_counter() - compute_done, 3),
+            }
+            self._finish_round(outcomes, steps, timing)
             if self.config.max_rounds is not None and self.rounds_done >= self.config.max_rounds:
                 break
         logger.info("leaving after %d round(s), %d local step(s)", self.rounds_done, self.trainer.local_steps)
@@ -238,7 +244,7 @@ class Node:
         state.apply(result.vector, resync)
         return ModuleOutcome(name, len(group.members), result.averaged_fraction, resync, time.monotonic() - started)
 
-    def _finish_round(self, outcomes: List[ModuleOutcome], steps: int) -> None:
+    def _finish_round(self, outcomes: List[ModuleOutcome], steps: int, timing: Optional[dict] = None) -> None:
         self.rounds_done += 1
         self.last_eval_loss = self.trainer.evaluate()
         trunk = next(o for o in outcomes if o.module == "trunk")
@@ -262,6 +268,8 @@ class Node:
                 "eval_loss": self.last_eval_loss,
                 "trunk_group": trunk.group_size,
                 "trunk_fraction": trunk.averaged_fraction,
+                "trunk_seconds": round(trunk.seconds, 3),
+                **(timing or {}),
                 "expert_groups": expert_groups,
             },
         )

@@ -20,6 +20,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.errors import PeerUnreachable
+from node.procs import children_of
 
 T = TypeVar("T")
 Handler = Callable[[str, bytes], Awaitable[bytes]]
@@ -98,20 +99,11 @@ class _GuardedDHT(hivemind.DHT):
 
 
 def _terminate_children_and_exit(*_: Any) -> None:
-    me = str(os.getpid())
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for child in children_of(os.getpid()):  # our p2pd
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[1] == me:  # field 4 of stat: ppid
-            try:
-                os.kill(int(entry), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            os.kill(child, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     os._exit(0)
 
 

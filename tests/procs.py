@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from node.procs import in_process_group
+
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_MANIFEST = """\
@@ -138,18 +140,7 @@ class NodeProcess:
 
     def leftovers(self) -> List[int]:
         """Live processes (zombies excluded) still in this process's group."""
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z" and int(fields[2]) == self.proc.pid:  # state, ppid, pgrp
-                found.append(int(entry))
-        return found
+        return in_process_group(self.proc.pid)
 
     def cleanup(self) -> List[int]:
         """Stop everything this process started; return what had leaked before we killed it."""

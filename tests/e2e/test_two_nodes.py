@@ -91,3 +91,28 @@ def averaged_rounds(node: NodeProcess) -> list:
         if entry.get("event") == "round" and entry.get("trunk_group") == 2 and entry.get("trunk_fraction") == 1.0:
             rounds.append(entry["round"])
     return rounds
+
+
+def test_a_node_with_another_manifest_is_refused(tmp_path):
+    ours = write_tiny_manifest(tmp_path / "ours.yaml", experts=2, steps=20)
+    theirs = write_tiny_manifest(tmp_path / "theirs.yaml", experts=2, steps=21)  # one value differs
+    corpus = write_text_corpus(tmp_path / "text.txt")
+    common = ["--data", str(corpus), "--experts", "1"]
+    first = NodeProcess.node(["start", "--manifest", str(ours), *common], tmp_path / "first", "first")
+    joiner = None
+    try:
+        first.wait_ready()
+        args = ["start", "--manifest", str(theirs), *common, "--initial-peers", first.maddr]
+        joiner = NodeProcess.node(args, tmp_path / "joiner", "joiner")
+        assert joiner.proc.wait(timeout=60) == 5
+        err = joiner.log_path.read_text()
+        assert "Traceback" not in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("node: error: ") and "manifest" in last and "--manifest" in last, last
+        assert joiner.stdout_lines == [] and joiner.proc.stdout.read() == b""
+        assert joiner.leftovers() == []
+        assert first.proc.poll() is None, "the refused peer must not disturb the running one"
+        assert first.terminate() == 0
+    finally:
+        leaks = {n.name: n.cleanup() for n in (first, joiner) if n is not None}
+        assert not any(leaks.values()), leaks

@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from node.cli import _START_OPTIONS, _install_stop_handlers, build_parser
-from node.config import build_config
-from node.logs import setup_logging
+from node import cli
 from node.runtime import Node
 
 
@@ -27,9 +25,9 @@ class RecordingNode(Node):
         super().__init__(config)
         self.out_dir = out_dir
 
-    def _finish_round(self, outcomes, steps) -> None:
+    def _finish_round(self, outcomes, steps, timing=None) -> None:
         round_number = self.outer_round
-        super()._finish_round(outcomes, steps)
+        super()._finish_round(outcomes, steps, timing)
         model = self.trainer.model
         values = {
             m: torch.cat([p.detach().reshape(-1).cpu() for p in model.module_parameters(m)]).numpy()
@@ -49,17 +47,7 @@ class RecordingNode(Node):
 def main() -> int:
     out_dir = Path(sys.argv[1])
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = build_parser().parse_args(["start", *sys.argv[2:]])
-    config = build_config({dest: getattr(args, dest) for _, dest, *_ in _START_OPTIONS})
-    setup_logging(config.log_format, config.log_level)
-    node = RecordingNode(config, out_dir)
-    _install_stop_handlers(node)
-    try:
-        node.open()
-        node.run(out=sys.stdout)
-    finally:
-        node.close()
-    return 0
+    return cli.main(["start", *sys.argv[2:]], make_node=lambda config: RecordingNode(config, out_dir))
 
 
 if __name__ == "__main__":
