@@ -25,6 +25,7 @@ start: install
 
 lint: install
 	$(BIN)/ruff check node protocol tests
+	$(BIN)/mypy
 
 test: install lint
 	$(BIN)/python -m pytest -q tests/unit tests/swarm tests/e2e

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Literal, Optional, Set, Tuple
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from protocol.wire import Ack, TensorPart, WireError, decode, encode, read_tenso
 
 logger = logging.getLogger(__name__)
 
+PartKind = Literal["part", "result"]
 SliceKey = Tuple[str, int, str, int]  # module, round, group_id, slice index
 
 
@@ -117,7 +118,7 @@ class Averager:
         self._swarm_id = swarm_id
         self._hosted = hosted
         self._part_timeout = part_timeout
-        self._dtype = "float16" if compression == "fp16" else "float32"
+        self._dtype: Literal["float32", "float16"] = "float16" if compression == "fp16" else "float32"
         self._inbox = _Inbox()
         self._active: Dict[Tuple[str, int], str] = {}  # (module, round) -> our group id
         self._finished: Dict[str, int] = {}  # module -> last round we finished averaging
@@ -256,9 +257,9 @@ class Averager:
         peers = [peer for peer in contributors if peer != me]
         sends = [self._send(peer, "result", group, my_index, count, reduced, deadline) for peer in peers]
         delivered = await asyncio.gather(*sends)
-        return {peer for peer, ok in zip(peers, delivered) if not ok}
+        return {peer for peer, ok in zip(peers, delivered, strict=True) if not ok}
 
-    async def _send(self, peer: str, kind: str, group: Group, index: int, weight: float, values, deadline) -> bool:
+    async def _send(self, peer: str, kind: PartKind, group: Group, index: int, weight: float, values, deadline) -> bool:
         array = np.asarray(values, dtype=np.float16 if self._dtype == "float16" else np.float32)
         header = TensorPart(
             type=kind,

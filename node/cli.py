@@ -11,7 +11,7 @@ import json
 import logging
 import signal
 import sys
-from typing import Any, Callable, List, NoReturn, Optional, Sequence
+from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple
 
 from node import __version__
 from node.config import DEVICES, ENV_PREFIX, LOG_FORMATS, LOG_LEVELS, NodeConfig, build_config
@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 # (flag, dest, kind, metavar, help) for every `start` option; dest names a NodeConfig field.
-_START_OPTIONS = [
+_START_OPTIONS: List[Tuple[str, str, Any, str, str]] = [
     (
         "--initial-peers",
         "initial_peers",

@@ -48,7 +48,7 @@ def _walk(root: str) -> list[str]:
             f"cannot read directory {err.filename}: {err.strerror}; fix its permissions or pass another --data"
         )
 
-    found = []
+    found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith("."))

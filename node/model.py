@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ class MoELayer(nn.Module):
             return torch.zeros_like(x), flat.new_zeros(())
         # Stacking only hosted gates is the -inf mask in effect, and keeps autograd from
         # ever reaching a non-hosted expert's gate (its .grad must stay None).
-        gates = torch.stack([self.experts[i].gate for i in self.hosted])
+        gates = torch.stack([self._expert(i).gate for i in self.hosted])
         logits = flat @ gates.t()
         n_hosted = len(self.hosted)
         k = min(self.top_k, n_hosted)
@@ -69,6 +70,9 @@ class MoELayer(nn.Module):
         fraction = counts / top_idx.numel()
         aux = n_hosted * torch.sum(fraction * probs.mean(dim=0))
         return out.reshape(shape), aux
+
+    def _expert(self, index: int) -> Expert:
+        return cast(Expert, self.experts[index])
 
 
 class Attention(nn.Module):
@@ -129,10 +133,13 @@ class MoETransformer(nn.Module):
                     std = resid_std if name.endswith(("proj.weight", "down.weight")) else _INIT_STD
                     p.normal_(0.0, std, generator=gen)
 
+    def _blocks(self) -> list[Block]:
+        return [cast(Block, block) for block in self.blocks]
+
     def _build_partition(self) -> dict[str, list[nn.Parameter]]:
         parts: dict[str, list[nn.Parameter]] = {}
-        expert_ids = set()
-        for layer, block in enumerate(self.blocks):
+        expert_ids: set[int] = set()
+        for layer, block in enumerate(self._blocks()):
             for index, expert in enumerate(block.moe.experts):
                 params = list(expert.parameters())
                 parts[f"expert.{layer}.{index}"] = params
@@ -153,12 +160,12 @@ class MoETransformer(nn.Module):
                 continue
             _, layer, index = name.split(".")
             hosted[int(layer)].append(int(index))
-        for block, indices in zip(self.blocks, hosted, strict=True):
+        for block, indices in zip(self._blocks(), hosted, strict=True):
             block.moe.hosted = sorted(set(indices))
 
     @property
     def hosted_experts(self) -> tuple[str, ...]:
-        names = [f"expert.{layer}.{i}" for layer, block in enumerate(self.blocks) for i in block.moe.hosted]
+        names = [f"expert.{layer}.{i}" for layer, block in enumerate(self._blocks()) for i in block.moe.hosted]
         return tuple(sorted(names))
 
     # -- parameters --------------------------------------------------------------------

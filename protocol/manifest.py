@@ -176,11 +176,11 @@ def _build(kind: Type[T], data: Any, where: str) -> T:
     unknown = sorted(str(k) for k in set(data) - set(fields))
     _check(not unknown, f"unknown manifest key(s): {', '.join(where + k for k in unknown)}")
     hints = typing.get_type_hints(kind)
-    kwargs = {}
+    kwargs: dict = {}
     for name, value in data.items():
         expected = hints[name]
         if dataclasses.is_dataclass(expected):
-            kwargs[name] = _build(expected, value, f"{where}{name}.")
+            kwargs[name] = _build(typing.cast(type, expected), value, f"{where}{name}.")
             continue
         if expected is float:
             value = _as_float(value, f"{where}{name}")

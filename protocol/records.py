@@ -7,7 +7,7 @@ dropped (and counted by the caller), never half-used.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Type, TypeVar
 
 from pydantic.v1 import (
     BaseModel,
@@ -95,7 +95,10 @@ class ReadyRecord(BaseModel):
         return value
 
 
-def parse_record(model: type, value: object) -> BaseModel:
+RecordT = TypeVar("RecordT", PeerRecord, ReadyRecord)
+
+
+def parse_record(model: Type[RecordT], value: object) -> RecordT:
     """Validate a DHT value against ``model``; raise RecordError with a one-line reason."""
     if not isinstance(value, dict):
         raise RecordError(f"{model.__name__} must be a mapping, got {type(value).__name__}")

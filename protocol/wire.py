@@ -7,7 +7,7 @@ dtype and element count exactly, and hold only finite values, before anyone uses
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple, Union
+from typing import Dict, Literal, Optional, Tuple, Type, Union
 
 import msgpack
 import numpy as np
@@ -64,7 +64,13 @@ class Ack(BaseModel):
 
 
 Message = Union[Hello, HelloReply, TensorPart, Ack]
-_TYPES = {"hello": Hello, "hello_reply": HelloReply, "part": TensorPart, "result": TensorPart, "ack": Ack}
+_TYPES: Dict[str, Type[Message]] = {
+    "hello": Hello,
+    "hello_reply": HelloReply,
+    "part": TensorPart,
+    "result": TensorPart,
+    "ack": Ack,
+}
 
 
 def encode(message: Message, payload: bytes = b"") -> bytes:
@@ -87,7 +93,7 @@ def decode(frame: bytes) -> Tuple[Message, memoryview]:
     if not isinstance(kind, str) or kind not in _TYPES:
         raise WireError("header has no known message type")
     try:
-        message = _TYPES[raw["type"]].parse_obj(raw)
+        message = _TYPES[kind].parse_obj(raw)  # type: ignore[union-attr]
     except ValidationError as e:
         first = e.errors()[0]
         raise WireError(f"{raw['type']}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None

@@ -175,7 +175,7 @@ def test_slice_bounds(numel: int, parts: int) -> None:
     bounds = slice_bounds(numel, parts)
     assert len(bounds) == parts
     assert bounds[0][0] == 0 and bounds[-1][1] == numel
-    for (_, end), (start, _) in zip(bounds, bounds[1:]):
+    for (_, end), (start, _) in zip(bounds, bounds[1:], strict=False):
         assert end == start
     sizes = [end - start for start, end in bounds]
     assert min(sizes) >= 0 and max(sizes) - min(sizes) <= 1
