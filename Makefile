@@ -10,18 +10,21 @@ ARGS ?=
 
 .PHONY: install start test test-unit lint bench clean
 
+# Progress goes to stderr so that `make start`'s stdout holds only the node's JSON ready line.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	@echo "creating $(VENV)" >&2
+	@$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
-	touch $@
+	@echo "installing $(TORCH_SPEC), then commons-node with its dependencies" >&2
+	@$(BIN)/pip install --quiet "$(TORCH_SPEC)" >&2
+	@$(BIN)/pip install --quiet -e ".[dev]" >&2
+	@touch $@
 
 install: $(VENV)/.installed
 
 start: install
-	$(BIN)/node start $(ARGS)
+	@$(BIN)/node start $(ARGS)
 
 lint: install
 	$(BIN)/ruff check node protocol tests

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -61,11 +62,14 @@ class Node:
     # --- joining -----------------------------------------------------------------
     def open(self) -> None:
         """Validate local inputs first (cheap), then start networking; raises CommonsError subclasses."""
-        spec = self.manifest.model
-        data = TextData(self.config.data, spec.seq_len, seed=self.manifest.seed)
+        # Each node samples its data in its own order: two volunteers on the default corpus
+        # should not compute the same batches.
+        data_seed = int.from_bytes(os.urandom(4), "little")
+        data = TextData(self.config.data, self.manifest.model.seq_len, seed=data_seed)
         self.device = resolve_device(self.config.device)
-        self.trainer = Trainer(self.manifest, data, self.device)
-        logger.info("data: %s", data.describe())
+        logger.info("data: %s (sampling seed %d)", data.describe(), data_seed)
+        # The DHT process is forked here, before torch builds the model and starts its
+        # thread pools: forking a process with live OpenMP threads is not safe.
         self.swarm = Swarm.open(
             initial_peers=self.config.initial_peers,
             host_maddrs=self.config.host_maddrs,
@@ -74,6 +78,7 @@ class Node:
             startup_timeout=self.config.bootstrap_timeout_seconds,
         )
         try:
+            self.trainer = Trainer(self.manifest, data, self.device)
             self._join()
         except BaseException:
             self.close()
