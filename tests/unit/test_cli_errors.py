@@ -152,23 +152,16 @@ def test_invalid_manifest(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
-def test_unreachable_bootstrap_peer(tmp_path: Path) -> None:
+def _start_tiny(tmp_path: Path, identity: str, *extra: str) -> subprocess.CompletedProcess:
+    """`node start` on the tiny manifest and corpus, with a known identity file to find its p2pd by."""
     manifest, data = _tiny_inputs(tmp_path)
+    args = ["start", "--identity", identity, "--manifest", manifest, "--data", data, "--device", "cpu"]
+    return _node(tmp_path, *args, *extra)
+
+
+def test_unreachable_bootstrap_peer(tmp_path: Path) -> None:
     identity = str(tmp_path / "identity.key")
-    result = _node(
-        tmp_path,
-        "start",
-        "--identity",
-        identity,
-        "--initial-peers",
-        UNREACHABLE_PEER,
-        "--manifest",
-        manifest,
-        "--data",
-        data,
-        "--device",
-        "cpu",
-    )
+    result = _start_tiny(tmp_path, identity, "--initial-peers", UNREACHABLE_PEER)
     line = _assert_last_line_error(result, 4)
     assert "127.0.0.1/tcp/1" in line
     assert result.stdout == ""
@@ -176,24 +169,8 @@ def test_unreachable_bootstrap_peer(tmp_path: Path) -> None:
 
 
 def test_one_round_alone_prints_one_ready_line(tmp_path: Path) -> None:
-    manifest, data = _tiny_inputs(tmp_path)
     identity = str(tmp_path / "identity.key")
-    result = _node(
-        tmp_path,
-        "start",
-        "--identity",
-        identity,
-        "--max-rounds",
-        "1",
-        "--experts",
-        "1",
-        "--manifest",
-        manifest,
-        "--data",
-        data,
-        "--device",
-        "cpu",
-    )
+    result = _start_tiny(tmp_path, identity, "--max-rounds", "1", "--experts", "1")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stdout.splitlines()
