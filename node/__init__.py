@@ -15,6 +15,8 @@ Map of this package (imports point down the list):
 - membership  announces this node and reads peer records
 - matchmaking forms an averaging group per module and round
 - averaging   butterfly all-reduce within a group
+- metrics     Prometheus metrics on an injectable registry; collectors for averager, helpers, swarm view
+- endpoints   /metrics, /metrics/swarm, /healthz, /readyz over a small HTTP server
 - runtime     the Node: join, train rounds, average, leave
 - status      `node status`: the swarm as seen from the DHT
 - cli         `node start` / `node status` command line

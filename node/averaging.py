@@ -53,6 +53,30 @@ class AllReduceResult:
     averaged_fraction: float
     contributors: Tuple[str, ...]
     seconds: float
+    dropped: Tuple[str, ...] = ()  # members whose part or result we did not get
+
+
+@dataclass(frozen=True)
+class ModuleOutcome:
+    """How one module's averaging round went, as the node reports and counts it."""
+
+    module: str
+    group_size: int
+    averaged_fraction: float
+    resync: bool
+    seconds: float
+    result: str  # ok | partial | failed
+    dropped: int = 0
+    numel: int = 0
+
+
+def classify(group_size: int, fraction: float, expected_others: int) -> str:
+    """ok: averaged in full, or nobody else hosts the module; partial: some of it; failed: none of it."""
+    if group_size == 1:
+        return "ok" if expected_others == 0 else "failed"
+    if fraction >= 1.0:
+        return "ok"
+    return "partial" if fraction > 0 else "failed"
 
 
 def slice_bounds(numel: int, parts: int) -> List[Tuple[int, int]]:
@@ -193,8 +217,12 @@ class Averager:
             lo, hi = bounds[my_index]
             result[lo:hi] = reduced
             averaged += (hi - lo) if len(contributors) > 1 else 0
+            dropped = set(group.members) - set(contributors)
             for index, peer in enumerate(group.members):
-                if index == my_index or peer not in sent_to or peer in unreachable:
+                if index == my_index:
+                    continue
+                if peer not in sent_to or peer in unreachable:
+                    dropped.add(peer)
                     continue
                 key = (group.module, group.round, group.group_id, index)
                 slot = f"result:{peer}"  # only the slice's own reducer may answer for it
@@ -205,10 +233,12 @@ class Averager:
                     if values.size == hi - lo:
                         result[lo:hi] = values
                         averaged += (hi - lo) if count > 1 else 0
-                    else:
-                        self.stats.reject("wrong_size")
+                        continue
+                    self.stats.reject("wrong_size")
+                dropped.add(peer)
             fraction = averaged / max(1, vector.size)
-            return AllReduceResult(result, fraction, tuple(sorted(contributors)), time.monotonic() - started)
+            seconds = time.monotonic() - started
+            return AllReduceResult(result, fraction, tuple(sorted(contributors)), seconds, tuple(sorted(dropped)))
         finally:
             self._active.pop((group.module, group.round), None)
             self._finished[group.module] = max(group.round, self._finished.get(group.module, -1))

@@ -46,7 +46,8 @@ _START_OPTIONS: List[Tuple[str, str, Any, str, str]] = [
     ("--experts", "experts", int, "N", "how many experts to host"),
     ("--device", "device", str, "|".join(DEVICES), "where to train"),
     ("--checkpoint-dir", "checkpoint_dir", str, "DIR", "where checkpoints go (reserved: not written yet)"),
-    ("--metrics-addr", "metrics_addr", str, "HOST:PORT", "metrics/health endpoint address (reserved: not served yet)"),
+    ("--metrics-addr", "metrics_addr", str, "HOST:PORT", "where /metrics, /healthz and /readyz are served"),
+    ("--stall-seconds", "stall_seconds", float, "S", "/healthz turns 503 after S seconds without progress"),
     ("--log-format", "log_format", str, "|".join(LOG_FORMATS), "log format on stderr"),
     ("--log-level", "log_level", str, "|".join(LOG_LEVELS), "log level"),
     ("--max-rounds", "max_rounds", int, "N", "leave cleanly after N averaging rounds"),
@@ -89,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="describe a running swarm", description="Describe a running swarm.")
     status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
-    status.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    status.add_argument("--json", action="store_true", help="print one JSON object (same as --format json)")
+    status.add_argument("--format", choices=("table", "json", "prometheus"), default="table", help="output format")
     status.add_argument("--timeout", type=float, default=20.0, metavar="S", help="seconds to wait for the swarm")
     return parser
 
@@ -150,10 +152,16 @@ def _install_stop_handlers(node: Any) -> None:
 def _status(args: argparse.Namespace) -> int:
     from node.config import validate_peer_maddr
     from node.logs import setup_logging
-    from node.status import collect, format_table
+    from node.status import format_prometheus, format_table, read_swarm, swarm_status
 
     peers: List[str] = [validate_peer_maddr(a, "--initial-peers") for a in args.initial_peers]
     setup_logging("text", "warning")
-    status = collect(peers, timeout=args.timeout)
-    print(json.dumps(status) if args.json else format_table(status))
+    swarm_id, view = read_swarm(peers, timeout=args.timeout)
+    output = "json" if args.json else args.format
+    if output == "prometheus":
+        sys.stdout.write(format_prometheus(view))
+    elif output == "json":
+        print(json.dumps(swarm_status(view, swarm_id)))
+    else:
+        print(format_table(swarm_status(view, swarm_id)))
     return 0

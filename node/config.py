@@ -21,6 +21,8 @@ import yaml
 from node.errors import ConfigError
 
 ENV_PREFIX = "COMMONS_"
+# Loopback only unless asked; 9100 would collide with node_exporter on the same host.
+DEFAULT_METRICS_ADDR = "127.0.0.1:9347"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -68,12 +70,13 @@ class NodeConfig:
     experts: int = 4
     device: str = "auto"
     checkpoint_dir: Optional[str] = None
-    metrics_addr: str = "127.0.0.1:9100"
+    metrics_addr: str = DEFAULT_METRICS_ADDR
     log_format: str = "text"
     log_level: str = "info"
     max_rounds: Optional[int] = None
     max_seconds: Optional[float] = None
     bootstrap_timeout_seconds: float = 20.0
+    stall_seconds: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("initial_peers", "host_maddrs", "announce_maddrs"):
@@ -96,6 +99,8 @@ class NodeConfig:
             raise ConfigError(f"--max-rounds must be >= 1, got {self.max_rounds}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ConfigError(f"--max-seconds must be > 0, got {self.max_seconds}")
+        if self.stall_seconds <= 0:
+            raise ConfigError("--stall-seconds must be > 0")
         if self.bootstrap_timeout_seconds <= 0:
             raise ConfigError("--bootstrap-timeout-seconds must be > 0")
 

@@ -15,17 +15,21 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Dict, List, Optional, TextIO
 
+from prometheus_client import CollectorRegistry
+
 from node import __version__
-from node.averaging import AllReduceResult, Averager
-from node.config import NodeConfig
-from node.data import TextData
+from node.averaging import AllReduceResult, Averager, ModuleOutcome, classify
+from node.config import DEFAULT_METRICS_ADDR, NodeConfig, validate_host_port
+from node.data import DataError, TextData
 from node.diloco import ModuleState
+from node.endpoints import Endpoints, Health
+from node.errors import ConfigError
 from node.handshake import Greeter, check_bootstrap_peers
 from node.matchmaking import Matchmaker
 from node.membership import Membership
+from node.metrics import AveragerCollector, HelperProcessCollector, NodeMetrics, SwarmViewCollector
 from node.placement import choose_experts, rebalance, replica_counts
 from node.swarm import Swarm, now
 from node.training import Trainer, resolve_device
@@ -34,22 +38,25 @@ from protocol.records import PeerRecord
 
 logger = logging.getLogger("node")
 
-
-@dataclass(frozen=True)
-class ModuleOutcome:
-    module: str
-    group_size: int
-    averaged_fraction: float
-    resync: bool
-    seconds: float
+DATA_RETRY_SECONDS = 2.0  # how often a paused node looks for its data source again
 
 
 class Node:
     """One node's state and lifecycle. ``open()`` joins, ``run()`` trains, ``close()`` leaves."""
 
-    def __init__(self, config: NodeConfig, manifest: Optional[Manifest] = None) -> None:
+    def __init__(
+        self, config: NodeConfig, manifest: Optional[Manifest] = None, registry: Optional[CollectorRegistry] = None
+    ) -> None:
         self.config = config
         self.manifest = manifest or load_manifest(config.manifest)
+        self.metrics = NodeMetrics(
+            registry,
+            version=__version__,
+            swarm_id=self.manifest.swarm_id,
+            protocol_version=self.manifest.protocol_version,
+        )
+        self.health = Health(stall_seconds=config.stall_seconds)
+        self.endpoints: Optional[Endpoints] = None
         self.stop_requested = threading.Event()
         self.outer_round = 0
         self.rounds_done = 0
@@ -80,6 +87,7 @@ class Node:
         try:
             self.trainer = Trainer(self.manifest, data, self.device)
             self._join()
+            self.endpoints = self._serve_endpoints()
         except BaseException:
             self.close()
             raise
@@ -115,9 +123,28 @@ class Node:
         replicas = replica_counts(view.modules_by_peer(), exclude=self.swarm.peer_id)
         self._host(choose_experts(all_experts, replicas, self.config.experts, self.swarm.peer_id))
 
+    def _serve_endpoints(self) -> Endpoints:
+        """/metrics, /metrics/swarm, /healthz, /readyz on --metrics-addr."""
+        self.metrics.attach(AveragerCollector(lambda: self.averager.stats))
+        self.metrics.attach(HelperProcessCollector())
+        swarm_registry = CollectorRegistry()
+        swarm_registry.register(SwarmViewCollector(lambda: self.membership.view, self.manifest.model.module_names()))
+        host, port = validate_host_port(self.config.metrics_addr, "--metrics-addr")
+        try:
+            return Endpoints(host, port, self.metrics.registry, swarm_registry, self.health)
+        except OSError as e:
+            if self.config.metrics_addr != DEFAULT_METRICS_ADDR:
+                raise ConfigError(
+                    f"--metrics-addr {self.config.metrics_addr}: {e.strerror}; pick another address"
+                ) from None
+            # A second node on the same machine with default settings: serve on a free port instead.
+            logger.warning("metrics port %d is taken (%s); serving on a free port instead", port, e.strerror)
+            return Endpoints(host, 0, self.metrics.registry, swarm_registry, self.health)
+
     def _host(self, experts: List[str]) -> None:
         """Set the hosted experts; keep state of those that stay, start fresh state for new ones."""
         self.hosted = sorted(experts)
+        self.metrics.hosted.set(len(self.hosted))
         self.trainer.model.set_hosted_experts(self.hosted)
         modules = ["trunk"] + self.hosted
         outer = self.manifest.outer_optimizer
@@ -153,6 +180,7 @@ class Node:
             "outer_round": self.outer_round,
             "device": self.device.type,
             "join": f"node start --initial-peers {self._maddrs[0]}" if self._maddrs else None,
+            "metrics_url": self.endpoints.url("/metrics") if self.endpoints else None,
         }
 
     # --- training ----------------------------------------------------------------
@@ -166,6 +194,10 @@ class Node:
             "ready: swarm %s, peer %s, hosting %s", ready["swarm_id"], ready["peer_id"], ", ".join(ready["modules"])
         )
         logger.info("others can join with: %s", ready["join"])
+        logger.info("metrics: %s (health: /healthz, /readyz, swarm view: /metrics/swarm)", ready["metrics_url"])
+        self.health.progress()
+        self.health.joined = True
+        self.metrics.swarm_peers.set(len(self.membership.view.peers))
         started = time.monotonic()
         limit = self.config.max_seconds
 
@@ -193,14 +225,34 @@ class Node:
     def _local_steps(self, out_of_time) -> int:
         """Up to H inner steps; cut short when another peer is already averaging this round."""
         done = 0
-        for _ in range(self.manifest.training.inner_steps):
+        while done < self.manifest.training.inner_steps:
             if self.stop_requested.is_set() or out_of_time():
                 break
             if done > 0 and self._swarm_moved_on():
                 break
-            self.trainer.step()
+            try:
+                self.trainer.step()
+            except DataError as e:
+                self._pause_for_data(e)
+                continue
+            if self.health.data_error is not None:
+                logger.info("data source is back: training resumed")
+                self.health.data_error = None
             done += 1
+            self.metrics.observe_step(self.manifest.training.batch_size, self.trainer.loss_ema)
+            self.health.progress()
         return done
+
+    def _report_data_error(self, error: DataError) -> None:
+        if self.health.data_error is None:
+            logger.error("data source unavailable: %s; training paused until it is back", error)
+        self.health.data_error = str(error)
+
+    def _pause_for_data(self, error: DataError) -> None:
+        """The data source failed: stay in the swarm, report unhealthy, and retry every few seconds."""
+        self._report_data_error(error)
+        self.stop_requested.wait(DATA_RETRY_SECONDS)
+        self.trainer.restart_data()
 
     def _swarm_moved_on(self) -> bool:
         """Another peer is already averaging our round, or has gone past it: join it now."""
@@ -238,7 +290,7 @@ class Node:
         ]
         if not others:  # alone: DiLoCo outer step on our own pseudo-gradient
             state.apply(state.payload(resync=False), resync=False)
-            return ModuleOutcome(name, 1, 0.0, False, 0.0)
+            return ModuleOutcome(name, 1, 0.0, False, 0.0, classify(1, 0.0, 0), numel=state.numel)
         group = await self.matchmaker.form_group(
             name, self.outer_round, state.params_hash(), state.numel, others, spec.round_timeout_seconds
         )
@@ -247,11 +299,29 @@ class Node:
         remaining = spec.round_timeout_seconds - (time.monotonic() - started)
         result: AllReduceResult = await self.averager.all_reduce(group, vector, weight, max(1.0, remaining))
         state.apply(result.vector, resync)
-        return ModuleOutcome(name, len(group.members), result.averaged_fraction, resync, time.monotonic() - started)
+        size = len(group.members)
+        return ModuleOutcome(
+            name,
+            size,
+            result.averaged_fraction,
+            resync,
+            time.monotonic() - started,
+            classify(size, result.averaged_fraction, len(others)),
+            dropped=len(result.dropped),
+            numel=state.numel,
+        )
 
     def _finish_round(self, outcomes: List[ModuleOutcome], steps: int, timing: Optional[dict] = None) -> None:
         self.rounds_done += 1
-        self.last_eval_loss = self.trainer.evaluate()
+        try:
+            self.last_eval_loss = self.trainer.evaluate()
+        except DataError as e:  # the held-out text went away too: report it, keep the round
+            self._report_data_error(e)
+            self.last_eval_loss = None
+        self.metrics.observe_round(outcomes)
+        if self.last_eval_loss is not None:
+            self.metrics.eval_loss.set(self.last_eval_loss)
+        self.health.progress()
         trunk = next(o for o in outcomes if o.module == "trunk")
         expert_groups = [o.group_size for o in outcomes if o.module != "trunk"]
         logger.info(
@@ -283,6 +353,8 @@ class Node:
         self.membership.watch_round = self.outer_round
         self._replace_if_needed()
         self.membership.nudge()
+        self.metrics.outer_round.set(self.outer_round)
+        self.metrics.swarm_peers.set(len(self.membership.view.peers))
 
     def _replace_if_needed(self) -> None:
         assert self.swarm is not None
@@ -297,6 +369,10 @@ class Node:
     # --- leaving -----------------------------------------------------------------
     def close(self) -> None:
         """Leave the swarm and stop every helper process; safe to call twice."""
+        self.health.leaving = True
+        if self.endpoints is not None:
+            self.endpoints.close()
+            self.endpoints = None
         swarm, self.swarm = self.swarm, None
         if swarm is None:
             return

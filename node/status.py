@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 from node.errors import PeerUnreachable, SwarmMismatch
 from node.handshake import ask, peer_id_of
@@ -42,7 +42,7 @@ def _module_order(module: str) -> tuple:
     return (int(layer), int(index))
 
 
-def collect(initial_peers: Sequence[str], timeout: float = 20.0, swarm_id: str = "") -> Dict[str, Any]:
+def read_swarm(initial_peers: Sequence[str], timeout: float = 20.0, swarm_id: str = "") -> Tuple[str, SwarmView]:
     """Ask the first bootstrap peer that answers for its swarm id, then read that swarm's records."""
     swarm = Swarm.open(initial_peers=initial_peers, client_mode=True, startup_timeout=timeout)
     try:
@@ -56,7 +56,7 @@ def collect(initial_peers: Sequence[str], timeout: float = 20.0, swarm_id: str =
             if not reply.accepted:
                 raise SwarmMismatch(f"peer {peer_id_of(maddr)[-8:]} refused: {reply.reason}")
             view = swarm.run(read_peers(swarm, reply.swarm_id), timeout=timeout)
-            return swarm_status(view, reply.swarm_id)
+            return reply.swarm_id, view
         raise PeerUnreachable("no bootstrap peer answered as a Commons node (" + "; ".join(errors) + ")")
     finally:
         swarm.close()
@@ -77,3 +77,16 @@ def format_table(status: Dict[str, Any]) -> str:
     lines.append("")
     lines.append("replicas: " + ", ".join(f"{m['module']}={m['replicas']}" for m in status["modules"]))
     return "\n".join(lines)
+
+
+def format_prometheus(view: SwarmView) -> str:
+    """The swarm view in Prometheus text format (for a textfile collector or a one-off look)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+
+    from node.metrics import SwarmViewCollector
+
+    modules = sorted({m for record in view.peers.values() for m in record.modules}, key=_module_order)
+    registry = CollectorRegistry()
+    registry.register(SwarmViewCollector(lambda: view, modules))
+    return generate_latest(registry).decode()

@@ -63,6 +63,10 @@ class Trainer:
         self._recent_rate = rate if self._recent_rate is None else 0.9 * self._recent_rate + 0.1 * rate
         return value
 
+    def restart_data(self) -> None:
+        """Start the training stream again (after the data source failed)."""
+        self._batches = self.data.train_batches(self.manifest.training.batch_size)
+
     @property
     def samples_per_second(self) -> Optional[float]:
         return self._recent_rate

@@ -1,0 +1,194 @@
+"""Prometheus metrics of one node, in one place, on an injectable registry.
+
+Training and round counters are pushed by the Node as things happen. State owned by
+others is read at scrape time by collectors: the Averager's byte and rejection counters,
+the swarm view, and the resident memory / CPU of the helper processes (hivemind's DHT
+process and p2pd). Labels are low-cardinality by construction: no peer ids, module
+names only in the swarm view (bounded by the manifest).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Iterable, Optional, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from node.averaging import AveragingStats, ModuleOutcome
+from node.membership import SwarmView
+from node.procs import children_of
+
+NAMESPACE = "commons"
+ROUND_RESULTS = ("ok", "partial", "failed")
+MODULE_KINDS = ("trunk", "expert")
+# Averaging rounds take from milliseconds (loopback) to minutes (slow links, big modules).
+ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+def module_kind(module: str) -> str:
+    return "trunk" if module == "trunk" else "expert"
+
+
+class NodeMetrics:
+    """Every metric the node exports. Tests pass a fresh ``CollectorRegistry``."""
+
+    def __init__(
+        self,
+        registry: Optional[CollectorRegistry] = None,
+        *,
+        version: str,
+        swarm_id: str,
+        protocol_version: int,
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r, ns = self.registry, NAMESPACE
+        info = Gauge("info", "Constant 1; labels say what this node runs", ["version", "swarm_id", "protocol_version"],
+                     namespace=ns, registry=r)  # fmt: skip
+        info.labels(version, swarm_id, str(protocol_version)).set(1)
+        self.steps = Counter("training_steps", "Local (inner) training steps", namespace=ns, registry=r)
+        self.samples = Counter("training_samples", "Training sequences processed", namespace=ns, registry=r)
+        self.loss = Gauge("training_loss", "Recent local training loss (EMA, nats/byte)", namespace=ns, registry=r)
+        self.eval_loss = Gauge("eval_loss", "Held-out loss after the last round (nats/byte)", namespace=ns, registry=r)
+        self.loss.set(float("nan"))  # unknown until measured: NaN, not a misleading 0
+        self.eval_loss.set(float("nan"))
+        self.rounds = Counter("averaging_rounds", "Averaging rounds per module by outcome", ["module_kind", "result"],
+                              namespace=ns, registry=r)  # fmt: skip
+        for kind in MODULE_KINDS:
+            for result in ROUND_RESULTS:
+                self.rounds.labels(kind, result)  # export zeros so rate() works from the start
+        self.round_seconds = Histogram("averaging_round_seconds", "Wall time of one module's averaging round",
+                                       namespace=ns, registry=r, buckets=ROUND_BUCKETS)  # fmt: skip
+        self.fraction = Gauge("averaging_fraction", "Fraction of hosted parameters averaged with a peer last round",
+                              namespace=ns, registry=r)  # fmt: skip
+        self.dropped = Counter("averaging_peers_dropped", "Group members left out of a round (crashed, slow, refused)",
+                               namespace=ns, registry=r)  # fmt: skip
+        self.swarm_peers = Gauge("swarm_peers", "Peers seen in the DHT, this node included", namespace=ns, registry=r)
+        self.hosted = Gauge("hosted_experts", "Experts this node hosts", namespace=ns, registry=r)
+        self.outer_round = Gauge("outer_round", "Current outer (averaging) round", namespace=ns, registry=r)
+        self.last_progress = Gauge("last_progress_timestamp_seconds", "When the node last trained or averaged",
+                                   namespace=ns, registry=r)  # fmt: skip
+        ProcessCollector(registry=r)
+
+    def observe_step(self, samples: int, loss: Optional[float]) -> None:
+        self.steps.inc()
+        self.samples.inc(samples)
+        if loss is not None:
+            self.loss.set(loss)
+
+    def observe_round(self, outcomes: Sequence[ModuleOutcome]) -> None:
+        total = sum(o.numel for o in outcomes) or 1
+        for outcome in outcomes:
+            self.rounds.labels(module_kind(outcome.module), outcome.result).inc()
+            self.round_seconds.observe(outcome.seconds)
+            self.dropped.inc(outcome.dropped)
+        self.fraction.set(sum(o.averaged_fraction * o.numel for o in outcomes) / total)
+
+    def attach(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+
+class AveragerCollector(Collector):
+    """Reads the Averager's counters at scrape time (they are mutated on the swarm loop)."""
+
+    def __init__(self, stats: Callable[[], Optional[AveragingStats]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self._stats() or AveragingStats()
+        sent = CounterMetricFamily(f"{NAMESPACE}_network_sent_bytes", "Bytes sent in averaging messages")
+        sent.add_metric([], stats.bytes_sent)
+        received = CounterMetricFamily(f"{NAMESPACE}_network_received_bytes", "Bytes received in averaging messages")
+        received.add_metric([], stats.bytes_received)
+        rejected = CounterMetricFamily(
+            f"{NAMESPACE}_averaging_rejected_parts", "Parts refused from peers, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(stats.parts_rejected.items()):
+            rejected.add_metric([reason], count)
+        return [sent, received, rejected]
+
+
+class HelperProcessCollector(Collector):
+    """Memory and CPU of the helper processes under the node: hivemind's DHT process and its p2pd."""
+
+    def __init__(self, root_pid: Optional[int] = None) -> None:
+        self._root = root_pid or os.getpid()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._ticks = os.sysconf("SC_CLK_TCK")
+
+    def collect(self) -> Iterable[Metric]:
+        rss = GaugeMetricFamily(
+            f"{NAMESPACE}_helper_resident_memory_bytes", "RSS of helper processes", labels=["helper"]
+        )
+        cpu = CounterMetricFamily(f"{NAMESPACE}_helper_cpu_seconds", "CPU time of helper processes", labels=["helper"])
+        totals: Dict[str, list] = {}
+        for pid in self._descendants():
+            stat = _read_stat(pid)
+            if stat is None:
+                continue
+            name, utime, stime, rss_pages = stat
+            helper = "p2pd" if name == "p2pd" else "dht"
+            entry = totals.setdefault(helper, [0.0, 0.0])
+            entry[0] += rss_pages * self._page
+            entry[1] += (utime + stime) / self._ticks
+        for helper, (memory, seconds) in sorted(totals.items()):
+            rss.add_metric([helper], memory)
+            cpu.add_metric([helper], seconds)
+        return [rss, cpu]
+
+    def _descendants(self) -> Iterable[int]:
+        stack, seen = [self._root], set()
+        while stack:
+            for child in children_of(stack.pop()):
+                if child not in seen:
+                    seen.add(child)
+                    stack.append(child)
+                    yield child
+
+
+def _read_stat(pid: int):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    name = text[text.index("(") + 1 : text.rindex(")")]
+    fields = text.rsplit(")", 1)[1].split()
+    return name, int(fields[11]), int(fields[12]), int(fields[21])  # utime, stime (ticks), rss (pages)
+
+
+class SwarmViewCollector(Collector):
+    """The swarm as this node sees it in the DHT: one scrape target can describe the whole swarm."""
+
+    def __init__(self, view: Callable[[], Optional[SwarmView]], modules: Iterable[str]) -> None:
+        self._view = view
+        self._modules = list(modules)  # bounded by the manifest
+
+    def collect(self) -> Iterable[Metric]:
+        view = self._view() or SwarmView()
+        records = list(view.peers.values())
+        prefix = f"{NAMESPACE}_swarm_view"
+        peers = GaugeMetricFamily(f"{prefix}_peers", "Peers with a live record in the DHT")
+        peers.add_metric([], len(records))
+        replicas = GaugeMetricFamily(f"{prefix}_module_replicas", "Peers hosting each module", labels=["module"])
+        counts = {m: 0 for m in self._modules}
+        for record in records:
+            for module in record.modules:
+                if module in counts:
+                    counts[module] += 1
+        for module, count in counts.items():
+            replicas.add_metric([module], count)
+        uncovered = GaugeMetricFamily(f"{prefix}_uncovered_modules", "Modules no live peer hosts")
+        uncovered.add_metric([], sum(1 for c in counts.values() if c == 0))
+        rounds = GaugeMetricFamily(f"{prefix}_outer_round", "Outer round across peers", labels=["stat"])
+        throughput = GaugeMetricFamily(f"{prefix}_samples_per_second", "Sum of peers' reported training throughput")
+        throughput.add_metric([], sum(r.samples_per_second or 0.0 for r in records))
+        loss = GaugeMetricFamily(f"{prefix}_loss", "Mean of peers' reported training loss")
+        if records:
+            rounds.add_metric(["min"], min(r.outer_round for r in records))
+            rounds.add_metric(["max"], max(r.outer_round for r in records))
+            losses = [r.loss for r in records if r.loss is not None]
+            if losses:
+                loss.add_metric([], sum(losses) / len(losses))
+        return [peers, replicas, uncovered, rounds, throughput, loss]
