@@ -195,7 +195,7 @@ class Node:
         )
         logger.info("others can join with: %s", ready["join"])
         logger.info("metrics: %s (health: /healthz, /readyz, swarm view: /metrics/swarm)", ready["metrics_url"])
-        self.health.progress()
+        self._progress()
         self.health.joined = True
         self.metrics.swarm_peers.set(len(self.membership.view.peers))
         started = time.monotonic()
@@ -240,8 +240,13 @@ class Node:
                 self.health.data_error = None
             done += 1
             self.metrics.observe_step(self.manifest.training.batch_size, self.trainer.loss_ema)
-            self.health.progress()
+            self._progress()
         return done
+
+    def _progress(self) -> None:
+        """A training step or an averaging round finished: /healthz and the metrics see it."""
+        self.health.progress()
+        self.metrics.last_progress.set_to_current_time()
 
     def _report_data_error(self, error: DataError) -> None:
         if self.health.data_error is None:
@@ -319,9 +324,25 @@ class Node:
             self._report_data_error(e)
             self.last_eval_loss = None
         self.metrics.observe_round(outcomes)
+        for outcome in outcomes:
+            level = logging.DEBUG if outcome.result == "ok" else logging.INFO
+            logger.log(
+                level,
+                "round %d: %s %s (group %d, %.0f%% averaged, %d dropped, %.2fs)",
+                self.outer_round,
+                outcome.module,
+                outcome.result,
+                outcome.group_size,
+                100 * outcome.averaged_fraction,
+                outcome.dropped,
+                outcome.seconds,
+                extra={"event": "module_round", "round": self.outer_round, "module_name": outcome.module,
+                       "result": outcome.result, "group_size": outcome.group_size,
+                       "fraction": outcome.averaged_fraction},
+            )  # fmt: skip
         if self.last_eval_loss is not None:
             self.metrics.eval_loss.set(self.last_eval_loss)
-        self.health.progress()
+        self._progress()
         trunk = next(o for o in outcomes if o.module == "trunk")
         expert_groups = [o.group_size for o in outcomes if o.module != "trunk"]
         logger.info(

@@ -129,3 +129,11 @@ def test_json_level_names_match_log_level_option() -> None:
     for method in (logger.debug, logger.info, logger.warning, logger.error):
         method("x")
     assert [json.loads(line)["level"] for line in _lines(stream)] == ["debug", "info", "warning", "error"]
+
+
+def test_module_field_of_our_records() -> None:
+    stream = io.StringIO()
+    setup_logging("json", "info", stream=stream)
+    logging.getLogger("node.test").info("averaged", extra={"round": 2, "module_name": "expert.0.1"})
+    entry = json.loads(_lines(stream)[-1])
+    assert entry["module"] == "expert.0.1" and entry["round"] == 2
