@@ -20,8 +20,27 @@ Map of this package (imports point down the list):
 - runtime     the Node: join, train rounds, average, leave
 - status      `node status`: the swarm as seen from the DHT
 - cli         `node start` / `node status` command line
+- api         CommonsNode: the Python API for notebooks and scripts
 """
+
+import os as _os
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# hivemind shares memory between its processes with torch's "file_system" strategy unless
+# told otherwise, which starts a torch_shm_manager daemon that outlives the node's own
+# children. File descriptors need no daemon. Read when hivemind is first imported.
+_os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+
+__all__ = ["CommonsNode", "StateError", "SwarmModel", "__version__"]
+
+_LAZY = {"CommonsNode": "node.api", "StateError": "node.api", "SwarmModel": "node.training"}
+
+
+def __getattr__(name: str):
+    """Import the API on first use: `node --help` and config errors must not wait for torch."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'node' has no attribute {name!r}")

@@ -126,7 +126,6 @@ def _start(args: argparse.Namespace, make_node: Optional[Callable[[NodeConfig], 
     setup_logging(config.log_format, config.log_level)
     logger.info("effective config: %s", json.dumps(config.as_log_dict()))
     node = (make_node or Node)(config)
-    logger.info("manifest %r, swarm id %s", node.manifest.name, node.manifest.swarm_id)
     _install_stop_handlers(node)
     try:
         node.open()

@@ -6,7 +6,6 @@ import logging
 from typing import Optional, Sequence
 
 from node.errors import PeerUnreachable, SwarmMismatch
-from protocol.manifest import Manifest
 from protocol.version import PROTOCOL_VERSION
 from protocol.wire import Hello, HelloReply, WireError, decode, encode
 
@@ -22,9 +21,10 @@ def peer_id_of(maddr: str) -> str:
 class Greeter:
     """Answers hellos for this node and checks the bootstrap peers' answers."""
 
-    def __init__(self, swarm, manifest: Manifest) -> None:
+    def __init__(self, swarm, swarm_id: str, manifest_name: str) -> None:
         self._swarm = swarm
-        self._manifest = manifest
+        self._swarm_id = swarm_id
+        self._manifest_name = manifest_name
         self.refused_peers = 0
 
     async def start(self) -> None:
@@ -33,9 +33,9 @@ class Greeter:
     def _verdict(self, swarm_id: str, protocol_version: int) -> str:
         if protocol_version != PROTOCOL_VERSION:
             return f"protocol version {protocol_version} differs from ours ({PROTOCOL_VERSION}); upgrade the older node"
-        if swarm_id and swarm_id != self._manifest.swarm_id:
+        if swarm_id and swarm_id != self._swarm_id:
             return (
-                f"swarm id {swarm_id} differs from ours ({self._manifest.swarm_id}): the manifests differ; "
+                f"swarm id {swarm_id} differs from ours ({self._swarm_id}): the manifests (or models) differ; "
                 "start with the same --manifest as the swarm you join"
             )
         return ""
@@ -52,8 +52,8 @@ class Greeter:
             self.refused_peers += 1
             logger.warning("refused peer %s: %s", remote_peer[-8:], reason)
         reply = HelloReply(
-            swarm_id=self._manifest.swarm_id,
-            manifest_name=self._manifest.name,
+            swarm_id=self._swarm_id,
+            manifest_name=self._manifest_name,
             accepted=not reason,
             reason=reason,
         )
@@ -69,14 +69,16 @@ async def ask(swarm, peer_id: str, swarm_id: str, timeout: float) -> HelloReply:
     return reply
 
 
-async def check_bootstrap_peers(swarm, manifest: Manifest, initial_peers: Sequence[str], timeout: float) -> None:
+async def check_bootstrap_peers(
+    swarm, swarm_id: str, manifest_name: str, initial_peers: Sequence[str], timeout: float
+) -> None:
     """Raise SwarmMismatch when the bootstrap peers train something else, PeerUnreachable when none answers."""
     mismatch: Optional[str] = None
     errors = []
     for maddr in initial_peers:
         peer = peer_id_of(maddr)
         try:
-            reply = await ask(swarm, peer, manifest.swarm_id, timeout)
+            reply = await ask(swarm, peer, swarm_id, timeout)
         except (TimeoutError, ConnectionError, WireError) as e:
             errors.append(f"{peer[-8:]}: {e}")
             continue
@@ -84,7 +86,7 @@ async def check_bootstrap_peers(swarm, manifest: Manifest, initial_peers: Sequen
             return
         mismatch = (
             f"bootstrap peer {peer[-8:]} trains manifest {reply.manifest_name!r} (swarm id {reply.swarm_id}), "
-            f"this node has {manifest.name!r} (swarm id {manifest.swarm_id}): {reply.reason}"
+            f"this node has {manifest_name!r} (swarm id {swarm_id}): {reply.reason}"
         )
     if mismatch:
         raise SwarmMismatch(mismatch)

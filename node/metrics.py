@@ -39,14 +39,16 @@ class NodeMetrics:
         registry: Optional[CollectorRegistry] = None,
         *,
         version: str,
-        swarm_id: str,
         protocol_version: int,
+        swarm_id: Optional[str] = None,
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r, ns = self.registry, NAMESPACE
-        info = Gauge("info", "Constant 1; labels say what this node runs", ["version", "swarm_id", "protocol_version"],
-                     namespace=ns, registry=r)  # fmt: skip
-        info.labels(version, swarm_id, str(protocol_version)).set(1)
+        self._info = Gauge("info", "Constant 1; labels say what this node runs",
+                           ["version", "swarm_id", "protocol_version"], namespace=ns, registry=r)  # fmt: skip
+        self._info_labels = (version, str(protocol_version))
+        if swarm_id is not None:
+            self.set_swarm(swarm_id)
         self.steps = Counter("training_steps", "Local (inner) training steps", namespace=ns, registry=r)
         self.samples = Counter("training_samples", "Training sequences processed", namespace=ns, registry=r)
         self.loss = Gauge("training_loss", "Recent local training loss (EMA, nats/byte)", namespace=ns, registry=r)
@@ -70,6 +72,12 @@ class NodeMetrics:
         self.last_progress = Gauge("last_progress_timestamp_seconds", "When the node last trained or averaged",
                                    namespace=ns, registry=r)  # fmt: skip
         ProcessCollector(registry=r)
+
+    def set_swarm(self, swarm_id: str) -> None:
+        """The swarm id is known once the model is built (a custom model changes it)."""
+        version, protocol_version = self._info_labels
+        self._info.clear()
+        self._info.labels(version, swarm_id, protocol_version).set(1)
 
     def observe_step(self, samples: int, loss: Optional[float]) -> None:
         self.steps.inc()

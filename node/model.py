@@ -149,6 +149,10 @@ class MoETransformer(nn.Module):
 
     # -- hosting -----------------------------------------------------------------------
 
+    def module_names(self) -> tuple[str, ...]:
+        """The averaging units: "trunk", then "expert.<layer>.<index>"."""
+        return self.spec.module_names()
+
     def set_hosted_experts(self, modules: Iterable[str]) -> None:
         """Restrict routing to these experts. "trunk" is accepted and ignored, so a peer
         can pass its whole list of hosted modules."""

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from typing import Dict, List, Optional, TextIO
+from typing import Callable, ContextManager, Dict, List, Optional, TextIO
 
 from prometheus_client import CollectorRegistry
 
@@ -28,11 +28,11 @@ from node.endpoints import Endpoints, Health
 from node.errors import ConfigError
 from node.handshake import Greeter, check_bootstrap_peers
 from node.matchmaking import Matchmaker
-from node.membership import Membership
+from node.membership import Membership, SwarmView
 from node.metrics import AveragerCollector, HelperProcessCollector, NodeMetrics, SwarmViewCollector
 from node.placement import choose_experts, rebalance, replica_counts
 from node.swarm import Swarm, now
-from node.training import Trainer, resolve_device
+from node.training import ModelFactory, Trainer, architecture_swarm_id, resolve_device
 from protocol.manifest import Manifest, load_manifest
 from protocol.records import PeerRecord
 
@@ -45,16 +45,21 @@ class Node:
     """One node's state and lifecycle. ``open()`` joins, ``run()`` trains, ``close()`` leaves."""
 
     def __init__(
-        self, config: NodeConfig, manifest: Optional[Manifest] = None, registry: Optional[CollectorRegistry] = None
+        self,
+        config: NodeConfig,
+        manifest: Optional[Manifest] = None,
+        registry: Optional[CollectorRegistry] = None,
+        model_factory: Optional[ModelFactory] = None,
     ) -> None:
         self.config = config
         self.manifest = manifest or load_manifest(config.manifest)
-        self.metrics = NodeMetrics(
-            registry,
-            version=__version__,
-            swarm_id=self.manifest.swarm_id,
-            protocol_version=self.manifest.protocol_version,
-        )
+        self.model_factory = model_factory
+        # A custom model changes the swarm id (see open()); the manifest's is right otherwise.
+        self.swarm_id = self.manifest.swarm_id
+        self.module_names: List[str] = list(self.manifest.model.module_names())
+        self.metrics = NodeMetrics(registry, version=__version__, protocol_version=self.manifest.protocol_version)
+        self.history: List[dict] = []  # one summary per finished round
+        self._announced = False
         self.health = Health(stall_seconds=config.stall_seconds)
         self.endpoints: Optional[Endpoints] = None
         self.stop_requested = threading.Event()
@@ -65,6 +70,10 @@ class Node:
         self.states: Dict[str, ModuleState] = {}
         self.hosted: List[str] = []
         self._maddrs: List[str] = []
+        self._on_step: Optional[Callable[[float], None]] = None
+        # Held by the training thread for each step and each averaging round, so that readers
+        # (the Python API's evaluate/sample) never see parameters half-written.
+        self._model_lock = threading.RLock()
 
     # --- joining -----------------------------------------------------------------
     def open(self) -> None:
@@ -85,7 +94,12 @@ class Node:
             startup_timeout=self.config.bootstrap_timeout_seconds,
         )
         try:
-            self.trainer = Trainer(self.manifest, data, self.device)
+            self.trainer = Trainer(self.manifest, data, self.device, self.model_factory)
+            if self.model_factory is not None:
+                self.swarm_id = architecture_swarm_id(self.manifest, self.trainer.model)
+                self.module_names = list(self.trainer.model.module_names())
+            self.metrics.set_swarm(self.swarm_id)
+            logger.info("manifest %r, swarm id %s", self.manifest.name, self.swarm_id)
             self._join()
             self.endpoints = self._serve_endpoints()
         except BaseException:
@@ -95,9 +109,9 @@ class Node:
     def _join(self) -> None:
         assert self.swarm is not None
         self.peer_id = self.swarm.peer_id
-        swarm_id = self.manifest.swarm_id
+        swarm_id = self.swarm_id
         averaging = self.manifest.averaging
-        self.greeter = Greeter(self.swarm, self.manifest)
+        self.greeter = Greeter(self.swarm, swarm_id, self.manifest.name)
         self.matchmaker = Matchmaker(self.swarm, swarm_id, averaging.gather_seconds)
         self.averager = Averager(
             self.swarm,
@@ -112,14 +126,18 @@ class Node:
         if self.config.initial_peers:
             self.swarm.run(
                 check_bootstrap_peers(
-                    self.swarm, self.manifest, self.config.initial_peers, self.config.bootstrap_timeout_seconds
+                    self.swarm,
+                    swarm_id,
+                    self.manifest.name,
+                    self.config.initial_peers,
+                    self.config.bootstrap_timeout_seconds,
                 )
             )
         self.swarm.run(self.membership.start())
         view = self.membership.view
         self.outer_round = view.max_round(exclude=self.swarm.peer_id)
         self.membership.watch_round = self.outer_round
-        all_experts = list(self.manifest.model.module_names()[1:])
+        all_experts = self.module_names[1:]
         replicas = replica_counts(view.modules_by_peer(), exclude=self.swarm.peer_id)
         self._host(choose_experts(all_experts, replicas, self.config.experts, self.swarm.peer_id))
 
@@ -128,7 +146,7 @@ class Node:
         self.metrics.attach(AveragerCollector(lambda: self.averager.stats))
         self.metrics.attach(HelperProcessCollector())
         swarm_registry = CollectorRegistry()
-        swarm_registry.register(SwarmViewCollector(lambda: self.membership.view, self.manifest.model.module_names()))
+        swarm_registry.register(SwarmViewCollector(lambda: self.membership.view, self.module_names))
         host, port = validate_host_port(self.config.metrics_addr, "--metrics-addr")
         try:
             return Endpoints(host, port, self.metrics.registry, swarm_registry, self.health)
@@ -172,7 +190,7 @@ class Node:
             "event": "ready",
             "peer_id": self.swarm.peer_id,
             "maddrs": self._maddrs,
-            "swarm_id": self.manifest.swarm_id,
+            "swarm_id": self.swarm_id,
             "manifest": self.manifest.name,
             "protocol_version": self.manifest.protocol_version,
             "version": __version__,
@@ -184,9 +202,12 @@ class Node:
         }
 
     # --- training ----------------------------------------------------------------
-    def run(self, out: Optional[TextIO] = None) -> None:
-        """Print the ready line, then train rounds until a limit or a stop request."""
+    def announce_ready(self, out: Optional[TextIO] = None) -> dict:
+        """Print the JSON ready line (once) and start answering /readyz."""
         ready = self.ready_event()
+        if self._announced:
+            return ready
+        self._announced = True
         if out is not None:
             out.write(json.dumps(ready) + "\n")
             out.flush()
@@ -198,10 +219,27 @@ class Node:
         self._progress()
         self.health.joined = True
         self.metrics.swarm_peers.set(len(self.membership.view.peers))
+        return ready
+
+    def run(
+        self,
+        out: Optional[TextIO] = None,
+        *,
+        max_rounds: Optional[int] = None,
+        max_steps: Optional[int] = None,
+        on_step: Optional[Callable[[float], None]] = None,
+    ) -> None:
+        """Train rounds until a limit (these arguments, else the config's) or a stop request."""
+        self.announce_ready(out)
+        self._on_step = on_step
         started = time.monotonic()
         limit = self.config.max_seconds
+        max_rounds = self.config.max_rounds if max_rounds is None else max_rounds
+        rounds_at_start, steps_at_start = self.rounds_done, self.trainer.local_steps
 
         def out_of_time() -> bool:
+            if max_steps is not None and self.trainer.local_steps - steps_at_start >= max_steps:
+                return True
             return limit is not None and time.monotonic() - started >= limit
 
         while not self.stop_requested.is_set() and not out_of_time():
@@ -210,7 +248,8 @@ class Node:
             if steps == 0 or self.stop_requested.is_set() or out_of_time():
                 break
             compute_done = time.perf_counter()
-            outcomes = self._average_round(steps)
+            with self._model_lock:
+                outcomes = self._average_round(steps)
             if outcomes is None:
                 break
             timing = {
@@ -218,7 +257,7 @@ class Node:
                 "averaging_seconds": round(time.perf_counter() - compute_done, 3),
             }
             self._finish_round(outcomes, steps, timing)
-            if self.config.max_rounds is not None and self.rounds_done >= self.config.max_rounds:
+            if max_rounds is not None and self.rounds_done - rounds_at_start >= max_rounds:
                 break
         logger.info("leaving after %d round(s), %d local step(s)", self.rounds_done, self.trainer.local_steps)
 
@@ -231,7 +270,8 @@ class Node:
             if done > 0 and self._swarm_moved_on():
                 break
             try:
-                self.trainer.step()
+                with self._model_lock:
+                    self.trainer.step()
             except DataError as e:
                 self._pause_for_data(e)
                 continue
@@ -241,6 +281,8 @@ class Node:
             done += 1
             self.metrics.observe_step(self.manifest.training.batch_size, self.trainer.loss_ema)
             self._progress()
+            if self._on_step is not None:
+                self._on_step(self.trainer.loss_ema or float("nan"))
         return done
 
     def _progress(self) -> None:
@@ -258,6 +300,15 @@ class Node:
         self._report_data_error(error)
         self.stop_requested.wait(DATA_RETRY_SECONDS)
         self.trainer.restart_data()
+
+    def refresh_view(self) -> SwarmView:
+        """Re-read the peer records now (the background refresh runs every half second)."""
+        assert self.swarm is not None
+        return self.swarm.run(self.membership.refresh(), timeout=30)
+
+    def training_paused(self) -> ContextManager[bool]:
+        """Hold off training and averaging while the caller reads the model."""
+        return self._model_lock
 
     def _swarm_moved_on(self) -> bool:
         """Another peer is already averaging our round, or has gone past it: join it now."""
@@ -344,7 +395,19 @@ class Node:
             self.metrics.eval_loss.set(self.last_eval_loss)
         self._progress()
         trunk = next(o for o in outcomes if o.module == "trunk")
-        expert_groups = [o.group_size for o in outcomes if o.module != "trunk"]
+        summary = {
+            "event": "round",
+            "round": self.outer_round,
+            "steps": steps,
+            "loss": self.trainer.loss_ema,
+            "eval_loss": self.last_eval_loss,
+            "trunk_group": trunk.group_size,
+            "trunk_fraction": trunk.averaged_fraction,
+            "trunk_seconds": round(trunk.seconds, 3),
+            **(timing or {}),
+            "expert_groups": [o.group_size for o in outcomes if o.module != "trunk"],
+        }
+        self.history.append(summary)
         logger.info(
             "round %d: %d steps, loss %.3f, eval %s, trunk group %d (%.0f%% averaged%s, %.2fs), expert groups %s",
             self.outer_round,
@@ -355,19 +418,8 @@ class Node:
             100 * trunk.averaged_fraction,
             ", resync" if trunk.resync else "",
             trunk.seconds,
-            expert_groups,
-            extra={
-                "event": "round",
-                "round": self.outer_round,
-                "steps": steps,
-                "loss": self.trainer.loss_ema,
-                "eval_loss": self.last_eval_loss,
-                "trunk_group": trunk.group_size,
-                "trunk_fraction": trunk.averaged_fraction,
-                "trunk_seconds": round(trunk.seconds, 3),
-                **(timing or {}),
-                "expert_groups": expert_groups,
-            },
+            summary["expert_groups"],
+            extra=summary,
         )
         assert self.swarm is not None
         self.outer_round = max(self.outer_round + 1, self.membership.view.max_round(exclude=self.swarm.peer_id))
@@ -381,7 +433,7 @@ class Node:
         assert self.swarm is not None
         view = dict(self.membership.view.modules_by_peer())
         view[self.swarm.peer_id] = ["trunk"] + self.hosted
-        swap = rebalance(self.swarm.peer_id, view, list(self.manifest.model.module_names()[1:]))
+        swap = rebalance(self.swarm.peer_id, view, self.module_names[1:])
         if swap is not None:
             drop, add = swap
             logger.info("re-placement: %s has no host left; hosting it instead of %s", add, drop)

@@ -15,7 +15,7 @@ import signal
 import threading
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
-import hivemind
+import hivemind  # node/__init__.py has chosen hivemind's memory sharing strategy already
 from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
 

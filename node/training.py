@@ -7,14 +7,53 @@ stay hosted across re-placement.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from node.data import TextData
 from node.model import MoETransformer
 from protocol.manifest import Manifest
+
+
+@runtime_checkable
+class SwarmModel(Protocol):
+    """What a model must offer to be trained by a swarm (MoETransformer is the built-in one).
+
+    ``module_names()`` lists the averaging units, the trunk first, then the experts; the
+    modules' parameters must partition ``parameters()``. Every peer must build bit-identical
+    initial parameters (seed from the manifest), or the first round resyncs them.
+    """
+
+    def module_names(self) -> Sequence[str]: ...
+
+    def module_parameters(self, module: str) -> List[torch.nn.Parameter]: ...
+
+    def set_hosted_experts(self, modules: Iterable[str]) -> None: ...
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+    def lm_loss(self, batch: torch.Tensor) -> torch.Tensor: ...
+
+
+ModelFactory = Callable[[Manifest], torch.nn.Module]
+
+
+def default_model(manifest: Manifest) -> torch.nn.Module:
+    # Same seed on every peer: all replicas of a module start bit-identical.
+    return MoETransformer(manifest.model, seed=manifest.seed)
+
+
+def architecture_swarm_id(manifest: Manifest, model: torch.nn.Module) -> str:
+    """Swarm id for a custom model: the manifest's, plus every module's name and parameter shapes,
+    so peers running different architectures under one manifest never mix."""
+    digest = hashlib.sha256(manifest.swarm_id.encode())
+    for module in model.module_names():  # type: ignore[operator]
+        shapes = [tuple(p.shape) for p in model.module_parameters(module)]  # type: ignore[operator]
+        digest.update(f"|{module}:{shapes}".encode())
+    return digest.hexdigest()[:16]
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -30,11 +69,20 @@ def resolve_device(requested: str) -> torch.device:
 class Trainer:
     """Owns the model, the inner optimizer and the data stream of one node."""
 
-    def __init__(self, manifest: Manifest, data: TextData, device: torch.device) -> None:
+    def __init__(
+        self, manifest: Manifest, data: TextData, device: torch.device, factory: Optional[ModelFactory] = None
+    ) -> None:
+        from node.errors import ConfigError
+
         self.manifest = manifest
         self.device = device
-        # Same seed on every peer: all replicas of a module start bit-identical.
-        self.model = MoETransformer(manifest.model, seed=manifest.seed).to(device)
+        model = (factory or default_model)(manifest)
+        if not isinstance(model, SwarmModel):
+            raise ConfigError(
+                "the model factory must return a torch.nn.Module with module_names(), module_parameters(), "
+                "set_hosted_experts(), loss() and lm_loss() (see node.training.SwarmModel)"
+            )
+        self.model: Any = model.to(device)  # a torch.nn.Module that is also a SwarmModel
         spec = manifest.inner_optimizer
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=spec.lr, betas=(spec.beta1, spec.beta2), weight_decay=spec.weight_decay

@@ -1,0 +1,226 @@
+"""The Python API: a Commons node inside your own process (a notebook, a script).
+
+    from node import CommonsNode
+    with CommonsNode(experts=2) as me:          # keyword arguments = `node start` options
+        me.train(rounds=3)                      # foreground, with a tqdm.auto progress bar
+        print(me.status(), me.swarm())          # plain data (me.swarm(as_dataframe=True) with pandas)
+        print(me.sample("def main("))           # text from the current model
+
+The node's networking runs on its own threads, never on the caller's event loop, so it
+works in Jupyter's already-running loop. ``start()`` trains in the background instead and
+returns at once. ``stop()`` (also on ``with`` exit and at interpreter exit) leaves the
+swarm and stops every helper process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from node.config import build_config
+from node.errors import CommonsError
+from node.runtime import Node
+from node.status import swarm_status
+from node.training import ModelFactory
+
+
+class StateError(CommonsError, RuntimeError):
+    """A method was called in a state where it cannot work; the message says what to do."""
+
+
+class CommonsNode:
+    """One node of a swarm, driven from Python. Options are the `node start` options."""
+
+    def __init__(
+        self, config: Union[str, Path, None] = None, *, model_factory: Optional[ModelFactory] = None, **options: Any
+    ) -> None:
+        """``config``: a YAML file of options; ``options`` override it (e.g. ``initial_peers=[...]``).
+        ``model_factory(manifest) -> torch.nn.Module``: your own model (see node.training.SwarmModel)."""
+        flags = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in options.items()}
+        self.config = build_config(flags, config_path=str(config) if config else None, environ={})
+        self._node = Node(self.config, model_factory=model_factory)
+        self._state = "created"  # created -> open -> (training) -> stopped
+        self._lock = threading.Lock()
+        self._background: Optional[threading.Thread] = None
+        self._background_error: Optional[BaseException] = None
+        self._opened = threading.Event()
+        atexit.register(_stop_quietly, weakref.ref(self))
+
+    # --- lifecycle ------------------------------------------------------------------
+    def start(self) -> "CommonsNode":
+        """Join and train in the background until ``stop()``; returns at once."""
+        with self._lock:
+            self._require("created", "open", action="start()")
+            if self._background is not None:
+                raise StateError("this node is already training in the background; call stop() to end it")
+            self._background = threading.Thread(target=self._run_background, name="commons-node", daemon=True)
+            self._background.start()
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> Dict[str, Any]:
+        """Block until the node has joined; return its ready event (peer_id, maddrs, swarm_id, ...)."""
+        if self._state == "created" and self._background is None:
+            self._open()
+        if not self._opened.wait(timeout):
+            raise StateError(f"the node did not join within {timeout:.0f}s")
+        if self._background_error is not None:
+            raise self._background_error
+        return self._node.ready_event()
+
+    def train(self, *, steps: Optional[int] = None, rounds: Optional[int] = None, progress: bool = True) -> List[dict]:
+        """Train in the calling thread for ``steps`` local steps or ``rounds`` averaging rounds.
+
+        Returns the summaries of the rounds finished meanwhile (loss, eval loss, group sizes, times).
+        """
+        if (steps is None) == (rounds is None):
+            raise ValueError("pass exactly one of steps=N or rounds=N")
+        if self._background is not None and self._background.is_alive():
+            raise StateError("this node is training in the background; stop() it, or read status() meanwhile")
+        self._open()
+        done_before = len(self._node.history)
+        total = steps if steps is not None else rounds * self._node.manifest.training.inner_steps  # type: ignore
+        bar = _progress_bar(total, progress)
+        try:
+            self._node.run(max_rounds=rounds, max_steps=steps, on_step=lambda loss: _advance(bar, loss))
+        finally:
+            if bar is not None:
+                bar.close()
+        return self._node.history[done_before:]
+
+    def stop(self) -> None:
+        """Leave the swarm and stop every helper process. Safe to call twice."""
+        with self._lock:
+            if self._state == "stopped":
+                return
+            self._node.stop_requested.set()
+            thread = self._background
+        if thread is not None:
+            thread.join(timeout=60)
+        self._node.close()
+        self._state = "stopped"
+
+    def __enter__(self) -> "CommonsNode":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # --- looking at it ----------------------------------------------------------------
+    def status(self) -> Dict[str, Any]:
+        """This node, as plain data."""
+        node = self._node
+        joined = self._state == "open"
+        return {
+            "state": self._state if not (self._background and self._background.is_alive()) else "training",
+            "peer_id": getattr(node, "peer_id", None),
+            "swarm_id": node.swarm_id,
+            "outer_round": node.outer_round,
+            "rounds_done": node.rounds_done,
+            "local_steps": node.trainer.local_steps if joined else 0,
+            "loss": node.trainer.loss_ema if joined else None,
+            "eval_loss": node.last_eval_loss,
+            "modules": ["trunk"] + list(node.hosted),
+        }
+
+    def swarm(self, as_dataframe: bool = False) -> Any:
+        """The swarm as the DHT shows it: the `node status --json` shape, or a pandas DataFrame of peers."""
+        self._require("open", action="swarm()")
+        view = self._node.refresh_view()
+        status = swarm_status(view, self._node.swarm_id)
+        if not as_dataframe:
+            return status
+        try:
+            import pandas as pd
+        except ImportError:
+            raise StateError("as_dataframe=True needs pandas: pip install pandas") from None
+        return pd.DataFrame(status["peers"])
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The live model (a reference: copy.deepcopy it for a snapshot)."""
+        self._require("open", action="model")
+        return self._node.trainer.model
+
+    def evaluate(self, text: str) -> float:
+        """Mean next-byte cross entropy (nats/byte) of the current model on ``text``."""
+        self._require("open", action="evaluate()")
+        seq = self._node.manifest.model.seq_len + 1
+        data = text.encode()
+        if len(data) < 2:
+            raise ValueError("evaluate() needs at least two bytes of text")
+        windows = [data[i : i + seq] for i in range(0, max(1, len(data) - 1), seq - 1)]
+        windows = [w for w in windows if len(w) >= 2]
+        model = self._node.trainer.model
+        total, count = 0.0, 0
+        with torch.no_grad(), self._node.training_paused():
+            for window in windows:
+                batch = torch.tensor([list(window)], dtype=torch.long, device=self._node.device)
+                total += float(model.lm_loss(batch)) * (len(window) - 1)
+                count += len(window) - 1
+        return total / count
+
+    def sample(self, prompt: str = "", max_bytes: int = 200, temperature: float = 0.8, seed: int = 0) -> str:
+        """Text the current model writes after ``prompt`` (bytes it cannot decode are replaced)."""
+        self._require("open", action="sample()")
+        model = self._node.trainer.model
+        if not hasattr(model, "generate"):
+            raise StateError("this model has no generate() method")
+        generator = torch.Generator(device=self._node.device).manual_seed(seed)
+        with self._node.training_paused():
+            out = model.generate(prompt.encode(), max_bytes, temperature=temperature, generator=generator)
+        return out.decode("utf-8", errors="replace")
+
+    # --- internals ----------------------------------------------------------------------
+    def _open(self) -> None:
+        with self._lock:
+            if self._state == "created":
+                self._node.open()
+                self._node.announce_ready()
+                self._state = "open"
+                self._opened.set()
+            self._require("open", action="train()")
+
+    def _run_background(self) -> None:
+        try:
+            self._open()
+            self._node.run()
+        except BaseException as e:  # surfaced by wait_ready()/status(); the thread must not die silently
+            self._background_error = e
+            self._opened.set()
+
+    def _require(self, *states: str, action: str) -> None:
+        if self._state in states:
+            return
+        if self._state == "stopped":
+            raise StateError(f"{action}: this node was stopped; create a new CommonsNode")
+        raise StateError(f"{action}: the node has not joined yet; call start() and wait_ready(), or train()")
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="step", desc="training")
+
+
+def _advance(bar: Any, loss: float) -> None:
+    if bar is not None:
+        bar.update(1)
+        if not math.isnan(loss):
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+
+def _stop_quietly(ref: "weakref.ref[CommonsNode]") -> None:
+    node = ref()
+    if node is not None:
+        try:
+            node.stop()
+        except Exception:
+            pass
