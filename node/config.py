@@ -77,6 +77,8 @@ class NodeConfig:
     max_seconds: Optional[float] = None
     bootstrap_timeout_seconds: float = 20.0
     stall_seconds: float = 300.0
+    checkpoint_every_rounds: int = 5
+    checkpoint_keep: int = 3
 
     def __post_init__(self) -> None:
         for name in ("initial_peers", "host_maddrs", "announce_maddrs"):
@@ -99,6 +101,8 @@ class NodeConfig:
             raise ConfigError(f"--max-rounds must be >= 1, got {self.max_rounds}")
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise ConfigError(f"--max-seconds must be > 0, got {self.max_seconds}")
+        if self.checkpoint_every_rounds < 1 or self.checkpoint_keep < 1:
+            raise ConfigError("--checkpoint-every-rounds and --checkpoint-keep must be >= 1")
         if self.stall_seconds <= 0:
             raise ConfigError("--stall-seconds must be > 0")
         if self.bootstrap_timeout_seconds <= 0:

@@ -103,3 +103,19 @@ class Endpoints:
 
 def _json(ok: bool, details: Dict[str, object]) -> Tuple[int, str, bytes]:
     return (200 if ok else 503), "application/json", (json.dumps(details) + "\n").encode()
+
+
+def open_endpoints(address: str, registry: CollectorRegistry, swarm: CollectorRegistry, health: Health) -> Endpoints:
+    """Serve on ``address`` (HOST:PORT). If the default address is taken (a second node on this
+    host), serve on a free port instead and say so; a taken address the user chose is an error."""
+    from node.config import DEFAULT_METRICS_ADDR, validate_host_port
+    from node.errors import ConfigError
+
+    host, port = validate_host_port(address, "--metrics-addr")
+    try:
+        return Endpoints(host, port, registry, swarm, health)
+    except OSError as e:
+        if address != DEFAULT_METRICS_ADDR:
+            raise ConfigError(f"--metrics-addr {address}: {e.strerror}; pick another address") from None
+        logger.warning("metrics port %d is taken (%s); serving on a free port instead", port, e.strerror)
+        return Endpoints(host, 0, registry, swarm, health)

@@ -71,6 +71,16 @@ class NodeMetrics:
         self.outer_round = Gauge("outer_round", "Current outer (averaging) round", namespace=ns, registry=r)
         self.last_progress = Gauge("last_progress_timestamp_seconds", "When the node last trained or averaged",
                                    namespace=ns, registry=r)  # fmt: skip
+        self.checkpoint_success = Gauge(
+            "checkpoint_last_success_timestamp_seconds", "When the last checkpoint was written (0: none yet)",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.checkpoint_failures = Counter(
+            "checkpoint_failures", "Checkpoint writes that failed (disk full, read-only)", namespace=ns, registry=r
+        )
+        self.checkpoint_bytes = Gauge(
+            "checkpoint_bytes", "Size of the last checkpoint written", namespace=ns, registry=r
+        )
         ProcessCollector(registry=r)
 
     def set_swarm(self, swarm_id: str) -> None:

@@ -21,11 +21,11 @@ from prometheus_client import CollectorRegistry
 
 from node import __version__
 from node.averaging import AllReduceResult, Averager, ModuleOutcome, classify
-from node.config import DEFAULT_METRICS_ADDR, NodeConfig, validate_host_port
+from node.checkpoint import CheckpointStore, Snapshot, capture_modules, restore_modules, write_generation
+from node.config import NodeConfig
 from node.data import DataError, TextData
 from node.diloco import ModuleState
-from node.endpoints import Endpoints, Health
-from node.errors import ConfigError
+from node.endpoints import Endpoints, Health, open_endpoints
 from node.handshake import Greeter, check_bootstrap_peers
 from node.matchmaking import Matchmaker
 from node.membership import Membership, SwarmView
@@ -74,15 +74,22 @@ class Node:
         # Held by the training thread for each step and each averaging round, so that readers
         # (the Python API's evaluate/sample) never see parameters half-written.
         self._model_lock = threading.RLock()
+        self.checkpoints: Optional[CheckpointStore] = None
+        self._restored: Optional[Snapshot] = None
 
     # --- joining -----------------------------------------------------------------
     def open(self) -> None:
         """Validate local inputs first (cheap), then start networking; raises CommonsError subclasses."""
         # Each node samples its data in its own order: two volunteers on the default corpus
         # should not compute the same batches.
-        data_seed = int.from_bytes(os.urandom(4), "little")
+        data_seed = self._data_seed = int.from_bytes(os.urandom(4), "little")
         data = TextData(self.config.data, self.manifest.model.seq_len, seed=data_seed)
         self.device = resolve_device(self.config.device)
+        identity = self.config.identity
+        if self.config.checkpoint_dir:
+            self.checkpoints = CheckpointStore(self.config.checkpoint_dir, keep=self.config.checkpoint_keep)
+            # Resuming means being the same peer: keep the key next to the checkpoints unless told otherwise.
+            identity = identity or str(self.checkpoints.directory / "identity.key")
         logger.info("data: %s (sampling seed %d)", data.describe(), data_seed)
         # The DHT process is forked here, before torch builds the model and starts its
         # thread pools: forking a process with live OpenMP threads is not safe.
@@ -90,7 +97,7 @@ class Node:
             initial_peers=self.config.initial_peers,
             host_maddrs=self.config.host_maddrs,
             announce_maddrs=self.config.announce_maddrs,
-            identity_path=self.config.identity,
+            identity_path=identity,
             startup_timeout=self.config.bootstrap_timeout_seconds,
         )
         try:
@@ -100,6 +107,15 @@ class Node:
                 self.module_names = list(self.trainer.model.module_names())
             self.metrics.set_swarm(self.swarm_id)
             logger.info("manifest %r, swarm id %s", self.manifest.name, self.swarm_id)
+            if self.checkpoints is not None:
+                self._restored = self.checkpoints.latest(self.swarm_id)
+                if self._restored is not None:
+                    # A fresh order over the data, different from the one before the restart.
+                    data.seed = (self._restored.data_seed + self._restored.local_steps) % (1 << 32)
+                    self.trainer.restart_data()
+                    self._data_seed = data.seed
+                else:
+                    logger.info("no usable checkpoint in %s: starting from scratch", self.checkpoints.directory)
             self._join()
             self.endpoints = self._serve_endpoints()
         except BaseException:
@@ -138,8 +154,25 @@ class Node:
         self.outer_round = view.max_round(exclude=self.swarm.peer_id)
         self.membership.watch_round = self.outer_round
         all_experts = self.module_names[1:]
-        replicas = replica_counts(view.modules_by_peer(), exclude=self.swarm.peer_id)
-        self._host(choose_experts(all_experts, replicas, self.config.experts, self.swarm.peer_id))
+        restored = self._restored
+        if restored is not None:
+            self.outer_round = max(self.outer_round, restored.outer_round)
+            self.rounds_done = restored.rounds_done
+            self.trainer.local_steps = restored.local_steps
+            self._host([e for e in restored.hosted if e in all_experts][: self.config.experts])
+            modules = restore_modules(restored, self.states, self.trainer.optimizer)
+            logger.info(
+                "resumed from checkpoint generation %d: round %d, %d local steps, modules %s",
+                restored.generation,
+                restored.outer_round,
+                restored.local_steps,
+                ", ".join(modules),
+                extra={"event": "resumed", "round": restored.outer_round, "generation": restored.generation},
+            )
+        else:
+            replicas = replica_counts(view.modules_by_peer(), exclude=self.swarm.peer_id)
+            self._host(choose_experts(all_experts, replicas, self.config.experts, self.swarm.peer_id))
+        self.membership.watch_round = self.outer_round
 
     def _serve_endpoints(self) -> Endpoints:
         """/metrics, /metrics/swarm, /healthz, /readyz on --metrics-addr."""
@@ -147,17 +180,7 @@ class Node:
         self.metrics.attach(HelperProcessCollector())
         swarm_registry = CollectorRegistry()
         swarm_registry.register(SwarmViewCollector(lambda: self.membership.view, self.module_names))
-        host, port = validate_host_port(self.config.metrics_addr, "--metrics-addr")
-        try:
-            return Endpoints(host, port, self.metrics.registry, swarm_registry, self.health)
-        except OSError as e:
-            if self.config.metrics_addr != DEFAULT_METRICS_ADDR:
-                raise ConfigError(
-                    f"--metrics-addr {self.config.metrics_addr}: {e.strerror}; pick another address"
-                ) from None
-            # A second node on the same machine with default settings: serve on a free port instead.
-            logger.warning("metrics port %d is taken (%s); serving on a free port instead", port, e.strerror)
-            return Endpoints(host, 0, self.metrics.registry, swarm_registry, self.health)
+        return open_endpoints(self.config.metrics_addr, self.metrics.registry, swarm_registry, self.health)
 
     def _host(self, experts: List[str]) -> None:
         """Set the hosted experts; keep state of those that stay, start fresh state for new ones."""
@@ -310,6 +333,21 @@ class Node:
         """Hold off training and averaging while the caller reads the model."""
         return self._model_lock
 
+    def save_checkpoint(self) -> None:
+        """Write a generation; a failure (disk full, read-only) is logged and counted, training goes on."""
+        if self.checkpoints is None or not self.states:
+            return
+        snapshot = Snapshot(
+            swarm_id=self.swarm_id,
+            outer_round=self.outer_round,
+            rounds_done=self.rounds_done,
+            local_steps=self.trainer.local_steps,
+            hosted=list(self.hosted),
+            data_seed=self._data_seed,
+            tensors=capture_modules(self.states, self.trainer.optimizer),
+        )
+        write_generation(self.checkpoints, snapshot, self.metrics)
+
     def _swarm_moved_on(self) -> bool:
         """Another peer is already averaging our round, or has gone past it: join it now."""
         membership = self.membership
@@ -426,6 +464,8 @@ class Node:
         self.membership.watch_round = self.outer_round
         self._replace_if_needed()
         self.membership.nudge()
+        if self.rounds_done % self.config.checkpoint_every_rounds == 0:
+            self.save_checkpoint()
         self.metrics.outer_round.set(self.outer_round)
         self.metrics.swarm_peers.set(len(self.membership.view.peers))
 
@@ -443,6 +483,8 @@ class Node:
     def close(self) -> None:
         """Leave the swarm and stop every helper process; safe to call twice."""
         self.health.leaving = True
+        if self.swarm is not None and hasattr(self, "trainer"):
+            self.save_checkpoint()  # the global copies as of the last finished round
         if self.endpoints is not None:
             self.endpoints.close()
             self.endpoints = None

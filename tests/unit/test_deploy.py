@@ -48,9 +48,8 @@ def test_dashboard_loads_and_uses_only_exported_metrics():
             assert name in known, f"dashboard uses {name}, which no node exports"
 
 
-def test_alerts_use_only_exported_metrics_or_documented_future_ones():
+def test_alerts_use_only_exported_metrics():
     text = (DEPLOY / "prometheus" / "alerts.yml").read_text()
-    future = {"commons_checkpoint_last_success_timestamp_seconds"}  # documented as coming with checkpoints
-    known = exported_names() | future
+    known = exported_names()
     for name in set(re.findall(r"\b(commons_\w+)", text)):
         assert name in known, f"alert uses {name}, which no node exports"

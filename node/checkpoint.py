@@ -1,0 +1,238 @@
+"""Checkpoints: atomic, checksummed generations of a node's state in --checkpoint-dir.
+
+A generation ``N`` is two files: ``ckpt-N.safetensors`` (tensors only: never pickle) and
+``ckpt-N.json`` (metadata and the SHA-256 of the tensor file), each written to a temporary
+file, fsynced, renamed into place, and the directory fsynced. The JSON is written last,
+so a generation exists only once both files are whole; a crash at any point leaves the
+previous generations untouched. Loading walks generations newest first and skips any
+whose files are missing, truncated, bit-flipped (checksum) or unparsable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from node.errors import ConfigError
+
+if TYPE_CHECKING:
+    from node.diloco import ModuleState
+    from node.metrics import NodeMetrics
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^ckpt-(\d{8})\.json$")
+
+
+class CheckpointError(ValueError):
+    """A generation is unusable (missing, torn, tampered, or malformed)."""
+
+
+@dataclass
+class Snapshot:
+    """What a checkpoint holds; tensors are CPU tensors keyed by name."""
+
+    swarm_id: str
+    outer_round: int
+    rounds_done: int
+    local_steps: int
+    hosted: List[str]
+    data_seed: int
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+    generation: int = 0
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+class CheckpointStore:
+    """Reads and writes generations in one directory; keeps the newest ``keep`` of them."""
+
+    def __init__(self, directory: str | Path, keep: int = 3) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--checkpoint-dir {directory}: cannot create it ({e.strerror})") from None
+
+    def generations(self) -> List[int]:
+        found = [int(m.group(1)) for p in self.directory.iterdir() if (m := _NAME.match(p.name))]
+        return sorted(found, reverse=True)
+
+    def save(self, snapshot: Snapshot) -> Tuple[int, int]:
+        """Write a new generation; return (generation, bytes). Raises OSError (e.g. ENOSPC) untouched."""
+        generation = (self.generations() or [0])[0] + 1
+        blob = save_tensors({k: v.detach().cpu().contiguous() for k, v in snapshot.tensors.items()})
+        tensor_path = self.directory / f"ckpt-{generation:08d}.safetensors"
+        write_atomic(tensor_path, blob)
+        meta = {
+            "format": FORMAT_VERSION,
+            "swarm_id": snapshot.swarm_id,
+            "outer_round": snapshot.outer_round,
+            "rounds_done": snapshot.rounds_done,
+            "local_steps": snapshot.local_steps,
+            "hosted": snapshot.hosted,
+            "data_seed": snapshot.data_seed,
+            "tensor_file": tensor_path.name,
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "bytes": len(blob),
+        }
+        write_atomic(self.directory / f"ckpt-{generation:08d}.json", json.dumps(meta, indent=1).encode())
+        self._prune()
+        return generation, len(blob)
+
+    def load(self, generation: int) -> Snapshot:
+        try:
+            meta = json.loads((self.directory / f"ckpt-{generation:08d}.json").read_text())
+            blob = (self.directory / str(meta["tensor_file"])).read_bytes()
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"generation {generation}: unreadable ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"generation {generation}: unknown format")
+        if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+            raise CheckpointError(f"generation {generation}: checksum mismatch (torn or modified file)")
+        try:
+            tensors = load_tensors(blob)
+            snapshot = Snapshot(
+                swarm_id=str(meta["swarm_id"]),
+                outer_round=int(meta["outer_round"]),
+                rounds_done=int(meta["rounds_done"]),
+                local_steps=int(meta["local_steps"]),
+                hosted=[str(m) for m in meta["hosted"]],
+                data_seed=int(meta["data_seed"]),
+                tensors=tensors,
+                generation=generation,
+            )
+        except Exception as e:  # safetensors and int() raise several types for garbage
+            raise CheckpointError(f"generation {generation}: malformed ({e})") from None
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise CheckpointError(f"generation {generation}: tensor {name} holds NaN or infinity")
+        return snapshot
+
+    def latest(self, swarm_id: str) -> Optional[Snapshot]:
+        """The newest usable generation, skipping broken ones (logged); refuses another swarm's."""
+        for generation in self.generations():
+            try:
+                snapshot = self.load(generation)
+            except CheckpointError as e:
+                logger.warning("checkpoint %s is unusable, trying the previous one: %s", self.directory, e)
+                continue
+            if snapshot.swarm_id != swarm_id:
+                raise ConfigError(
+                    f"--checkpoint-dir {self.directory} holds a checkpoint of swarm {snapshot.swarm_id}, but this "
+                    f"node trains swarm {swarm_id}; use the manifest it was made with or another --checkpoint-dir"
+                )
+            return snapshot
+        return None
+
+    def _prune(self) -> None:
+        """Drop generations beyond ``keep`` and leftovers of interrupted writes."""
+        for generation in self.generations()[self.keep :]:
+            for suffix in ("json", "safetensors"):
+                (self.directory / f"ckpt-{generation:08d}.{suffix}").unlink(missing_ok=True)
+        valid = {f"ckpt-{g:08d}.safetensors" for g in self.generations()}
+        for path in self.directory.glob("ckpt-*.safetensors"):
+            if path.name not in valid:
+                path.unlink(missing_ok=True)  # a tensor file whose JSON never got written
+        for path in self.directory.glob(".ckpt-*.tmp"):
+            path.unlink(missing_ok=True)
+
+
+def capture_modules(states: Dict[str, "ModuleState"], optimizer: torch.optim.Optimizer) -> Dict[str, torch.Tensor]:
+    """Tensors of every hosted module: global copy, outer momentum, and the inner AdamW state."""
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, state in states.items():
+        tensors[f"global/{name}"] = state.global_flat
+        tensors[f"momentum/{name}"] = state.momentum
+        for index, param in enumerate(state.params):
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"adam/{name}/{index}/{key}"] = value
+    return tensors
+
+
+def restore_modules(
+    snapshot: Snapshot, states: Dict[str, "ModuleState"], optimizer: torch.optim.Optimizer
+) -> List[str]:
+    """Load what the snapshot has for our modules; return the modules restored. Shapes are checked."""
+    restored = []
+    for name, state in states.items():
+        global_flat = snapshot.tensors.get(f"global/{name}")
+        momentum = snapshot.tensors.get(f"momentum/{name}")
+        if global_flat is None or momentum is None:
+            continue
+        if global_flat.shape != state.global_flat.shape or momentum.shape != state.momentum.shape:
+            raise CheckpointError(f"module {name} has shape {tuple(global_flat.shape)}, the model needs "
+                                  f"{tuple(state.global_flat.shape)}")  # fmt: skip
+        state.global_flat = global_flat.to(torch.float32).clone()
+        state.momentum = momentum.to(torch.float32).clone()
+        state.load_global()
+        for index, param in enumerate(state.params):
+            prefix = f"adam/{name}/{index}/"
+            entry = {k[len(prefix) :]: v for k, v in snapshot.tensors.items() if k.startswith(prefix)}
+            if entry and all(v.shape == param.shape for k, v in entry.items() if k != "step"):
+                optimizer.state[param] = {k: v.to(param.device) for k, v in entry.items()}
+        restored.append(name)
+    return restored
+
+
+def write_generation(store: CheckpointStore, snapshot: Snapshot, metrics: "NodeMetrics") -> bool:
+    """Save; a failure (disk full, read-only) is logged and counted and the previous generation stays."""
+    started = time.perf_counter()
+    try:
+        generation, size = store.save(snapshot)
+    except OSError as e:
+        metrics.checkpoint_failures.inc()
+        logger.error("checkpoint failed, the previous one stays: %s", e, extra={"event": "checkpoint_failed"})
+        return False
+    metrics.checkpoint_success.set_to_current_time()
+    metrics.checkpoint_bytes.set(size)
+    seconds = time.perf_counter() - started
+    logger.info(
+        "checkpoint generation %d: round %d, %.2f MB in %.2fs",
+        generation,
+        snapshot.outer_round,
+        size / 1e6,
+        seconds,
+        extra={"event": "checkpoint", "generation": generation, "round": snapshot.outer_round, "bytes": size,
+               "seconds": round(seconds, 4)},
+    )  # fmt: skip
+    return True
