@@ -17,6 +17,9 @@ Map of this package (imports point down the list):
 - averaging   butterfly all-reduce within a group
 - metrics     Prometheus metrics on an injectable registry; collectors for averager, helpers, swarm view
 - endpoints   /metrics, /metrics/swarm, /healthz, /readyz over a small HTTP server
+- checkpoint  atomic checksummed generations in --checkpoint-dir; resume
+- statesync   serving module state to newcomers, downloading it from several donors
+- report      round summaries and their log lines
 - runtime     the Node: join, train rounds, average, leave
 - status      `node status`: the swarm as seen from the DHT
 - cli         `node start` / `node status` command line

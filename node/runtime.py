@@ -31,6 +31,8 @@ from node.matchmaking import Matchmaker
 from node.membership import Membership, SwarmView
 from node.metrics import AveragerCollector, HelperProcessCollector, NodeMetrics, SwarmViewCollector
 from node.placement import choose_experts, rebalance, replica_counts
+from node.report import log_round, round_summary
+from node.statesync import StateServer, download_modules
 from node.swarm import Swarm, now
 from node.training import ModelFactory, Trainer, architecture_swarm_id, resolve_device
 from protocol.manifest import Manifest, load_manifest
@@ -43,6 +45,8 @@ DATA_RETRY_SECONDS = 2.0  # how often a paused node looks for its data source ag
 
 class Node:
     """One node's state and lifecycle. ``open()`` joins, ``run()`` trains, ``close()`` leaves."""
+
+    state_server_class = StateServer  # tests run donors with modified code by swapping this
 
     def __init__(
         self,
@@ -139,6 +143,8 @@ class Node:
         self.membership = Membership(self.swarm, swarm_id, self._describe_self, now)
         self.swarm.run(self.greeter.start())
         self.swarm.run(self.averager.start())
+        server = self.state_server_class(self.swarm, swarm_id, lambda: self.states, lambda: self.outer_round)
+        self.swarm.run(server.start())
         if self.config.initial_peers:
             self.swarm.run(
                 check_bootstrap_peers(
@@ -172,7 +178,23 @@ class Node:
         else:
             replicas = replica_counts(view.modules_by_peer(), exclude=self.swarm.peer_id)
             self._host(choose_experts(all_experts, replicas, self.config.experts, self.swarm.peer_id))
+        if restored is None or restored.outer_round < view.max_round(exclude=self.peer_id) - 1:
+            self._catch_up()
         self.membership.watch_round = self.outer_round
+
+    def _catch_up(self) -> None:
+        """Newcomer (or far behind): fetch the current state of our modules from their hosts."""
+        assert self.swarm is not None
+        view = self.membership.view
+        donors = {m: view.hosts_of(m, exclude=self.peer_id) for m in self.states}
+        timeout = self.manifest.averaging.part_timeout_seconds
+        adopted = download_modules(self.swarm, self.swarm_id, self.states, donors, timeout)
+        if adopted:
+            self.outer_round = max(self.outer_round, *adopted.values())
+        elif not any(donors.values()):
+            logger.info(
+                "no peer holds our modules yet: starting from %s", "checkpoint" if self._restored else "scratch"
+            )
 
     def _serve_endpoints(self) -> Endpoints:
         """/metrics, /metrics/swarm, /healthz, /readyz on --metrics-addr."""
@@ -413,52 +435,12 @@ class Node:
             self._report_data_error(e)
             self.last_eval_loss = None
         self.metrics.observe_round(outcomes)
-        for outcome in outcomes:
-            level = logging.DEBUG if outcome.result == "ok" else logging.INFO
-            logger.log(
-                level,
-                "round %d: %s %s (group %d, %.0f%% averaged, %d dropped, %.2fs)",
-                self.outer_round,
-                outcome.module,
-                outcome.result,
-                outcome.group_size,
-                100 * outcome.averaged_fraction,
-                outcome.dropped,
-                outcome.seconds,
-                extra={"event": "module_round", "round": self.outer_round, "module_name": outcome.module,
-                       "result": outcome.result, "group_size": outcome.group_size,
-                       "fraction": outcome.averaged_fraction},
-            )  # fmt: skip
         if self.last_eval_loss is not None:
             self.metrics.eval_loss.set(self.last_eval_loss)
         self._progress()
-        trunk = next(o for o in outcomes if o.module == "trunk")
-        summary = {
-            "event": "round",
-            "round": self.outer_round,
-            "steps": steps,
-            "loss": self.trainer.loss_ema,
-            "eval_loss": self.last_eval_loss,
-            "trunk_group": trunk.group_size,
-            "trunk_fraction": trunk.averaged_fraction,
-            "trunk_seconds": round(trunk.seconds, 3),
-            **(timing or {}),
-            "expert_groups": [o.group_size for o in outcomes if o.module != "trunk"],
-        }
+        summary = round_summary(self.outer_round, steps, self.trainer.loss_ema, self.last_eval_loss, outcomes, timing)
         self.history.append(summary)
-        logger.info(
-            "round %d: %d steps, loss %.3f, eval %s, trunk group %d (%.0f%% averaged%s, %.2fs), expert groups %s",
-            self.outer_round,
-            steps,
-            self.trainer.loss_ema or float("nan"),
-            f"{self.last_eval_loss:.3f}" if self.last_eval_loss is not None else "n/a",
-            trunk.group_size,
-            100 * trunk.averaged_fraction,
-            ", resync" if trunk.resync else "",
-            trunk.seconds,
-            summary["expert_groups"],
-            extra=summary,
-        )
+        log_round(summary, outcomes)
         assert self.swarm is not None
         self.outer_round = max(self.outer_round + 1, self.membership.view.max_round(exclude=self.swarm.peer_id))
         self.membership.watch_round = self.outer_round

@@ -57,14 +57,40 @@ class TensorPart(BaseModel):
     dtype: Literal["float32", "float16"]
 
 
+class StateRequest(BaseModel):
+    """Ask a peer for one module's state: its digest, or a range of [global copy; momentum]."""
+
+    type: Literal["state_request"] = "state_request"
+    swarm_id: constr(max_length=64, strict=True)  # type: ignore[valid-type]
+    module: constr(regex=MODULE_PATTERN, strict=True)  # type: ignore[valid-type]
+    offset: conint(ge=0, strict=True) = 0  # type: ignore[valid-type]
+    count: conint(ge=0, strict=True) = 0  # type: ignore[valid-type]
+    expected_hash: constr(max_length=64, strict=True) = ""  # type: ignore[valid-type]
+
+
+class StateReply(BaseModel):
+    """A module's digest (round, hash, size) and, for a range request, the values as float32 payload."""
+
+    type: Literal["state_reply"] = "state_reply"
+    ok: StrictBool
+    reason: constr(max_length=512, strict=True) = ""  # type: ignore[valid-type]
+    outer_round: conint(ge=0, strict=True) = 0  # type: ignore[valid-type]
+    numel: conint(ge=0, strict=True) = 0  # type: ignore[valid-type]
+    params_hash: constr(max_length=64, strict=True) = ""  # type: ignore[valid-type]
+    offset: conint(ge=0, strict=True) = 0  # type: ignore[valid-type]
+    count: conint(ge=0, strict=True) = 0  # type: ignore[valid-type]
+
+
 class Ack(BaseModel):
     type: Literal["ack"] = "ack"
     ok: StrictBool
     reason: StrictStr = ""
 
 
-Message = Union[Hello, HelloReply, TensorPart, Ack]
+Message = Union[Hello, HelloReply, TensorPart, StateRequest, StateReply, Ack]
 _TYPES: Dict[str, Type[Message]] = {
+    "state_request": StateRequest,
+    "state_reply": StateReply,
     "hello": Hello,
     "hello_reply": HelloReply,
     "part": TensorPart,

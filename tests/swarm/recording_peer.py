@@ -8,8 +8,10 @@ else is the production Node, unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,9 +20,32 @@ import torch
 
 from node import cli
 from node.runtime import Node
+from node.statesync import StateServer
+from protocol.wire import decode, encode
+
+
+class BadDonor(StateServer):
+    """A donor running modified code (COMMONS_TEST_BAD_DONOR): stalls, or lies in what it sends."""
+
+    async def _handle(self, remote_peer: str, frame: bytes) -> bytes:
+        mode = os.environ.get("COMMONS_TEST_BAD_DONOR", "")
+        if mode == "stall":
+            await asyncio.sleep(3600)
+        reply = await super()._handle(remote_peer, frame)
+        header, payload = decode(reply)
+        if not payload:
+            return reply
+        values = np.frombuffer(payload, dtype="<f4")
+        if mode == "poison":  # plausible, finite, wrong: scaled by 1000
+            return encode(header, (values * 1000).astype("<f4").tobytes())
+        if mode == "shape":  # half of what the header promises
+            return encode(header, values[: values.size // 2].tobytes())
+        return reply
 
 
 class RecordingNode(Node):
+    state_server_class = BadDonor if os.environ.get("COMMONS_TEST_BAD_DONOR") else StateServer
+
     def __init__(self, config, out_dir: Path) -> None:
         super().__init__(config)
         self.out_dir = out_dir

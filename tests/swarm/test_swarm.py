@@ -14,22 +14,37 @@ import torch
 
 from node.model import MoETransformer
 from protocol.manifest import load_manifest
-from tests.procs import NodeProcess, write_text_corpus, write_tiny_manifest
+from tests.procs import NodeProcess, child_env, write_text_corpus, write_tiny_manifest
 
 pytestmark = pytest.mark.swarm
 
 
 class Peer:
-    def __init__(self, tmp: Path, name: str, manifest: Path, initial: List[str], experts: int = 1) -> None:
+    def __init__(
+        self, tmp: Path, name: str, manifest: Path, initial: List[str], experts: int = 1, bad_donor: str = ""
+    ) -> None:
         self.dir = tmp / name
         self.dir.mkdir()
         corpus = write_text_corpus(self.dir / "corpus.txt", seed=len(name) + ord(name[-1]))
         args = ["--manifest", str(manifest), "--data", str(corpus), "--experts", str(experts), "--max-seconds", "240"]
+        args += ["--log-format", "json"]
         if initial:
             args += ["--initial-peers", *initial]
+        env = child_env(COMMONS_TEST_BAD_DONOR=bad_donor) if bad_donor else None
         self.proc = NodeProcess(
-            [sys.executable, "-m", "tests.swarm.recording_peer", str(self.dir / "rounds"), *args], self.dir, name
+            [sys.executable, "-m", "tests.swarm.recording_peer", str(self.dir / "rounds"), *args], self.dir, name, env
         )
+
+    def events(self, kind: str) -> List[dict]:
+        found = []
+        for line in self.proc.log_path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("event") == kind:
+                found.append(entry)
+        return found
 
     def rounds(self) -> Dict[int, dict]:
         out = {}
@@ -182,3 +197,36 @@ def test_sigkilled_peer_does_not_stop_the_others(swarm_of_three):
     assert took < 30
     for peer in survivors:
         assert peer.proc.terminate() == 0, peer.proc.stderr_tail()
+
+
+def test_a_late_node_downloads_current_state_despite_stalling_and_lying_donors(tmp_path):
+    manifest = write_tiny_manifest(tmp_path / "manifest.yaml", experts=2, steps=10)
+    peers: List[Peer] = []
+    try:
+        first = Peer(tmp_path, "peer-a", manifest, [])
+        peers.append(first)
+        first.proc.wait_ready()
+        for name, mode in (("peer-b", "poison"), ("peer-c", "stall")):
+            peers.append(Peer(tmp_path, name, manifest, [first.proc.maddr], bad_donor=mode))
+            peers[-1].proc.wait_ready()
+        wait_for(lambda: full_trunk_round(peers), 120, "a round with the first 3 peers", peers)
+
+        late = Peer(tmp_path, "peer-d", manifest, [first.proc.maddr])
+        peers.append(late)
+        late.proc.wait_ready(timeout=90)
+        (downloaded,) = late.events("state_downloaded")
+        assert "trunk" in downloaded["modules"], downloaded
+
+        def first_round_with_all_four():
+            rounds = late.rounds()
+            full = [r for r in sorted(rounds) if outcome(rounds[r], "trunk")["group_size"] == 4]
+            return rounds[full[0]] if full else None
+
+        joined = wait_for(first_round_with_all_four, 60, "a trunk round with all four peers", peers)
+        # No resync needed: the downloaded trunk (and momentum) hashed exactly like everyone else's,
+        # although one donor stalled and another sent scaled values.
+        assert outcome(joined, "trunk")["resync"] is False, joined
+        assert outcome(joined, "trunk")["averaged_fraction"] == 1.0
+    finally:
+        leaks = {p.proc.name: p.proc.cleanup() for p in peers}
+        assert not any(leaks.values()), f"processes leaked: {leaks}"

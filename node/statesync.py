@@ -1,0 +1,246 @@
+"""Joining a running swarm: download each module's current state from the peers that hold it.
+
+Serving: every node answers state requests for the modules it hosts: a *digest* (round,
+size, hash of [global copy; momentum]) or a *range* of that vector, refused when the
+state has moved on since the digest the requester trusts.
+
+Downloading: ask every host for its digest; trust the hash most hosts report (ties: the
+newer round), never one donor's word alone when others disagree. Split the vector into
+ranges fetched in parallel from the agreeing donors, each with a timeout; a range that
+fails (timeout, wrong size, non-finite values) is fetched from another donor. The result
+must hash to the agreed value, else the module is downloaded whole from one donor at a
+time until one matches. Nobody to download from: the caller keeps its own state, and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from node.diloco import ModuleState
+from protocol.wire import StateReply, StateRequest, WireError, decode, encode
+
+logger = logging.getLogger(__name__)
+
+RANGE_ELEMENTS = 1 << 20  # 4 MiB per request: small enough to spread over donors and retry cheaply
+ATTEMPTS = 4  # fresh digests after the donors' state moved on (a round ended mid-download)
+
+
+@dataclass(frozen=True)
+class Digest:
+    peer: str
+    outer_round: int
+    numel: int
+    params_hash: str
+
+
+class StateServer:
+    """Answers state requests from the modules ``states()`` returns (read on the swarm loop)."""
+
+    def __init__(
+        self, swarm, swarm_id: str, states: Callable[[], Dict[str, ModuleState]], round_now: Callable[[], int]
+    ):
+        self._swarm = swarm
+        self._swarm_id = swarm_id
+        self._states = states
+        self._round_now = round_now
+        self.handler_name = f"commons/{swarm_id}/state"
+
+    async def start(self) -> None:
+        await self._swarm.add_handler(self.handler_name, self._handle)
+
+    async def _handle(self, remote_peer: str, frame: bytes) -> bytes:
+        try:
+            request, _ = decode(frame)
+            if not isinstance(request, StateRequest) or request.swarm_id != self._swarm_id:
+                raise WireError("expected a state request for this swarm")
+        except WireError as e:
+            return encode(StateReply(ok=False, reason=str(e)))
+        state = self._states().get(request.module)
+        if state is None:
+            return encode(StateReply(ok=False, reason=f"not hosting {request.module}"))
+        # count == 0 asks for the digest only; the state is [global copy; momentum], 2 x numel values.
+        digest = StateReply(ok=True, outer_round=self._round_now(), numel=state.numel, params_hash=state.params_hash())
+        if request.count == 0:
+            return encode(digest)
+        if request.expected_hash != digest.params_hash:
+            return encode(digest.copy(update={"ok": False, "reason": "state moved on since that digest"}))
+        end = min(request.offset + request.count, 2 * state.numel)
+        values = torch.cat([state.global_flat, state.momentum])[request.offset : end].numpy()
+        reply = digest.copy(update={"offset": request.offset, "count": end - request.offset})
+        return encode(reply, values.astype("<f4").tobytes())
+
+
+class StateDownloader:
+    """Fetches modules from donors; ``on_progress(elements)`` drives a progress bar."""
+
+    def __init__(self, swarm, swarm_id: str, timeout: float, on_progress: Optional[Callable[[int], None]] = None):
+        self._swarm = swarm
+        self._swarm_id = swarm_id
+        self._timeout = timeout
+        self._on_progress = on_progress or (lambda n: None)
+        self._handler = f"commons/{swarm_id}/state"
+        self.rejected: Dict[str, int] = {}
+
+    async def digests(self, module: str, donors: Sequence[str]) -> List[Digest]:
+        async def ask(peer: str) -> Optional[Digest]:
+            reply = await self._request(peer, StateRequest(swarm_id=self._swarm_id, module=module))
+            if reply is None:
+                return None
+            return Digest(peer, reply[0].outer_round, reply[0].numel, reply[0].params_hash)
+
+        return [d for d in await asyncio.gather(*(ask(p) for p in donors)) if d is not None]
+
+    async def download(self, module: str, donors: Sequence[str], numel: int) -> Optional[Tuple[np.ndarray, int]]:
+        """[global copy; momentum] (2 x numel float32) and its round, or None if no donor delivered.
+
+        Donors' state moves on at every round boundary; a download that straddles one is
+        retried from fresh digests, without the donors that failed or lied so far.
+        """
+        bad: set = set()
+        for _ in range(ATTEMPTS):
+            live = [p for p in donors if p not in bad]
+            found = await self.digests(module, live)
+            bad |= set(live) - {d.peer for d in found}  # no digest: timed out or refused
+            found = [d for d in found if d.numel == numel]
+            if not found:
+                return None
+            votes = Counter(d.params_hash for d in found)
+            agreed = max(votes, key=lambda h: (votes[h], max(d.outer_round for d in found if d.params_hash == h)))
+            agreeing = [d for d in found if d.params_hash == agreed]
+            vector = await self._fetch(module, [d.peer for d in agreeing], agreed, 2 * numel)
+            if vector is not None and _hash(vector, numel) == agreed:
+                return vector, agreeing[0].outer_round
+            if len(agreeing) > 1:  # find who lied: one donor at a time
+                for donor in agreeing:
+                    vector = await self._fetch(module, [donor.peer], agreed, 2 * numel)
+                    if vector is not None and _hash(vector, numel) == agreed:
+                        return vector, donor.outer_round
+                    if vector is not None:
+                        bad.add(donor.peer)
+                        self._reject("hash_mismatch")
+            elif vector is not None:
+                bad.add(agreeing[0].peer)
+                self._reject("hash_mismatch")
+        return None
+
+    async def _fetch(self, module: str, peers: List[str], expected: str, total: int) -> Optional[np.ndarray]:
+        """Ranges pulled in parallel, one worker per donor; a donor that fails once is dropped and
+        its range goes back to the queue for the others."""
+        out = np.empty(total, dtype=np.float32)
+        queue: asyncio.Queue = asyncio.Queue()
+        for offset in range(0, total, RANGE_ELEMENTS):
+            queue.put_nowait((offset, min(RANGE_ELEMENTS, total - offset)))
+        remaining = queue.qsize()
+        done = 0
+
+        async def worker(peer: str) -> None:
+            nonlocal done
+            while not queue.empty():
+                offset, count = queue.get_nowait()
+                request = StateRequest(
+                    swarm_id=self._swarm_id, module=module, offset=offset, count=count, expected_hash=expected
+                )
+                values = self._check(await self._request(peer, request), offset, count)
+                if values is None:
+                    queue.put_nowait((offset, count))
+                    return
+                out[offset : offset + count] = values
+                done += 1
+                self._on_progress(count)
+
+        await asyncio.gather(*(worker(p) for p in peers))
+        return out if done == remaining else None
+
+    def _check(self, reply, offset: int, count: int) -> Optional[np.ndarray]:
+        if reply is None:
+            return None
+        header, payload = reply
+        if not header.ok or header.offset != offset or header.count != count or len(payload) != 4 * count:
+            self._reject("wrong_range")
+            return None
+        values = np.frombuffer(payload, dtype="<f4").astype(np.float32)
+        if not np.isfinite(values).all():
+            self._reject("non_finite")
+            return None
+        return values
+
+    async def _request(self, peer: str, request: StateRequest) -> Optional[Tuple[StateReply, bytes]]:
+        try:
+            frame = await self._swarm.call(peer, self._handler, encode(request), self._timeout)
+            reply, payload = decode(frame)
+        except (TimeoutError, ConnectionError, WireError) as e:
+            logger.info("state donor %s failed: %s", peer[-8:], e)
+            self._reject("donor_failed")
+            return None
+        if not isinstance(reply, StateReply) or not reply.ok:
+            logger.info("state donor %s refused: %s", peer[-8:], getattr(reply, "reason", "?"))
+            return None
+        return reply, bytes(payload)
+
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+def _hash(vector: np.ndarray, numel: int) -> str:
+    """The same hash ModuleState.params_hash() computes over (global copy, momentum)."""
+    probe = ModuleState.__new__(ModuleState)
+    probe.global_flat = torch.from_numpy(vector[:numel])
+    probe.momentum = torch.from_numpy(vector[numel:])
+    return probe.params_hash()
+
+
+async def catch_up(
+    downloader: StateDownloader, states: Dict[str, ModuleState], donors_of: Callable[[str], List[str]]
+) -> Dict[str, int]:
+    """Download every module that has donors; return {module: donors' round} for those adopted."""
+    adopted: Dict[str, int] = {}
+    for name, state in states.items():
+        donors = donors_of(name)
+        if not donors:
+            continue
+        got = await downloader.download(name, donors, state.numel)
+        if got is None:
+            logger.warning("could not get %s from any of %d donor(s): keeping our own copy", name, len(donors))
+            continue
+        vector, round_number = got
+        state.global_flat = torch.from_numpy(vector[: state.numel].copy())
+        state.momentum = torch.from_numpy(vector[state.numel :].copy())
+        state.load_global()
+        adopted[name] = round_number
+    return adopted
+
+
+def download_modules(
+    swarm, swarm_id: str, states: Dict[str, ModuleState], donors: Dict[str, List[str]], timeout: float
+) -> Dict[str, int]:
+    """Blocking: download every module that has donors, with a progress bar; log what happened."""
+    from tqdm.auto import tqdm
+
+    total = sum(2 * states[m].numel for m, peers in donors.items() if peers)
+    if total == 0:
+        return {}
+    started = time.perf_counter()
+    with tqdm(total=total * 4, unit="B", unit_scale=True, desc="downloading state", leave=False) as bar:
+        downloader = StateDownloader(swarm, swarm_id, timeout, on_progress=lambda n: bar.update(4 * n))
+        adopted = swarm.run(catch_up(downloader, states, lambda m: donors[m]))
+    seconds = time.perf_counter() - started
+    size = sum(8 * states[m].numel for m in adopted)
+    logger.info(
+        "downloaded %d of %d module(s) from donors, %.1f MB in %.2fs%s",
+        len(adopted),
+        sum(1 for peers in donors.values() if peers),
+        size / 1e6,
+        seconds,
+        f"; refused: {downloader.rejected}" if downloader.rejected else "",
+        extra={"event": "state_downloaded", "modules": sorted(adopted), "bytes": size, "seconds": round(seconds, 3),
+               "donors": max((len(p) for p in donors.values()), default=0)},
+    )  # fmt: skip
+    return adopted
