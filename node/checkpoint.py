@@ -52,6 +52,7 @@ class Snapshot:
     hosted: List[str]
     data_seed: int
     tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+    data_position: Tuple[int, int] = (0, 0)
     generation: int = 0
 
 
@@ -110,6 +111,7 @@ class CheckpointStore:
             "local_steps": snapshot.local_steps,
             "hosted": snapshot.hosted,
             "data_seed": snapshot.data_seed,
+            "data_position": list(snapshot.data_position),
             "tensor_file": tensor_path.name,
             "sha256": hashlib.sha256(blob).hexdigest(),
             "bytes": len(blob),
@@ -137,6 +139,7 @@ class CheckpointStore:
                 local_steps=int(meta["local_steps"]),
                 hosted=[str(m) for m in meta["hosted"]],
                 data_seed=int(meta["data_seed"]),
+                data_position=(int(meta["data_position"][0]), int(meta["data_position"][1])),
                 tensors=tensors,
                 generation=generation,
             )

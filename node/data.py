@@ -68,6 +68,7 @@ class TextData:
             raise ValueError("seq_len must be >= 1")
         self.seq_len = seq_len
         self.seed = seed
+        self.position: tuple[int, int] = (0, 0)  # (epoch, read group) the training stream is in
         self._window = seq_len + 1
         if spec is None:
             self.source = "python stdlib (default corpus)"
@@ -203,20 +204,25 @@ class TextData:
         arr = np.stack([np.frombuffer(w, dtype=np.uint8) for w in windows])
         return torch.from_numpy(arr.astype(np.int64))
 
-    def train_batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """Endless (batch_size, seq_len + 1) int64 batches from the training blocks."""
+    def train_batches(self, batch_size: int, start: tuple[int, int] = (0, 0)) -> Iterator[torch.Tensor]:
+        """Endless (batch_size, seq_len + 1) int64 batches from the training blocks.
+
+        ``start`` is a ``position`` saved earlier (epoch, read group): the stream resumes
+        there, in the same block order, so a restarted node does not start its data over.
+        """
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        return self._train_iter(batch_size)
+        return self._train_iter(batch_size, start)
 
-    def _train_iter(self, batch_size: int) -> Iterator[torch.Tensor]:
+    def _train_iter(self, batch_size: int, start_at: tuple[int, int]) -> Iterator[torch.Tensor]:
         train = np.array(self._block_indices(False))
         buffer: list[bytes] = []
-        epoch = 0
+        epoch, first = start_at
         while True:
             rng = np.random.default_rng([self.seed % 2**63, epoch])
             order = train[rng.permutation(len(train))]
-            for start in range(0, len(order), _BLOCKS_PER_READ):
+            for start in range(first if first < len(order) else 0, len(order), _BLOCKS_PER_READ):
+                self.position = (epoch, start)
                 for k in order[start : start + _BLOCKS_PER_READ]:
                     data = self._read_block(int(k))
                     # About one window per window-length of text, so an epoch covers the block once.
@@ -228,7 +234,7 @@ class TextData:
                 while len(buffer) >= batch_size:
                     batch, buffer = buffer[:batch_size], buffer[batch_size:]
                     yield self._to_batch(batch)
-            epoch += 1
+            epoch, first = epoch + 1, 0
 
     def eval_windows(self, limit: int) -> list[tuple[int, int]]:
         """(block index, offset in file) of up to ``limit`` held-out windows, in a fixed order:

@@ -113,11 +113,9 @@ class Node:
             logger.info("manifest %r, swarm id %s", self.manifest.name, self.swarm_id)
             if self.checkpoints is not None:
                 self._restored = self.checkpoints.latest(self.swarm_id)
-                if self._restored is not None:
-                    # A fresh order over the data, different from the one before the restart.
-                    data.seed = (self._restored.data_seed + self._restored.local_steps) % (1 << 32)
-                    self.trainer.restart_data()
-                    self._data_seed = data.seed
+                if self._restored is not None:  # continue the data stream where it was
+                    data.seed = self._data_seed = self._restored.data_seed
+                    self.trainer.restart_data(self._restored.data_position)
                 else:
                     logger.info("no usable checkpoint in %s: starting from scratch", self.checkpoints.directory)
             self._join()
@@ -366,6 +364,7 @@ class Node:
             local_steps=self.trainer.local_steps,
             hosted=list(self.hosted),
             data_seed=self._data_seed,
+            data_position=self.trainer.data.position,
             tensors=capture_modules(self.states, self.trainer.optimizer),
         )
         write_generation(self.checkpoints, snapshot, self.metrics)

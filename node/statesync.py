@@ -241,6 +241,7 @@ def download_modules(
         seconds,
         f"; refused: {downloader.rejected}" if downloader.rejected else "",
         extra={"event": "state_downloaded", "modules": sorted(adopted), "bytes": size, "seconds": round(seconds, 3),
-               "donors": max((len(p) for p in donors.values()), default=0)},
+               "donors": max((len(p) for p in donors.values()), default=0),
+               "hashes": {m: states[m].params_hash() for m in adopted}},
     )  # fmt: skip
     return adopted

@@ -111,9 +111,10 @@ class Trainer:
         self._recent_rate = rate if self._recent_rate is None else 0.9 * self._recent_rate + 0.1 * rate
         return value
 
-    def restart_data(self) -> None:
-        """Start the training stream again (after the data source failed)."""
-        self._batches = self.data.train_batches(self.manifest.training.batch_size)
+    def restart_data(self, start: Optional[tuple] = None) -> None:
+        """Start the training stream again: where it was (after the data source failed), or at ``start``."""
+        position = tuple(start) if start is not None else self.data.position
+        self._batches = self.data.train_batches(self.manifest.training.batch_size, start=position)  # type: ignore
 
     @property
     def samples_per_second(self) -> Optional[float]:

@@ -113,6 +113,18 @@ class NodeProcess:
             selector.close()
         raise AssertionError(f"{self.name} printed no ready line in {timeout}s; stderr:\n{self.stderr_tail()}")
 
+    def events(self, kind: str) -> List[dict]:
+        """The node's JSON log records (--log-format json) whose "event" field is ``kind``."""
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # progress bars and other non-JSON output
+            if isinstance(entry, dict) and entry.get("event") == kind:
+                found.append(entry)
+        return found
+
     def stderr_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

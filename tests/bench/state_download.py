@@ -7,7 +7,6 @@ rounds, so the donors' state does not move during the download.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -23,14 +22,8 @@ training: {batch_size: 2, inner_steps: 100000, eval_batches: 1}
 
 
 def downloaded(node: NodeProcess) -> dict:
-    for line in node.log_path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("event") == "state_downloaded":
-            return entry
-    raise AssertionError("no state_downloaded event")
+    (event,) = node.events("state_downloaded")
+    return event
 
 
 def run(donors: int, tmp: Path) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -10,18 +9,6 @@ import pytest
 from tests.procs import NodeProcess, write_text_corpus, write_tiny_manifest
 
 pytestmark = pytest.mark.e2e
-
-
-def events(node: NodeProcess, kind: str) -> list:
-    found = []
-    for line in node.log_path.read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("event") == kind:
-            found.append(entry)
-    return found
 
 
 def test_sigkilled_node_resumes_from_its_checkpoint(tmp_path):
@@ -41,23 +28,23 @@ def test_sigkilled_node_resumes_from_its_checkpoint(tmp_path):
     try:
         ready = first.wait_ready()
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(events(first, "checkpoint")) < 3:
+        while time.monotonic() < deadline and len(first.events("checkpoint")) < 3:
             time.sleep(0.3)
         first.kill()  # power loss: no goodbye, no final checkpoint
         assert first.leftovers() == []
-        saved = events(first, "checkpoint")
+        saved = first.events("checkpoint")
         assert len(saved) >= 3
 
         second = NodeProcess.node(args, tmp_path / "run2", "run2")
         again = second.wait_ready()
         assert again["peer_id"] == ready["peer_id"], "the identity is kept next to the checkpoints"
         assert again["modules"] == ready["modules"], "the same experts are hosted again"
-        (resumed,) = events(second, "resumed")
+        (resumed,) = second.events("resumed")
         # At most one checkpoint interval (one round) is lost.
         assert resumed["round"] >= saved[-1]["round"] - 1
         assert again["outer_round"] >= resumed["round"]
         assert second.terminate() == 0
-        assert events(second, "checkpoint"), "a checkpoint is written on shutdown"
+        assert second.events("checkpoint"), "a checkpoint is written on shutdown"
     finally:
         leaks = {n.name: n.cleanup() for n in (first, second) if n is not None}
         assert not any(leaks.values()), leaks

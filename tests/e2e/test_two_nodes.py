@@ -82,15 +82,7 @@ def test_two_nodes_find_each_other_average_and_leave_cleanly(tmp_path):
 
 def averaged_rounds(node: NodeProcess) -> list:
     """Rounds whose JSON log line says the trunk was averaged with the other node."""
-    rounds = []
-    for line in node.log_path.read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("event") == "round" and entry.get("trunk_group") == 2 and entry.get("trunk_fraction") == 1.0:
-            rounds.append(entry["round"])
-    return rounds
+    return [e["round"] for e in node.events("round") if e["trunk_group"] == 2 and e["trunk_fraction"] == 1.0]
 
 
 def test_a_node_with_another_manifest_is_refused(tmp_path):

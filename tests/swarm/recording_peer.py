@@ -65,6 +65,7 @@ class RecordingNode(Node):
             "steps": steps,
             "hosted_during_round": sorted(o.module for o in outcomes),
             "outcomes": [dataclasses.asdict(o) for o in outcomes],
+            "hashes": {m: state.params_hash() for m, state in self.states.items()},
         }
         (self.out_dir / f"round_{round_number}.json").write_text(json.dumps(info))
 

@@ -137,3 +137,23 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_counts_the_failure(tiny_d
     assert loaded is not None and loaded.outer_round == 1
     assert not list(tiny_disk.glob(".ckpt-*.tmp")), "a failed write must not leave temporary files"
     assert write_generation(store, snapshot(3, size=100_000), metrics)  # and writing works again once it fits
+
+
+def test_a_read_only_disk_keeps_the_previous_checkpoint(tiny_disk):
+    store = CheckpointStore(tiny_disk)
+    metrics = NodeMetrics(version="0", protocol_version=1, swarm_id="s1")
+    assert write_generation(store, snapshot(1), metrics)
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)], check=True)
+    assert not write_generation(store, snapshot(2), metrics)
+    assert metrics.registry.get_sample_value("commons_checkpoint_failures_total") == 1
+    loaded = store.latest("s1")
+    assert loaded is not None and loaded.outer_round == 1
+
+
+def test_data_position_is_saved_and_restored(tmp_path):
+    store = CheckpointStore(tmp_path)
+    saved = snapshot(1)
+    saved.data_position = (3, 8)
+    store.save(saved)
+    loaded = store.latest("s1")
+    assert loaded is not None and loaded.data_position == (3, 8)

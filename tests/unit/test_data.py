@@ -206,3 +206,20 @@ def test_bad_arguments(tmp_path: Path) -> None:
         data.train_batches(0)
     with pytest.raises(ValueError):
         TextData(str(tmp_path), 0)
+
+
+def test_training_stream_resumes_at_a_saved_position(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_bytes(b"".join(b"line %06d of the corpus\n" % i for i in range(20000)))
+    data = TextData(str(path), 32, seed=3)
+    stream = data.train_batches(4)
+    for _ in range(1000):  # several read groups of 4 blocks
+        next(stream)
+    saved = data.position
+    assert saved != (0, 0)
+    resumed = TextData(str(path), 32, seed=3)
+    batch = next(resumed.train_batches(4, start=saved))
+    assert batch.shape == (4, 33) and resumed.position == saved
+    beyond = TextData(str(path), 32, seed=3)
+    next(beyond.train_batches(4, start=(saved[0], 10**9)))  # past the epoch's end: wraps
+    assert beyond.position == (saved[0], 0)
