@@ -18,6 +18,13 @@ import torch
 from protocol.manifest import OuterOptimizerSpec
 
 
+def state_hash(global_flat: np.ndarray, momentum: np.ndarray) -> str:
+    """SHA-256 (first 32 hex digits) of a module's float32 global copy followed by its momentum."""
+    digest = hashlib.sha256(np.ascontiguousarray(global_flat, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(momentum, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:32]
+
+
 class ModuleState:
     """Global parameters and momentum of one module, kept as flat float32 CPU tensors."""
 
@@ -37,9 +44,7 @@ class ModuleState:
 
     def params_hash(self) -> str:
         """Identifies the (global parameters, momentum) pair; equal hashes mean identical state."""
-        digest = hashlib.sha256(self.global_flat.numpy().tobytes())
-        digest.update(self.momentum.numpy().tobytes())
-        return digest.hexdigest()[:32]
+        return state_hash(self.global_flat.numpy(), self.momentum.numpy())
 
     def pseudo_gradient(self) -> torch.Tensor:
         """global - local: the direction the inner steps moved, to be averaged."""
@@ -74,8 +79,3 @@ class ModuleState:
                 count = p.numel()
                 p.copy_(self.global_flat[offset : offset + count].view_as(p).to(p.device, p.dtype))
                 offset += count
-
-    def reset_from_params(self) -> None:
-        """Adopt the model's current values as the global copy (a newly hosted expert)."""
-        self.global_flat = self._flatten_params()
-        self.momentum = torch.zeros_like(self.global_flat)

@@ -37,12 +37,6 @@ class SwarmMismatch(CommonsError):
     exit_code = 5
 
 
-class AveragingTimeout(CommonsError):
-    """An averaging round did not finish by its deadline (handled inside the node)."""
-
-    exit_code = 6
-
-
 EXIT_CODES = {
     0: "clean exit (including Ctrl+C / SIGTERM)",
     1: "internal error (a bug: please report it with the traceback)",

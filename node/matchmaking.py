@@ -20,7 +20,7 @@ import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, Optional, Set, Tuple
 
 from protocol.records import ReadyRecord, RecordError, parse_record, ready_key
 
@@ -124,7 +124,3 @@ def swarm_clock() -> float:
     from node.swarm import now
 
     return now()
-
-
-def expected_hosts(peer_modules: Dict[str, List[str]], module: str) -> Set[str]:
-    return {peer for peer, modules in peer_modules.items() if module in modules}

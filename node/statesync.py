@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from node.diloco import ModuleState
+from node.diloco import ModuleState, state_hash
 from protocol.wire import StateReply, StateRequest, WireError, decode, encode
 
 logger = logging.getLogger(__name__)
@@ -190,11 +190,8 @@ class StateDownloader:
 
 
 def _hash(vector: np.ndarray, numel: int) -> str:
-    """The same hash ModuleState.params_hash() computes over (global copy, momentum)."""
-    probe = ModuleState.__new__(ModuleState)
-    probe.global_flat = torch.from_numpy(vector[:numel])
-    probe.momentum = torch.from_numpy(vector[numel:])
-    return probe.params_hash()
+    """The hash peers advertise for [global copy; momentum] (ModuleState.params_hash)."""
+    return state_hash(vector[:numel], vector[numel:])
 
 
 async def catch_up(

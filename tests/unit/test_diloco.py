@@ -147,17 +147,6 @@ def test_params_hash() -> None:
     assert a.params_hash() == before
 
 
-def test_reset_from_params() -> None:
-    layer = _linear()
-    state = ModuleState("expert.0.0", list(layer.parameters()), SPEC)
-    _inner_steps(layer, 1)
-    state.apply(state.payload(resync=False), resync=False)
-    _inner_steps(layer, 2)
-    state.reset_from_params()
-    assert torch.equal(state.global_flat, _flat(layer))
-    assert torch.count_nonzero(state.momentum) == 0
-
-
 def test_multiple_parameters_keep_their_shapes() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2, bias=False))
     state = ModuleState("trunk", list(model.parameters()), SPEC)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from node.matchmaking import Group, expected_hosts, make_group, window_of
+from node.matchmaking import Group, make_group, window_of
 from protocol.records import ReadyRecord
 
 HASH_A = "a" * 32
@@ -104,10 +104,3 @@ def test_needs_resync_iff_hashes_differ() -> None:
     group = make_group("trunk", 0, differ)
     assert group.needs_resync
     assert group.params_hashes == (HASH_A, HASH_B, HASH_A)
-
-
-def test_expected_hosts() -> None:
-    view = {"a": ["trunk", "expert.0.0"], "b": ["trunk"], "c": ["trunk", "expert.0.0", "expert.0.1"]}
-    assert expected_hosts(view, "expert.0.0") == {"a", "c"}
-    assert expected_hosts(view, "trunk") == {"a", "b", "c"}
-    assert expected_hosts(view, "expert.1.0") == set()
