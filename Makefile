@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install start test test-unit lint bench clean
+.PHONY: install install-dev start test test-unit lint bench clean
 
 # Progress goes to stderr so that `make start`'s stdout holds only the node's JSON ready line.
 $(BIN)/python:
@@ -18,26 +18,34 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	@echo "installing $(TORCH_SPEC), then commons-node with its dependencies" >&2
 	@$(BIN)/pip install --quiet "$(TORCH_SPEC)" >&2
+	@$(BIN)/pip install --quiet -e . >&2
+	@touch $@
+
+# Test tools (pytest, ruff, mypy, Jupyter kernel, pandas, matplotlib) only for `make test`.
+$(VENV)/.installed-dev: $(VENV)/.installed
+	@echo "installing the test tools" >&2
 	@$(BIN)/pip install --quiet -e ".[dev]" >&2
 	@touch $@
 
 install: $(VENV)/.installed
 
+install-dev: $(VENV)/.installed-dev
+
 start: install
 	@$(BIN)/node start $(ARGS)
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check node protocol tests
 	$(BIN)/mypy
 
-test: install lint
+test: install-dev lint
 	$(BIN)/python -m pytest -q tests/unit tests/swarm tests/e2e
 
-test-unit: install
+test-unit: install-dev
 	$(BIN)/python -m pytest -q tests/unit
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
-bench: install
+bench: install-dev
 	$(BIN)/python -m tests.bench.swarm_rounds
