@@ -36,9 +36,6 @@ SliceKey = Tuple[str, int, str, int]  # module, round, group_id, slice index
 class AveragingStats:
     """Counters the metrics layer reads; owned by the Averager, mutated on its loop only."""
 
-    rounds_ok: int = 0
-    rounds_partial: int = 0
-    rounds_failed: int = 0
     parts_rejected: Dict[str, int] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0

@@ -25,7 +25,6 @@ class Greeter:
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._manifest_name = manifest_name
-        self.refused_peers = 0
 
     async def start(self) -> None:
         await self._swarm.add_handler(HELLO_HANDLER, self._handle)
@@ -49,7 +48,6 @@ class Greeter:
         except WireError as e:
             reason = f"malformed hello: {e}"
         if reason:
-            self.refused_peers += 1
             logger.warning("refused peer %s: %s", remote_peer[-8:], reason)
         reply = HelloReply(
             swarm_id=self._swarm_id,

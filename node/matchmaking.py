@@ -77,7 +77,6 @@ class Matchmaker:
         self._swarm_id = swarm_id
         self._gather = gather_seconds
         self._clock = clock or swarm_clock
-        self.rejected_records = 0
 
     async def read_ready(self, module: str, round_number: int) -> Dict[str, ReadyRecord]:
         raw = await self._swarm.get_subkeys(ready_key(self._swarm_id, module, round_number))
@@ -86,7 +85,6 @@ class Matchmaker:
             try:
                 records[peer] = parse_record(ReadyRecord, value)  # type: ignore[assignment]
             except RecordError as e:
-                self.rejected_records += 1
                 logger.debug("ignoring ready record from %s: %s", peer[-8:], e)
         return records
 

@@ -155,8 +155,8 @@ class Node:
             )
         self.swarm.run(self.membership.start())
         view = self.membership.view
-        self.outer_round = view.max_round(exclude=self.swarm.peer_id)
-        self.membership.watch_round = self.outer_round
+        swarm_round = view.max_round(exclude=self.peer_id)
+        self.outer_round = swarm_round
         all_experts = self.module_names[1:]
         restored = self._restored
         if restored is not None:
@@ -174,9 +174,9 @@ class Node:
                 extra={"event": "resumed", "round": restored.outer_round, "generation": restored.generation},
             )
         else:
-            replicas = replica_counts(view.modules_by_peer(), exclude=self.swarm.peer_id)
-            self._host(choose_experts(all_experts, replicas, self.config.experts, self.swarm.peer_id))
-        if restored is None or restored.outer_round < view.max_round(exclude=self.peer_id) - 1:
+            replicas = replica_counts(view.modules_by_peer(), exclude=self.peer_id)
+            self._host(choose_experts(all_experts, replicas, self.config.experts, self.peer_id))
+        if restored is None or restored.outer_round < swarm_round - 1:
             self._catch_up()
         self.membership.watch_round = self.outer_round
 

@@ -15,8 +15,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from node.procs import in_process_group
 
@@ -49,6 +51,17 @@ def write_text_corpus(path: Path, seed: int = 0, size: int = 60_000) -> Path:
         out.append(words[state % len(words)] + (".\n" if state % 11 == 0 else " "))
     path.write_text("".join(out))
     return path
+
+
+def http_get(url: str) -> Tuple[int, bytes]:
+    """(status, body) of a GET on loopback; status 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except OSError:
+        return 0, b""
 
 
 def child_env(**extra: str) -> Dict[str, str]:

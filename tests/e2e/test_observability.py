@@ -10,23 +10,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import pytest
 
-from tests.procs import NodeProcess, write_text_corpus, write_tiny_manifest
+from tests.procs import NodeProcess, http_get, write_text_corpus, write_tiny_manifest
 
 pytestmark = pytest.mark.e2e
-
-
-def http_get(url: str) -> Tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except OSError:
-        return 0, b""
 
 
 def free_port() -> int:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -20,6 +18,7 @@ from node.endpoints import Endpoints, Health
 from node.membership import SwarmView
 from node.metrics import AveragerCollector, HelperProcessCollector, NodeMetrics, SwarmViewCollector
 from protocol.records import PeerRecord
+from tests.procs import http_get
 
 DOC = Path(__file__).resolve().parents[2] / "deploy" / "METRICS.md"
 
@@ -114,35 +113,27 @@ def test_counters_move_with_a_step_a_round_and_a_rejected_part():
     assert sample(registry, "commons_network_received_bytes_total") > 0
 
 
-def get(url: str) -> Tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 def test_endpoints_serve_metrics_health_and_readiness():
     now = [100.0]
     health = Health(stall_seconds=30, clock=lambda: now[0])
     metrics, registry = node_registry(AveragingStats())
     endpoints = Endpoints("127.0.0.1", 0, registry, CollectorRegistry(), health)
     try:
-        code, body = get(endpoints.url("/metrics"))
+        code, body = http_get(endpoints.url("/metrics"))
         assert code == 200 and b"commons_training_steps_total" in body
-        assert get(endpoints.url("/healthz"))[0] == 503 and get(endpoints.url("/readyz"))[0] == 503
+        assert http_get(endpoints.url("/healthz"))[0] == 503 and http_get(endpoints.url("/readyz"))[0] == 503
         health.progress()
         health.joined = True
-        assert get(endpoints.url("/healthz"))[0] == 200 and get(endpoints.url("/readyz"))[0] == 200
+        assert http_get(endpoints.url("/healthz"))[0] == 200 and http_get(endpoints.url("/readyz"))[0] == 200
         now[0] += 31  # no progress for longer than stall_seconds
-        code, body = get(endpoints.url("/healthz"))
+        code, body = http_get(endpoints.url("/healthz"))
         assert code == 503 and "no training progress" in json.loads(body)["reason"]
         health.progress()
         health.data_error = "file gone"
-        code, body = get(endpoints.url("/healthz"))
+        code, body = http_get(endpoints.url("/healthz"))
         assert code == 503 and "data source" in json.loads(body)["reason"]
         health.data_error = None
-        assert get(endpoints.url("/healthz"))[0] == 200
-        assert get(endpoints.url("/nope"))[0] == 404
+        assert http_get(endpoints.url("/healthz"))[0] == 200
+        assert http_get(endpoints.url("/nope"))[0] == 404
     finally:
         endpoints.close()
