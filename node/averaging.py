@@ -1,15 +1,20 @@
 """Butterfly all-reduce of one module's vector within its group, over our own p2p streams.
 
 The vector is cut into one slice per member (sorted peer order). Member *j* is the
-reducer of slice *j*: every member sends it that slice ("part"); it computes the
-weighted mean of the parts it received by the deadline and sends the mean back
-("result"). Each member sends and receives about 2·(n−1)/n of the vector.
+reducer of slice *j*: every member sends it that slice ("part"); it combines the parts
+it received by its deadline with the robust aggregator (node/robust.py) and sends the
+result back. Each member sends and receives about 2·(n−1)/n of the vector.
 
-Failure handling: a member whose part does not arrive in time, or is malformed, is
-left out of that slice's mean; a reducer whose result does not arrive leaves that
-slice at the member's own value. The result reports the fraction of the vector that
-was actually averaged with at least one other peer, so a partial round is never
-reported as a full one.
+Checks, in order: every part is validated on arrival (schema, size, dtype, finite
+values, weight 1, this round and group); a bad part excludes its sender from the round
+at once, so nobody waits for it. A member whose part did not reach us by our deadline
+is out of our round too (its result is not applied). The reducer refuses outlier parts and clips the rest.
+Every member checks each result it gets against its own part (robust.py); a slice
+whose result is missing or fails is sent again, once, to a backup reducer (the next
+member), which reduces it without the failed reducer. What cannot be recovered stays
+at the member's own value, and the result reports the fraction of the vector that was
+averaged with at least one other peer: a partial round is never reported as a full one.
+Deadlines come from the waits observed in earlier rounds (node/deadlines.py).
 """
 
 from __future__ import annotations
@@ -18,18 +23,25 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Literal, Optional, Set, Tuple
+from typing import Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
+from node.deadlines import Deadlines
 from node.matchmaking import Group
+from node.robust import aggregate, lower_median, region_spans, relative_distance
 from node.swarm import now as wall_clock
-from protocol.wire import Ack, TensorPart, WireError, decode, encode, read_tensor, tensor_payload
+from protocol.manifest import AveragingSpec
+from protocol.wire import Ack, TensorPart, WireError, decode, encode, read_tensor, tensor_payload, wire_round_trip
 
 logger = logging.getLogger(__name__)
 
 PartKind = Literal["part", "result"]
-SliceKey = Tuple[str, int, str, int]  # module, round, group_id, slice index
+SliceKey = Tuple[str, int, str, int, int]  # module, round, group_id, slice index, attempt
+MIN_CHECK_ELEMENTS = 16
+RELATIVE_FLOOR = 1e-6  # float32 rounding of a mean: below this two values are the same
+# Refusals that say nothing bad about the sender (placement changed, it is late): no exclusion.
+BENIGN = ("round_over", "not_hosted")
 
 
 @dataclass
@@ -40,8 +52,9 @@ class AveragingStats:
     bytes_sent: int = 0
     bytes_received: int = 0
 
-    def reject(self, reason: str) -> None:
-        self.parts_rejected[reason] = self.parts_rejected.get(reason, 0) + 1
+    def reject(self, reason: str, count: int = 1) -> None:
+        if count > 0:
+            self.parts_rejected[reason] = self.parts_rejected.get(reason, 0) + count
 
 
 @dataclass(frozen=True)
@@ -50,7 +63,7 @@ class AllReduceResult:
     averaged_fraction: float
     contributors: Tuple[str, ...]
     seconds: float
-    dropped: Tuple[str, ...] = ()  # members whose part or result we did not get
+    dropped: Tuple[str, ...] = ()  # members whose part or result we did not get or refused
 
 
 @dataclass(frozen=True)
@@ -87,62 +100,108 @@ def slice_bounds(numel: int, parts: int) -> List[Tuple[int, int]]:
     return bounds
 
 
+def backup_of(index: int, size: int) -> int:
+    """The member that reduces slice ``index`` again when its reducer failed."""
+    return (index + 1) % size
+
+
 class _Inbox:
-    """Parts and results that arrived, keyed by slice; waiters are woken on every arrival."""
+    """Parts and results that arrived, keyed by slice, and senders excluded per (module, round)."""
 
     def __init__(self) -> None:
         self.items: Dict[SliceKey, Dict[str, Tuple[float, np.ndarray]]] = {}
-        self.born: Dict[SliceKey, float] = {}
+        self.excluded: Dict[Tuple[str, int], Set[str]] = {}
+        self.born: Dict[object, float] = {}
         self.changed = asyncio.Event()
 
-    def put(self, key: SliceKey, sender: str, weight: float, values: np.ndarray) -> None:
-        self.items.setdefault(key, {})[sender] = (weight, values)
-        self.born.setdefault(key, time.monotonic())
+    def _notify(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
 
-    def pop(self, key: SliceKey) -> Dict[str, Tuple[float, np.ndarray]]:
+    def put(self, key: SliceKey, slot: str, weight: float, values: np.ndarray) -> None:
+        self.items.setdefault(key, {})[slot] = (weight, values)
+        self.born.setdefault(key, time.monotonic())
+        self._notify()
+
+    def exclude(self, module: str, round_number: int, peer: str) -> None:
+        self.excluded.setdefault((module, round_number), set()).add(peer)
+        self.born.setdefault((module, round_number), time.monotonic())
+        self._notify()
+
+    def is_excluded(self, module: str, round_number: int, peer: str) -> bool:
+        return peer in self.excluded.get((module, round_number), ())
+
+    def pop(self, key: SliceKey) -> None:
         self.born.pop(key, None)
-        return self.items.pop(key, {})
+        self.items.pop(key, None)
 
     def expire(self, older_than_seconds: float) -> None:
         limit = time.monotonic() - older_than_seconds
         for key in [k for k, born in self.born.items() if born < limit]:
-            self.pop(key)
+            self.born.pop(key, None)
+            self.items.pop(key, None)  # type: ignore[call-overload]
+            self.excluded.pop(key, None)  # type: ignore[call-overload]
 
-    async def wait_for(self, key: SliceKey, senders: Set[str], deadline: float) -> Dict[str, Tuple[float, np.ndarray]]:
-        """Wait until every sender in ``senders`` delivered ``key`` or the monotonic deadline passes."""
-        while not senders <= set(self.items.get(key, {})):
+    async def wait_for(
+        self, key: SliceKey, peers: Set[str], deadline: float, prefix: str = ""
+    ) -> Tuple[Dict[str, Tuple[float, np.ndarray]], bool]:
+        """Wait until each peer delivered ``key`` (slot ``prefix + peer``) or was excluded, or the deadline.
+
+        Returns what was delivered, keyed by peer, and whether every peer delivered."""
+        module, round_number = key[0], key[1]
+        while True:
+            got = self.items.get(key, {})
+            pending = {
+                p for p in peers if prefix + p not in got and not self.is_excluded(module, round_number, p)
+            }
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if not pending or remaining <= 0:
                 break
             try:
                 await asyncio.wait_for(self.changed.wait(), remaining)
             except asyncio.TimeoutError:
                 break
-        return dict(self.items.get(key, {}))
+        got = self.items.get(key, {})
+        delivered = {p: got[prefix + p] for p in peers if prefix + p in got}
+        return delivered, not pending and len(delivered) == len(peers)
+
+
+@dataclass
+class _Round:
+    """What this member knows about one all-reduce while it runs."""
+
+    group: Group
+    bounds: List[Tuple[int, int]]
+    regions: List[int]
+    sent: np.ndarray  # our vector as receivers decode it
+    dtype: str
+    deadline: float
+    result: np.ndarray = field(init=False)
+    averaged: np.ndarray = field(init=False)  # per slice: averaged with someone
+    contributors: Set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.result = self.sent.copy()
+        self.averaged = np.zeros(len(self.bounds), dtype=bool)
+
+    def key(self, index: int, attempt: int = 0) -> SliceKey:
+        g = self.group
+        return (g.module, g.round, g.group_id, index, attempt)
 
 
 class Averager:
     """Serves part/result messages and runs all-reduces; one per node, for every module."""
 
-    def __init__(
-        self,
-        swarm,
-        swarm_id: str,
-        *,
-        hosted: Callable[[], Set[str]],
-        part_timeout: float,
-        compression: str = "none",
-    ) -> None:
+    def __init__(self, swarm, swarm_id: str, *, hosted: Callable[[], Set[str]], spec: AveragingSpec) -> None:
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._hosted = hosted
-        self._part_timeout = part_timeout
-        self._dtype: Literal["float32", "float16"] = "float16" if compression == "fp16" else "float32"
+        self._spec = spec
+        self.deadlines = Deadlines(spec.part_timeout_seconds, spec.deadline_multiplier)
         self._inbox = _Inbox()
-        self._active: Dict[Tuple[str, int], str] = {}  # (module, round) -> our group id
+        self._active: Dict[Tuple[str, int], _Round] = {}  # (module, round) -> our all-reduce
         self._finished: Dict[str, int] = {}  # module -> last round we finished averaging
+        self._residual: Dict[str, np.ndarray] = {}  # int8 error feedback, per module
         self.stats = AveragingStats()
         self._unreachable: Dict[str, float] = {}  # peer -> wall time we last failed to connect to it
         self.handler_name = f"commons/{swarm_id}/avg"
@@ -150,144 +209,299 @@ class Averager:
     async def start(self) -> None:
         await self._swarm.add_handler(self.handler_name, self._handle)
 
+    @property
+    def me(self) -> str:
+        return self._swarm.peer_id
+
+    # --- receiving -----------------------------------------------------------------
     async def _handle(self, remote_peer: str, frame: bytes) -> bytes:
         self.stats.bytes_received += len(frame)
+        message: Optional[TensorPart] = None
         try:
-            message, payload = decode(frame)
-            if not isinstance(message, TensorPart):
+            decoded, payload = decode(frame)
+            if not isinstance(decoded, TensorPart):
                 raise WireError("expected a part or result")
+            message = decoded
             values = read_tensor(message, payload)
         except WireError as e:
             self.stats.reject("malformed")
+            claimed = message.dict() if message is not None else (e.header or {})
+            self._exclude(remote_peer, claimed.get("module"), claimed.get("round"))
             return encode(Ack(ok=False, reason=f"malformed: {e}"))
-        reason = self._refusal(message, remote_peer)
+        reason = self._refusal(message, remote_peer, values)
         if reason:
-            self.stats.reject(reason.split(":")[0])
+            kind = reason.split(":")[0]
+            self.stats.reject(kind)
+            if kind not in BENIGN:
+                self._exclude(remote_peer, message.module, message.round)
             return encode(Ack(ok=False, reason=reason))
-        key = (message.module, message.round, message.group_id, message.slice_index)
+        key = (message.module, message.round, message.group_id, message.slice_index, message.attempt)
         slot = remote_peer if message.type == "part" else f"result:{remote_peer}"
         self._inbox.put(key, slot, message.weight, values)
         return encode(Ack(ok=True))
 
-    def _refusal(self, message: TensorPart, remote_peer: str) -> str:
+    def _exclude(self, peer: str, module: object = None, round_number: object = None) -> None:
+        """Stop waiting for ``peer`` in the round it claimed, and in our active rounds of that module
+        (of every module when the claim is unreadable) where it is a member."""
+        if isinstance(module, str) and isinstance(round_number, int) and not isinstance(round_number, bool):
+            self._inbox.exclude(module, round_number, peer)
+        for (active_module, active_round), state in list(self._active.items()):
+            if peer in state.group.members and (not isinstance(module, str) or module == active_module):
+                self._inbox.exclude(active_module, active_round, peer)
+
+    def _refusal(self, message: TensorPart, remote_peer: str, values: np.ndarray) -> str:
         if message.swarm_id != self._swarm_id:
             return "wrong_swarm: this peer trains another manifest"
         if message.sender != remote_peer:
             return "spoofed_sender: header sender differs from the stream's peer"
         if message.module not in self._hosted():
             return f"not_hosted: this peer does not host {message.module}"
-        if message.round <= self._finished.get(message.module, -1):
+        state = self._active.get((message.module, message.round))
+        if message.round <= self._finished.get(message.module, -1) and state is None:
+            if any(m == message.module and remote_peer in s.group.members for (m, _), s in self._active.items()):
+                return "wrong_round: a member of our group sent a part for a round that is over"
             return "round_over: this peer already finished that round"
-        active = self._active.get((message.module, message.round))
-        if active is not None and active != message.group_id:
+        if message.type == "part" and message.weight != 1.0:
+            return "bad_weight: a part must carry weight 1 (members count equally)"
+        if message.type == "result" and not (1.0 <= message.weight <= 4096 and float(message.weight).is_integer()):
+            return "bad_weight: a result's weight is the count of parts it combines"
+        if state is None:
+            return ""  # early: checked again when our round starts
+        if state.group.group_id != message.group_id:
             return "wrong_group: this peer formed a different group for that round"
-        if not (np.isfinite(message.weight) and message.weight > 0):
-            return "bad_weight: weight must be finite and positive"
+        if remote_peer not in state.group.members or message.slice_index >= len(state.bounds):
+            return "wrong_group: sender or slice is not in our group"
+        lo, hi = state.bounds[message.slice_index]
+        if values.size != hi - lo:
+            return f"wrong_size: slice {message.slice_index} has {hi - lo} elements, got {values.size}"
         return ""
 
     def presumed_dead(self, peer: str, record_stored_at: float) -> bool:
         """We failed to connect to ``peer`` after its latest record was stored: don't wait for it."""
         return self._unreachable.get(peer, float("-inf")) > record_stored_at
 
-    async def all_reduce(self, group: Group, vector: np.ndarray, weight: float, timeout: float) -> AllReduceResult:
-        """Average ``vector`` (float32, 1-D) with the group; never raises for peer failures."""
+    # --- one all-reduce ------------------------------------------------------------
+    async def all_reduce(
+        self, group: Group, vector: np.ndarray, *, regions: Optional[Sequence[int]] = None, compress: bool = True
+    ) -> AllReduceResult:
+        """Average ``vector`` (float32, 1-D) with the group; never raises for peer failures.
+
+        ``regions`` cuts the vector into parts of different nature (pseudo-gradient,
+        parameters, momentum) that are checked separately; ``compress`` False sends float32."""
         started = time.monotonic()
-        me = self._swarm.peer_id
+        me = self.me
         if len(group.members) == 1:
             return AllReduceResult(vector.copy(), 0.0, (me,), 0.0)
-        deadline = started + timeout
-        my_index = group.index_of(me)
+        dtype = self._spec.compression if compress else "none"
+        dtype = {"none": "float32", "fp16": "float16"}.get(dtype, dtype)
         bounds = slice_bounds(vector.size, len(group.members))
-        self._active[(group.module, group.round)] = group.group_id
-        self._inbox.expire(older_than_seconds=max(timeout * 3, 60.0))
+        sent = self._encode_own(group.module, vector, bounds, dtype, feedback=compress)
+        deadline = started + self._spec.round_timeout_seconds
+        state = _Round(group, bounds, list(regions or [vector.size]), sent, dtype, deadline)
+        self._active[(group.module, group.round)] = state
+        self._inbox.expire(older_than_seconds=max(self._spec.round_timeout_seconds * 3, 60.0))
+        self._refuse_early_strangers(group)
         try:
-            sent_to = await self._send_parts(group, vector, weight, bounds, deadline)
-            # Peers that refused our part formed another group (or finished the round): don't wait for theirs.
-            reduced, contributors = await self._reduce_my_slice(
-                group, vector, weight, bounds[my_index], sent_to, deadline
-            )
-            unreachable = await self._send_results(group, reduced, contributors, my_index, deadline)
-            # A reducer answers within its own part timeout plus one transfer; waiting longer only stalls us.
-            results_deadline = min(deadline, started + 1.5 * self._part_timeout + 1.0)
-            result = vector.copy()
-            averaged = 0
-            lo, hi = bounds[my_index]
-            result[lo:hi] = reduced
-            averaged += (hi - lo) if len(contributors) > 1 else 0
-            dropped = set(group.members) - set(contributors)
-            for index, peer in enumerate(group.members):
-                if index == my_index:
-                    continue
-                if peer not in sent_to or peer in unreachable:
-                    dropped.add(peer)
-                    continue
-                key = (group.module, group.round, group.group_id, index)
-                slot = f"result:{peer}"  # only the slice's own reducer may answer for it
-                got = await self._inbox.wait_for(key, {slot}, results_deadline)
-                if slot in got:
-                    count, values = got[slot]
-                    lo, hi = bounds[index]
-                    if values.size == hi - lo:
-                        result[lo:hi] = values
-                        averaged += (hi - lo) if count > 1 else 0
-                        continue
-                    self.stats.reject("wrong_size")
-                dropped.add(peer)
-            fraction = averaged / max(1, vector.size)
-            seconds = time.monotonic() - started
-            return AllReduceResult(result, fraction, tuple(sorted(contributors)), seconds, tuple(sorted(dropped)))
+            await self._exchange(state, attempt=0, slices=[i for i in range(len(bounds))])
+            failed = [i for i in range(len(bounds)) if i != group.index_of(me) and not state.averaged[i]]
+            if failed and len(group.members) > 2:
+                await self._exchange(state, attempt=1, slices=failed)
         finally:
             self._active.pop((group.module, group.round), None)
             self._finished[group.module] = max(group.round, self._finished.get(group.module, -1))
-            for index in range(len(group.members)):
-                self._inbox.pop((group.module, group.round, group.group_id, index))
+            for attempt in (0, 1):
+                for index in range(len(bounds)):
+                    self._inbox.pop(state.key(index, attempt))
+        fraction = sum(hi - lo for (lo, hi), ok in zip(bounds, state.averaged, strict=True) if ok) / max(1, vector.size)
+        contributors = tuple(sorted(state.contributors | {me}))
+        dropped = tuple(sorted(set(group.members) - set(contributors)))
+        return AllReduceResult(state.result, fraction, contributors, time.monotonic() - started, dropped)
 
-    async def _send_parts(self, group: Group, vector: np.ndarray, weight: float, bounds, deadline: float) -> Set[str]:
-        me = self._swarm.peer_id
+    def _refuse_early_strangers(self, group: Group) -> None:
+        """Members whose parts for this round arrived, before it started, under another group id."""
+        for key, items in list(self._inbox.items.items()):
+            if key[:2] == (group.module, group.round) and key[2] != group.group_id:
+                for slot in items:
+                    if slot in group.members:
+                        self.stats.reject("wrong_group")
+                        self._inbox.exclude(group.module, group.round, slot)
 
-        async def send(index: int, peer: str) -> Optional[str]:
-            lo, hi = bounds[index]
-            ok = await self._send(peer, "part", group, index, weight, vector[lo:hi], deadline)
-            return peer if ok else None
+    def _encode_own(self, module: str, vector: np.ndarray, bounds, dtype: str, feedback: bool) -> np.ndarray:
+        """Our vector as every receiver will decode it; int8 keeps the rounding error for next round."""
+        if dtype == "float32":
+            return vector.astype(np.float32, copy=True)
+        target = vector.astype(np.float32, copy=True)
+        residual = self._residual.get(module)
+        if feedback and dtype == "int8" and residual is not None and residual.size == target.size:
+            target += residual
+        sent = np.empty_like(target)
+        for lo, hi in bounds:
+            sent[lo:hi] = wire_round_trip(target[lo:hi], dtype)
+        if feedback and dtype == "int8":
+            self._residual[module] = target - sent
+        return sent
 
-        sends = [send(i, p) for i, p in enumerate(group.members) if p != me]
-        return {peer for peer in await asyncio.gather(*sends) if peer}
+    async def _exchange(self, state: _Round, attempt: int, slices: List[int]) -> None:
+        """Send parts of ``slices`` to their reducers, reduce the ones that are ours, collect and check the rest."""
+        group, me = state.group, self.me
+        size = len(group.members)
+        reducer_of = {i: group.members[i if attempt == 0 else backup_of(i, size)] for i in slices}
+        started = time.monotonic()
+        parts_wait = self.deadlines.timeout(group.module, "parts")
+        parts_deadline = min(state.deadline, started + parts_wait)
+        sends = [
+            self._send(reducer_of[i], "part", state, i, 1.0, state.sent[slice(*state.bounds[i])], attempt)
+            for i in slices
+            if reducer_of[i] != me
+        ]
+        mine = [i for i in slices if reducer_of[i] == me]
+        reduce = [self._reduce(state, i, attempt, parts_deadline, started) for i in mine]
+        await asyncio.gather(*sends, *reduce)
+        results_started = time.monotonic()
+        # Another reducer may still be waiting for a missing part until its own parts deadline:
+        # its result is due one transfer after that, however early our own slice was done.
+        results_wait = self.deadlines.timeout(group.module, "results")
+        results_deadline = min(state.deadline, max(results_started, started + parts_wait) + results_wait)
+        others = [i for i in slices if reducer_of[i] != me]
+        waits = [
+            self._inbox.wait_for(state.key(i, attempt), {reducer_of[i]}, results_deadline, prefix="result:")
+            for i in others
+        ]
+        received = await asyncio.gather(*waits)
+        if others and all(complete for _, complete in received):
+            self.deadlines.observe(group.module, "results", time.monotonic() - results_started)
+        logger.debug(
+            "%s round %d attempt %d: results from %s of %s; excluded %s",
+            group.module, group.round, attempt, _short([reducer_of[i] for i, (got, _) in zip(others, received,
+            strict=True) if got]), _short(reducer_of[i] for i in others),
+            _short(self._inbox.excluded.get((group.module, group.round), ())),
+        )  # fmt: skip
+        results = {}
+        for i, (got, _) in zip(others, received, strict=True):
+            reducer = reducer_of[i]
+            if reducer in got and not self._inbox.is_excluded(group.module, group.round, reducer):
+                results[i] = got[reducer]
+        self._accept_checked(state, results, reducer_of)
 
-    async def _reduce_my_slice(
-        self, group: Group, vector: np.ndarray, weight: float, bounds, expected, deadline: float
-    ):
-        me = self._swarm.peer_id
-        lo, hi = bounds
-        key = (group.module, group.round, group.group_id, group.index_of(me))
-        others = set(group.members) - {me}
-        received = await self._inbox.wait_for(key, set(expected), min(deadline, time.monotonic() + self._part_timeout))
-        total = vector[lo:hi].astype(np.float64) * weight
-        weight_sum = weight
-        contributors = [me]
-        for sender, (w, values) in received.items():
-            if sender not in others:
-                continue
-            if values.size != hi - lo:
+    async def _reduce(self, state: _Round, index: int, attempt: int, deadline: float, started: float) -> None:
+        group, me = state.group, self.me
+        lo, hi = state.bounds[index]
+        expected = set(group.members) - {me}
+        if attempt:
+            expected.discard(group.members[index])  # the reducer that failed this slice
+        got, complete = await self._inbox.wait_for(state.key(index, attempt), expected, deadline)
+        if complete and expected and attempt == 0:
+            self.deadlines.observe(group.module, "parts", time.monotonic() - started)
+        if attempt == 0:  # a member that failed us is out of our round: its result is not applied either
+            for sender in expected - set(got):
+                self._inbox.exclude(group.module, group.round, sender)
+        parts = {me: state.sent[lo:hi]}
+        for sender, (_, values) in got.items():
+            if self._inbox.is_excluded(group.module, group.round, sender):
+                continue  # it sent something bad elsewhere in this round
+            if values.size != hi - lo:  # arrived before our round started, so unchecked until now
                 self.stats.reject("wrong_size")
+                self._inbox.exclude(group.module, group.round, sender)
                 continue
-            total += values.astype(np.float64) * w
-            weight_sum += w
-            contributors.append(sender)
-        return (total / weight_sum).astype(np.float32), contributors
+            parts[sender] = values
+        spec = self._spec
+        combined = aggregate(
+            parts, me, method=spec.aggregator, clip_multiplier=spec.clip_multiplier, outlier_ratio=spec.outlier_ratio
+        )
+        for sender in combined.outliers:
+            self.stats.reject("outlier")
+            self._inbox.exclude(group.module, group.round, sender)
+        logger.debug(
+            "%s round %d slice %d attempt %d: parts from %s, missing %s, outliers %s, clipped %s",
+            group.module, group.round, index, attempt, _short(got), _short(expected - set(got)),
+            _short(combined.outliers), _short(combined.clipped),
+        )  # fmt: skip
+        reduced = wire_round_trip(combined.values, state.dtype)  # exactly what the others will apply
+        state.result[lo:hi] = reduced
+        state.averaged[index] = len(combined.used) > 1
+        state.contributors.update(combined.used)
+        receivers = [p for p in combined.used if p != me]
+        weight = float(len(combined.used))
+        await asyncio.gather(*(self._send(p, "result", state, index, weight, reduced, attempt) for p in receivers))
 
-    async def _send_results(
-        self, group: Group, reduced: np.ndarray, contributors, my_index: int, deadline: float
-    ) -> Set[str]:
-        """Send our reduced slice to every contributor; return those we could not reach."""
-        me = self._swarm.peer_id
-        count = float(len(contributors))
-        peers = [peer for peer in contributors if peer != me]
-        sends = [self._send(peer, "result", group, my_index, count, reduced, deadline) for peer in peers]
-        delivered = await asyncio.gather(*sends)
-        return {peer for peer, ok in zip(peers, delivered, strict=True) if not ok}
+    def _accept_checked(self, state: _Round, results: Dict[int, Tuple[float, np.ndarray]], reducer_of) -> None:
+        """Apply each result that passes the check against our own part (see node/robust.py)."""
+        me = self.me
+        mine = state.group.index_of(me)
+        ratios: Dict[int, List[Tuple[int, float]]] = {}  # region -> [(slice, ratio)]
+        checked = dict(results)
+        sizes_ok = {i for i, (_, v) in checked.items() if v.size == state.bounds[i][1] - state.bounds[i][0]}
+        self.stats.reject("wrong_size", len(set(checked) - sizes_ok))
+        own_slice = [mine] if state.averaged[mine] else []
+        for i in [*own_slice, *sorted(sizes_ok)]:
+            lo, hi = state.bounds[i]
+            values = state.result[lo:hi] if i == mine else checked[i][1]
+            for region, a, b in region_spans(lo, hi, state.regions):
+                if b - a >= MIN_CHECK_ELEMENTS:
+                    distance = relative_distance(values[a - lo : b - lo], state.sent[a:b])
+                    ratios.setdefault(region, []).append((i, distance))
+        limits = {}
+        for region, entries in ratios.items():
+            own = [r for i, r in entries if i == mine]
+            reference = max(own + [lower_median([r for _, r in entries])])
+            limits[region] = self._spec.result_tolerance * max(reference, RELATIVE_FLOOR)
+        for i in sorted(sizes_ok):
+            bad = [
+                (region, r) for region, entries in ratios.items() for j, r in entries if j == i and r > limits[region]
+            ]
+            weight, values = checked[i]
+            if bad:
+                self.stats.reject("bad_result")
+                logger.warning(
+                    "refused %s's result for slice %d of %s: %.3g from our part, limit %.3g",
+                    reducer_of[i][-8:], i, state.group.module, bad[0][1], limits[bad[0][0]],
+                )  # fmt: skip
+                continue
+            lo, hi = state.bounds[i]
+            state.result[lo:hi] = values
+            state.averaged[i] = weight > 1
+            state.contributors.add(reducer_of[i])
 
-    async def _send(self, peer: str, kind: PartKind, group: Group, index: int, weight: float, values, deadline) -> bool:
-        array = np.asarray(values, dtype=np.float16 if self._dtype == "float16" else np.float32)
+    # --- sending -------------------------------------------------------------------
+    async def _send(
+        self, peer: str, kind: PartKind, state: _Round, index: int, weight: float, values, attempt: int
+    ) -> bool:
+        group = state.group
+        frame = self._frame(kind, state, index, weight, np.asarray(values, dtype=np.float32), attempt)
+        try:
+            reply = await self._call(peer, frame, state.deadline)
+            self.stats.bytes_sent += len(frame)
+            ack, _ = decode(reply)
+        except ConnectionError as e:
+            self._unreachable[peer] = wall_clock()
+            self._inbox.exclude(group.module, group.round, peer)
+            logger.info("cannot reach %s: %s", peer[-8:], e)
+            return False
+        except (TimeoutError, WireError) as e:
+            logger.debug("%s to %s failed: %s", kind, peer[-8:], e)
+            return False
+        if not isinstance(ack, Ack) or not ack.ok:
+            reason = getattr(ack, "reason", "?")
+            logger.info("peer %s refused our %s for %s: %s", peer[-8:], kind, group.module, reason)
+            if not str(reason).startswith(BENIGN):  # e.g. it is done with the round: what it sent still counts
+                self._inbox.exclude(group.module, group.round, peer)  # it will not reduce with us
+            return False
+        return True
+
+    async def _call(self, peer: str, frame: bytes, deadline: float) -> bytes:
+        """One request; a stream that p2pd closed under us is opened again once (messages are idempotent)."""
+        for attempt in (0, 1):
+            timeout = max(0.1, min(self._spec.part_timeout_seconds, deadline - time.monotonic()))
+            try:
+                return await self._swarm.call(peer, self.handler_name, frame, timeout)
+            except ConnectionError as e:
+                if attempt or "closed" not in str(e):
+                    raise
+                logger.debug("retrying a message to %s: %s", peer[-8:], e)
+        raise AssertionError("unreachable")
+
+    def _frame(self, kind: PartKind, state: _Round, index: int, weight: float, values: np.ndarray, attempt: int):
+        group = state.group
         header = TensorPart(
             type=kind,
             swarm_id=self._swarm_id,
@@ -295,25 +509,14 @@ class Averager:
             round=group.round,
             group_id=group.group_id,
             slice_index=index,
-            sender=self._swarm.peer_id,
+            sender=self.me,
             weight=float(weight),
-            numel=int(array.size),
-            dtype=self._dtype,
+            numel=int(values.size),
+            dtype=state.dtype,  # type: ignore[arg-type]
+            attempt=attempt,
         )
-        frame = encode(header, tensor_payload(array))
-        timeout = max(0.1, min(self._part_timeout, deadline - time.monotonic()))
-        try:
-            reply = await self._swarm.call(peer, self.handler_name, frame, timeout)
-            self.stats.bytes_sent += len(frame)
-            ack, _ = decode(reply)
-        except ConnectionError as e:
-            self._unreachable[peer] = wall_clock()
-            logger.info("cannot reach %s: %s", peer[-8:], e)
-            return False
-        except (TimeoutError, WireError) as e:
-            logger.debug("%s to %s failed: %s", kind, peer[-8:], e)
-            return False
-        if not isinstance(ack, Ack) or not ack.ok:
-            logger.info("peer %s refused our %s for %s: %s", peer[-8:], kind, group.module, getattr(ack, "reason", "?"))
-            return False
-        return True
+        return encode(header, tensor_payload(values, state.dtype))
+
+
+def _short(peers) -> str:
+    return ",".join(sorted(p[-4:] for p in peers)) or "-"

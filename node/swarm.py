@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
+import logging
 import os
 import signal
 import threading
@@ -23,6 +24,7 @@ from node.errors import PeerUnreachable
 from node.procs import children_of
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 Handler = Callable[[str, bytes], Awaitable[bytes]]
 
 # A frame larger than this from a peer is refused before it is read: the largest
@@ -200,6 +202,8 @@ class Swarm:
                 await _write_frame(writer, response)
             except (asyncio.IncompleteReadError, ConnectionError, ValueError):
                 pass  # the peer went away or sent a bad frame; its caller times out or retries
+            except Exception:  # a bug in our handler: say so, the caller sees a closed stream
+                logger.exception("handler %s failed on a request from %s", name, str(info.peer_id)[-8:])
             finally:
                 writer.close()
 

@@ -109,20 +109,32 @@ class TrainingSpec:
         _check(self.eval_batches >= 0, "training.eval_batches must be >= 0")
 
 
-COMPRESSIONS = ("none", "fp16")
+COMPRESSIONS = ("none", "fp16", "int8")
+AGGREGATORS = ("centered_clip", "mean")
 
 
 @dataclass(frozen=True)
 class AveragingSpec:
-    """How one module's averaging round is formed and bounded in time (seconds)."""
+    """How one module's averaging round is formed, aggregated, checked and bounded in time (seconds)."""
 
     compression: str = "none"
+    aggregator: str = "centered_clip"
+    clip_multiplier: float = 1.0
+    outlier_ratio: float = 8.0
+    result_tolerance: float = 3.0
+    overlap: bool = True
     gather_seconds: float = 3.0
     part_timeout_seconds: float = 15.0
     round_timeout_seconds: float = 60.0
+    deadline_multiplier: float = 3.0
 
     def __post_init__(self) -> None:
         _check(self.compression in COMPRESSIONS, f"averaging.compression must be one of {', '.join(COMPRESSIONS)}")
+        _check(self.aggregator in AGGREGATORS, f"averaging.aggregator must be one of {', '.join(AGGREGATORS)}")
+        _check(self.clip_multiplier > 0, "averaging.clip_multiplier must be > 0")
+        _check(self.outlier_ratio > 1, "averaging.outlier_ratio must be > 1")
+        _check(self.result_tolerance > 1, "averaging.result_tolerance must be > 1")
+        _check(self.deadline_multiplier >= 1, "averaging.deadline_multiplier must be >= 1")
         _check(self.gather_seconds > 0, "averaging.gather_seconds must be > 0")
         _check(self.part_timeout_seconds > 0, "averaging.part_timeout_seconds must be > 0")
         _check(

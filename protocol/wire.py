@@ -1,8 +1,13 @@
 """Messages exchanged over p2p streams: a small msgpack header, optionally a raw tensor payload.
 
 Frame layout: 4-byte big-endian header length, msgpack header, payload bytes (the rest).
-Headers are validated against strict schemas; a tensor payload must match the header's
-dtype and element count exactly, and hold only finite values, before anyone uses it.
+Headers are validated against strict schemas (unknown fields refused); a tensor payload
+must match the header's dtype and element count exactly, and hold only finite values,
+before anyone uses it.
+
+Tensor encodings: ``float32`` and ``float16`` are little-endian values; ``int8`` is
+blockwise absmax quantization: one little-endian float32 scale per block of
+``INT8_BLOCK`` elements, then one signed byte per element (value = byte * scale / 127).
 """
 
 from __future__ import annotations
@@ -18,10 +23,20 @@ from protocol.version import PROTOCOL_VERSION
 
 MAX_HEADER_BYTES = 4096
 DTYPES = {"float32": np.float32, "float16": np.float16}
+WIRE_DTYPES = ("float32", "float16", "int8")
+INT8_BLOCK = 1024
 
 
 class WireError(ValueError):
-    """A message from a peer is malformed; the sender is refused, nothing is applied."""
+    """A message from a peer is malformed; the sender is refused, nothing is applied.
+
+    ``header`` holds the raw header when it parsed as a msgpack map but failed validation,
+    so a receiver can tell which round the bad message claimed to belong to.
+    """
+
+    def __init__(self, message: str, header: Optional[dict] = None) -> None:
+        super().__init__(message)
+        self.header = header
 
 
 class Hello(BaseModel):
@@ -43,7 +58,15 @@ class HelloReply(BaseModel):
 
 
 class TensorPart(BaseModel):
-    """One slice of a module's vector: a contribution ("part") or a reduced slice ("result")."""
+    """One slice of a module's vector: a contribution ("part") or a reduced slice ("result").
+
+    ``weight`` is not chosen by the sender: a part must carry 1.0 (every member counts once);
+    a result carries the number of parts its reducer combined. ``attempt`` 1 marks a slice
+    sent again to a backup reducer after its first reducer failed or lied.
+    """
+
+    class Config:
+        extra = "forbid"
 
     type: Literal["part", "result"]
     swarm_id: constr(max_length=64, strict=True)  # type: ignore[valid-type]
@@ -54,7 +77,8 @@ class TensorPart(BaseModel):
     sender: constr(min_length=1, max_length=128, strict=True)  # type: ignore[valid-type]
     weight: StrictFloat = 1.0
     numel: conint(ge=0, strict=True)  # type: ignore[valid-type]
-    dtype: Literal["float32", "float16"]
+    dtype: Literal["float32", "float16", "int8"]
+    attempt: conint(ge=0, le=1, strict=True) = 0  # type: ignore[valid-type]
 
 
 class StateRequest(BaseModel):
@@ -122,22 +146,68 @@ def decode(frame: bytes) -> Tuple[Message, memoryview]:
         message = _TYPES[kind].parse_obj(raw)  # type: ignore[union-attr]
     except ValidationError as e:
         first = e.errors()[0]
-        raise WireError(f"{raw['type']}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        raise WireError(f"{raw['type']}.{'.'.join(map(str, first['loc']))}: {first['msg']}", raw) from None
     return message, memoryview(frame)[4 + size :]
 
 
-def tensor_payload(array: np.ndarray) -> bytes:
+def tensor_payload(array: np.ndarray, dtype: str = "") -> bytes:
+    """Encode a float vector as ``dtype`` (default: the array's own float32/float16)."""
+    if dtype == "int8":
+        scales, codes = quantize_int8(np.asarray(array, dtype=np.float32))
+        return scales.astype("<f4").tobytes() + codes.tobytes()
+    if dtype:
+        array = np.asarray(array, dtype=DTYPES[dtype])
     return np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def quantize_int8(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Blockwise absmax int8: (float32 scale per block, int8 code per element)."""
+    count = values.size
+    blocks = -(-count // INT8_BLOCK)
+    padded = np.zeros(blocks * INT8_BLOCK, dtype=np.float32)
+    padded[:count] = values
+    shaped = padded.reshape(blocks, INT8_BLOCK)
+    scales = np.abs(shaped).max(axis=1)
+    safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    codes = np.rint(shaped * (127.0 / safe)[:, None]).astype(np.int8)
+    return scales.astype(np.float32), codes.reshape(-1)[:count]
+
+
+def dequantize_int8(scales: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    count = codes.size
+    padded = np.zeros(scales.size * INT8_BLOCK, dtype=np.float32)
+    padded[:count] = codes
+    out = padded.reshape(scales.size, INT8_BLOCK) * (scales.astype(np.float32) / 127.0)[:, None]
+    return out.reshape(-1)[:count]
+
+
+def wire_round_trip(values: np.ndarray, dtype: str) -> np.ndarray:
+    """What a receiver decodes from ``values`` sent as ``dtype`` (float32 out)."""
+    if dtype == "int8":
+        return dequantize_int8(*quantize_int8(np.asarray(values, dtype=np.float32)))
+    return np.asarray(values, dtype=DTYPES[dtype]).astype(np.float32)
+
+
+def payload_bytes(numel: int, dtype: str) -> int:
+    if dtype == "int8":
+        return 4 * (-(-numel // INT8_BLOCK)) + numel
+    return numel * np.dtype(DTYPES[dtype]).itemsize
 
 
 def read_tensor(part: TensorPart, payload: memoryview, expected_numel: Optional[int] = None) -> np.ndarray:
     """The payload as a float32 vector, after checking length, expected size and finiteness."""
-    dtype = np.dtype(DTYPES[part.dtype]).newbyteorder("<")
     if expected_numel is not None and part.numel != expected_numel:
         raise WireError(f"part has {part.numel} elements, expected {expected_numel}")
-    if len(payload) != part.numel * dtype.itemsize:
+    if len(payload) != payload_bytes(part.numel, part.dtype):
         raise WireError(f"payload has {len(payload)} bytes, header promises {part.numel} x {part.dtype}")
-    values = np.frombuffer(payload, dtype=dtype).astype(np.float32)
+    if part.dtype == "int8":
+        blocks = -(-part.numel // INT8_BLOCK)
+        scales = np.frombuffer(payload[: 4 * blocks], dtype="<f4")
+        if not (np.isfinite(scales).all() and (scales >= 0).all()):
+            raise WireError("int8 payload has a negative or non-finite scale")
+        values = dequantize_int8(scales, np.frombuffer(payload[4 * blocks :], dtype=np.int8))
+    else:
+        values = np.frombuffer(payload, dtype=np.dtype(DTYPES[part.dtype]).newbyteorder("<")).astype(np.float32)
     if not np.isfinite(values).all():
         raise WireError("payload holds NaN or infinite values")
     return values

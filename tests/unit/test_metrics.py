@@ -17,6 +17,7 @@ from node.averaging import Averager, AveragingStats, ModuleOutcome
 from node.endpoints import Endpoints, Health
 from node.membership import SwarmView
 from node.metrics import AveragerCollector, HelperProcessCollector, NodeMetrics, SwarmViewCollector
+from protocol.manifest import AveragingSpec
 from protocol.records import PeerRecord
 from tests.procs import http_get
 
@@ -87,7 +88,7 @@ def test_every_documented_swarm_metric_is_exported():
 
 
 def test_counters_move_with_a_step_a_round_and_a_rejected_part():
-    averager = Averager(None, "abc", hosted=lambda: {"trunk"}, part_timeout=1.0)
+    averager = Averager(None, "abc", hosted=lambda: {"trunk"}, spec=AveragingSpec())
     metrics, registry = node_registry(averager.stats)
     metrics.observe_step(samples=16, loss=2.5)
     assert sample(registry, "commons_training_steps_total") == 1

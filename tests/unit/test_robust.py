@@ -1,0 +1,142 @@
+"""Robust aggregation, the reducer check, int8 encoding and learned deadlines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from node.deadlines import Deadlines
+from node.robust import aggregate, centered_clip, lower_median, region_spans, relative_distance, screen_outliers
+from protocol.wire import (
+    INT8_BLOCK,
+    TensorPart,
+    WireError,
+    decode,
+    encode,
+    read_tensor,
+    tensor_payload,
+    wire_round_trip,
+)
+
+
+def honest(count: int, size: int = 2000, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal(size).astype(np.float32)
+    return {f"h{i}": shared + 0.3 * rng.standard_normal(size).astype(np.float32) for i in range(count)}
+
+
+def robust(parts: dict, trusted: str = "h0") -> np.ndarray:
+    return aggregate(parts, trusted, method="centered_clip", clip_multiplier=4.0, outlier_ratio=8.0).values
+
+
+def test_clean_parts_give_the_plain_mean():
+    parts = honest(5)
+    mean = np.mean(list(parts.values()), axis=0)
+    np.testing.assert_allclose(robust(parts), mean, atol=1e-5)
+
+
+def test_two_parts_are_averaged_plainly():
+    parts = honest(2)
+    np.testing.assert_allclose(robust(parts), (parts["h0"] + parts["h1"]) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e30, -100.0, 50.0])
+def test_huge_parts_are_refused_as_outliers(scale):
+    parts = honest(4)
+    honest_only = robust(dict(parts))
+    parts["evil"] = parts["h1"] * np.float32(scale)
+    combined = aggregate(parts, "h0", method="centered_clip", clip_multiplier=4.0, outlier_ratio=8.0)
+    assert combined.outliers == ("evil",)
+    np.testing.assert_allclose(combined.values, honest_only, atol=1e-5)
+
+
+def test_the_trusted_part_is_never_refused():
+    parts = honest(3)
+    parts["h0"] = parts["h0"] * 100
+    kept, refused = screen_outliers(parts, "h0", 8.0)
+    assert "h0" in kept and refused == []
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "noise", "shift"])
+def test_a_minority_moves_the_result_by_a_bounded_amount(attack):
+    """Whatever a minority sends (below the outlier screen), the result stays within a few clip radii
+    of the honest mean, while the plain mean is dragged away."""
+    parts = honest(5, seed=3)
+    honest_mean = np.mean(list(parts.values()), axis=0)
+    spread = np.median([np.linalg.norm(v - honest_mean) for v in parts.values()])
+    rng = np.random.default_rng(1)
+    base = parts["h1"]
+    for k in range(2):  # 2 of 7 are Byzantine
+        if attack == "sign_flip":
+            bad = -4 * base
+        elif attack == "noise":
+            bad = 6 * np.linalg.norm(base) / np.sqrt(base.size) * rng.standard_normal(base.size)
+        else:
+            bad = base + 15 * spread * np.ones_like(base) / np.sqrt(base.size)
+        parts[f"evil{k}"] = bad.astype(np.float32)
+    mean = aggregate(parts, "h0", method="mean", clip_multiplier=4.0, outlier_ratio=8.0).values
+    moved = np.linalg.norm(robust(parts) - honest_mean)
+    assert moved <= 2.5 * spread, (moved, spread)
+    assert np.linalg.norm(mean - honest_mean) > moved
+
+
+def test_centered_clip_of_identical_rows_is_that_row():
+    row = np.arange(10, dtype=np.float32)
+    center, radius, _ = centered_clip(np.stack([row, row, row]), 4.0)
+    assert radius == 0.0
+    np.testing.assert_array_equal(center, row)
+
+
+def test_relative_distance_and_helpers():
+    own = np.ones(4, dtype=np.float32)
+    assert relative_distance(own, own) == 0.0
+    assert relative_distance(2 * own, own) == pytest.approx(1.0)
+    assert relative_distance(own, np.zeros(4, dtype=np.float32)) == float("inf")
+    assert relative_distance(np.zeros(4), np.zeros(4)) == 0.0
+    assert lower_median([3.0, 1.0, 2.0, 10.0]) == 2.0
+    assert region_spans(5, 25, [10, 10, 10]) == [(0, 5, 10), (1, 10, 20), (2, 20, 25)]
+
+
+@pytest.mark.parametrize("size", [1, INT8_BLOCK - 1, INT8_BLOCK, 3 * INT8_BLOCK + 5])
+def test_int8_round_trip_error_is_within_half_a_step(size):
+    values = np.random.default_rng(size).standard_normal(size).astype(np.float32)
+    values[0] = 0.0
+    decoded = wire_round_trip(values, "int8")
+    for start in range(0, size, INT8_BLOCK):
+        block = slice(start, start + INT8_BLOCK)
+        step = np.abs(values[block]).max() / 127
+        assert np.abs(decoded[block] - values[block]).max() <= step / 2 + 1e-7
+
+
+def _int8_part(numel: int) -> TensorPart:
+    return TensorPart(type="part", swarm_id="s", module="trunk", round=0, group_id="0" * 16, slice_index=0,
+                      sender="p", numel=numel, dtype="int8")  # fmt: skip
+
+
+def test_int8_payload_decodes_and_is_validated():
+    values = np.linspace(-1, 1, 2500, dtype=np.float32)
+    payload = tensor_payload(values, "int8")
+    assert len(payload) == 4 * 3 + 2500  # a scale per block, a byte per value: 4x smaller than float32
+    message, view = decode(encode(_int8_part(2500), payload))
+    np.testing.assert_allclose(read_tensor(message, view), values, atol=1 / 127)
+    for bad_scale in (np.nan, -1.0, np.inf):
+        broken = np.frombuffer(payload[:4], "<f4").copy()
+        broken[0] = bad_scale
+        message, view = decode(encode(_int8_part(2500), broken.tobytes() + payload[4:]))
+        with pytest.raises(WireError, match="scale"):
+            read_tensor(message, view)
+    message, view = decode(encode(_int8_part(2500), payload[:-1]))
+    with pytest.raises(WireError, match="bytes"):
+        read_tensor(message, view)
+
+
+def test_deadlines_start_at_the_cap_then_follow_what_was_observed():
+    deadlines = Deadlines(cap=15.0, multiplier=3.0)
+    assert deadlines.timeout("trunk", "parts") == 15.0
+    deadlines.observe("trunk", "parts", 0.1)
+    assert deadlines.timeout("trunk", "parts") == 1.0  # the floor
+    deadlines.observe("trunk", "parts", 2.0)
+    assert deadlines.timeout("trunk", "parts") == pytest.approx(6.5)
+    deadlines.observe("trunk", "parts", 100.0)
+    assert deadlines.timeout("trunk", "parts") == 15.0  # never past the manifest's cap
+    assert deadlines.timeout("expert.0.0", "parts") == 15.0  # per module
