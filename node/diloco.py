@@ -10,7 +10,7 @@ copies and momentum buffers, after which all members hold bit-identical state.
 from __future__ import annotations
 
 import hashlib
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -32,14 +32,15 @@ class ModuleState:
         self.name = name
         self.params = params
         self.spec = spec
-        self.global_flat = self._flatten_params()
+        self.global_flat = self.local_flat()
         self.momentum = torch.zeros_like(self.global_flat)
 
     @property
     def numel(self) -> int:
         return int(self.global_flat.numel())
 
-    def _flatten_params(self) -> torch.Tensor:
+    def local_flat(self) -> torch.Tensor:
+        """The model's current (local) values of this module, flat, float32, on the CPU."""
         return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
 
     def params_hash(self) -> str:
@@ -48,17 +49,21 @@ class ModuleState:
 
     def pseudo_gradient(self) -> torch.Tensor:
         """global - local: the direction the inner steps moved, to be averaged."""
-        return self.global_flat - self._flatten_params()
+        return self.global_flat - self.local_flat()
 
-    def payload(self, resync: bool) -> np.ndarray:
-        """The vector sent to the group: the pseudo-gradient, plus global params and momentum on a resync."""
-        parts = [self.pseudo_gradient()]
+    def payload(self, resync: bool, delta: Optional[torch.Tensor] = None) -> np.ndarray:
+        """The vector sent to the group: the pseudo-gradient (``delta``, default: now), plus
+        global params and momentum on a resync."""
+        parts = [self.pseudo_gradient() if delta is None else delta]
         if resync:
             parts += [self.global_flat, self.momentum]
         return torch.cat(parts).numpy()
 
-    def apply(self, averaged: np.ndarray, resync: bool) -> None:
-        """Outer step with the group's averaged payload; writes the new global copy into the model."""
+    def apply(self, averaged: np.ndarray, resync: bool, drift: Optional[torch.Tensor] = None) -> None:
+        """Outer step with the group's averaged payload; writes the new global copy into the model.
+
+        ``drift`` (overlapped rounds): local steps taken while the round was on the network;
+        the model becomes the new global copy plus that drift, so no step is lost."""
         n = self.numel
         averaged_t = torch.from_numpy(np.ascontiguousarray(averaged, dtype=np.float32))
         delta = averaged_t[:n]
@@ -70,12 +75,13 @@ class ModuleState:
         self.momentum.mul_(mu).add_(delta)
         step = delta + mu * self.momentum
         self.global_flat = self.global_flat - lr * step
-        self.load_global()
+        self.load_global(drift)
 
-    def load_global(self) -> None:
+    def load_global(self, drift: Optional[torch.Tensor] = None) -> None:
+        values = self.global_flat if drift is None else self.global_flat + drift
         offset = 0
         with torch.no_grad():
             for p in self.params:
                 count = p.numel()
-                p.copy_(self.global_flat[offset : offset + count].view_as(p).to(p.device, p.dtype))
+                p.copy_(values[offset : offset + count].view_as(p).to(p.device, p.dtype))
                 offset += count

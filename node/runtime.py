@@ -8,7 +8,6 @@ for a stop request so Ctrl+C abandons a round within a second or two.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import json
 import logging
@@ -20,7 +19,7 @@ from typing import Callable, ContextManager, Dict, List, Optional, TextIO
 from prometheus_client import CollectorRegistry
 
 from node import __version__
-from node.averaging import AllReduceResult, Averager, ModuleOutcome, classify
+from node.averaging import Averager, ModuleOutcome
 from node.checkpoint import CheckpointStore, Snapshot, capture_modules, restore_modules, write_generation
 from node.config import NodeConfig
 from node.data import DataError, TextData
@@ -32,6 +31,7 @@ from node.membership import Membership, SwarmView
 from node.metrics import AveragerCollector, HelperProcessCollector, NodeMetrics, SwarmViewCollector
 from node.placement import choose_experts, rebalance, replica_counts
 from node.report import log_round, round_summary
+from node.rounds import PendingRound, RoundAverager, apply, prepare
 from node.statesync import StateServer, download_modules
 from node.swarm import Swarm, now
 from node.training import ModelFactory, Trainer, architecture_swarm_id, resolve_device
@@ -69,6 +69,7 @@ class Node:
         self.stop_requested = threading.Event()
         self.outer_round = 0
         self.rounds_done = 0
+        self._pending: Optional[PendingRound] = None  # a round on the network (overlap mode)
         self.last_eval_loss: Optional[float] = None
         self.swarm: Optional[Swarm] = None
         self.states: Dict[str, ModuleState] = {}
@@ -131,14 +132,9 @@ class Node:
         averaging = self.manifest.averaging
         self.greeter = Greeter(self.swarm, swarm_id, self.manifest.name)
         self.matchmaker = Matchmaker(self.swarm, swarm_id, averaging.gather_seconds)
-        self.averager = Averager(
-            self.swarm,
-            swarm_id,
-            hosted=lambda: set(self.states),
-            part_timeout=averaging.part_timeout_seconds,
-            compression=averaging.compression,
-        )
+        self.averager = Averager(self.swarm, swarm_id, hosted=lambda: set(self.states), spec=averaging)
         self.membership = Membership(self.swarm, swarm_id, self._describe_self, now)
+        self.round_averager = RoundAverager(self.peer_id, self.matchmaker, self.averager, self.membership, averaging)
         self.swarm.run(self.greeter.start())
         self.swarm.run(self.averager.start())
         server = self.state_server_class(self.swarm, swarm_id, lambda: self.states, lambda: self.outer_round)
@@ -288,20 +284,17 @@ class Node:
         while not self.stop_requested.is_set() and not out_of_time():
             round_started = time.perf_counter()
             steps = self._local_steps(out_of_time)
+            if self._pending is not None and not self._complete_round(self._pending):
+                break
             if steps == 0 or self.stop_requested.is_set() or out_of_time():
                 break
-            compute_done = time.perf_counter()
-            with self._model_lock:
-                outcomes = self._average_round(steps)
-            if outcomes is None:
+            pending = self._submit_round(steps, time.perf_counter() - round_started)
+            if not self.manifest.averaging.overlap and not self._complete_round(pending):
                 break
-            timing = {
-                "compute_seconds": round(compute_done - round_started, 3),
-                "averaging_seconds": round(time.perf_counter() - compute_done, 3),
-            }
-            self._finish_round(outcomes, steps, timing)
             if max_rounds is not None and self.rounds_done - rounds_at_start >= max_rounds:
                 break
+        if self._pending is not None:
+            self._complete_round(self._pending)
         logger.info("leaving after %d round(s), %d local step(s)", self.rounds_done, self.trainer.local_steps)
 
     def _local_steps(self, out_of_time) -> int:
@@ -310,7 +303,9 @@ class Node:
         while done < self.manifest.training.inner_steps:
             if self.stop_requested.is_set() or out_of_time():
                 break
-            if done > 0 and self._swarm_moved_on():
+            if self._pending is not None and self._pending.future.done():
+                self._complete_round(self._pending)  # overlapped round is back: apply it between steps
+            if done > 0 and self._pending is None and self._swarm_moved_on():
                 break
             try:
                 with self._model_lock:
@@ -376,55 +371,38 @@ class Node:
             return True
         return membership.view.max_round(exclude=self.peer_id) > self.outer_round
 
-    def _average_round(self, steps: int) -> Optional[List[ModuleOutcome]]:
-        """Average every hosted module concurrently; None when a stop request abandoned the round."""
+    def _submit_round(self, steps: int, compute_seconds: float) -> PendingRound:
+        """Capture every module's pseudo-gradient and hand the round to the swarm loop."""
         assert self.swarm is not None
-        future = self.swarm.submit(self._average_all(steps))
+        with self._model_lock:
+            prepared = prepare(self.states)
+        future = self.swarm.submit(self.round_averager.average(prepared, self.outer_round))
+        self._pending = PendingRound(self.outer_round, steps, prepared, future, compute_seconds, time.perf_counter())
+        return self._pending
+
+    def _complete_round(self, pending: PendingRound) -> bool:
+        """Wait for the round, apply it, report it; False when a stop request abandoned it."""
+        waited = time.perf_counter()
         while True:
             try:
-                return future.result(timeout=0.2)
+                results = pending.future.result(timeout=0.2)
+                break
             except concurrent.futures.TimeoutError:
                 if self.stop_requested.is_set():
-                    future.cancel()
-                    logger.info("abandoned averaging round %d to shut down", self.outer_round)
-                    return None
-
-    async def _average_all(self, steps: int) -> List[ModuleOutcome]:
-        tasks = [self._average_module(name, state, float(steps)) for name, state in self.states.items()]
-        return list(await asyncio.gather(*tasks))
-
-    async def _average_module(self, name: str, state: ModuleState, weight: float) -> ModuleOutcome:
-        assert self.swarm is not None
-        started = time.monotonic()
-        spec = self.manifest.averaging
-        view = self.membership.view
-        others = [
-            peer
-            for peer in view.hosts_of(name, exclude=self.peer_id, round_number=self.outer_round)
-            if not self.averager.presumed_dead(peer, view.seen_at.get(peer, 0.0))
-        ]
-        if not others:  # alone: DiLoCo outer step on our own pseudo-gradient
-            state.apply(state.payload(resync=False), resync=False)
-            return ModuleOutcome(name, 1, 0.0, False, 0.0, classify(1, 0.0, 0), numel=state.numel)
-        group = await self.matchmaker.form_group(
-            name, self.outer_round, state.params_hash(), state.numel, others, spec.round_timeout_seconds
-        )
-        resync = group.needs_resync
-        vector = state.payload(resync)
-        remaining = spec.round_timeout_seconds - (time.monotonic() - started)
-        result: AllReduceResult = await self.averager.all_reduce(group, vector, weight, max(1.0, remaining))
-        state.apply(result.vector, resync)
-        size = len(group.members)
-        return ModuleOutcome(
-            name,
-            size,
-            result.averaged_fraction,
-            resync,
-            time.monotonic() - started,
-            classify(size, result.averaged_fraction, len(others)),
-            dropped=len(result.dropped),
-            numel=state.numel,
-        )
+                    pending.future.cancel()
+                    self._pending = None
+                    logger.info("abandoned averaging round %d to shut down", pending.round_number)
+                    return False
+        self._pending = None
+        with self._model_lock:
+            outcomes = apply(pending, results, overlap=self.manifest.averaging.overlap)
+        timing = {
+            "compute_seconds": round(pending.compute_seconds, 3),
+            "averaging_seconds": round(time.perf_counter() - pending.submitted_at, 3),
+            "waited_seconds": round(time.perf_counter() - waited, 3),
+        }
+        self._finish_round(outcomes, pending.steps, timing)
+        return True
 
     def _finish_round(self, outcomes: List[ModuleOutcome], steps: int, timing: Optional[dict] = None) -> None:
         self.rounds_done += 1

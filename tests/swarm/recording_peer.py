@@ -1,7 +1,8 @@
 """A real node that also writes its module values after every round, for swarm tests.
 
 Usage: python -m tests.swarm.recording_peer OUT_DIR [node start flags...]
-After round r it writes OUT_DIR/round_<r>.npz (every module's current values) and
+After round r it writes OUT_DIR/round_<r>.npz (hosted modules' global copies, other modules'
+model values) and
 OUT_DIR/round_<r>.json (hosted modules and each module's group size). Everything
 else is the production Node, unchanged.
 """
@@ -54,8 +55,12 @@ class RecordingNode(Node):
         round_number = self.outer_round
         super()._finish_round(outcomes, steps, timing)
         model = self.trainer.model
+        # Hosted modules: the global copy (with overlapped rounds the model holds global + the
+        # local steps taken since); others: the model's values, which no round may touch.
         values = {
-            m: torch.cat([p.detach().reshape(-1).cpu() for p in model.module_parameters(m)]).numpy()
+            m: self.states[m].global_flat.numpy().copy()
+            if m in self.states
+            else torch.cat([p.detach().reshape(-1).cpu() for p in model.module_parameters(m)]).numpy()
             for m in self.manifest.model.module_names()
         }
         np.savez(self.out_dir / f"round_{round_number}.npz", **values)

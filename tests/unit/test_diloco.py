@@ -170,3 +170,19 @@ def test_slice_bounds(numel: int, parts: int) -> None:
     assert min(sizes) >= 0 and max(sizes) - min(sizes) <= 1
     assert sum(sizes) == numel
     assert sizes == sorted(sizes, reverse=True)  # the longer slices come first
+
+
+def test_an_overlapped_round_keeps_the_local_steps_taken_meanwhile():
+    """apply(drift=...) = outer step on the global copy, plus what training did since the snapshot."""
+    params = [torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))]
+    state = ModuleState("trunk", params, OuterOptimizerSpec(lr=0.5, momentum=0.0))
+    with torch.no_grad():
+        params[0].sub_(torch.tensor([0.2, 0.2, 0.2]))  # H local steps
+    delta = state.pseudo_gradient()  # captured when the round starts
+    with torch.no_grad():
+        params[0].add_(torch.tensor([0.0, 0.1, 0.0]))  # steps taken while the round is on the network
+    drift = state.local_flat() - (state.global_flat - delta)
+    state.apply(delta.numpy(), resync=False, drift=drift)
+    expected_global = torch.tensor([1.0, 2.0, 3.0]) - 0.5 * torch.tensor([0.2, 0.2, 0.2])
+    torch.testing.assert_close(state.global_flat, expected_global)
+    torch.testing.assert_close(params[0].detach(), expected_global + torch.tensor([0.0, 0.1, 0.0]))

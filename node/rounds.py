@@ -1,0 +1,118 @@
+"""One outer round of every hosted module: form each module's group, all-reduce, report.
+
+The training thread prepares what it sends (each module's pseudo-gradient and state
+hash) and hands the round to the swarm loop; the loop returns each module's averaged
+vector, which the training thread applies. Nothing here touches the model, so with
+``averaging.overlap`` the next local steps run while this round is on the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from node.averaging import Averager, ModuleOutcome, classify
+from node.diloco import ModuleState
+from node.matchmaking import Matchmaker
+from node.membership import Membership
+from protocol.manifest import AveragingSpec
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the training thread captured for one module at the end of its local steps."""
+
+    state: ModuleState
+    delta: torch.Tensor  # global - local: the pseudo-gradient we send
+    params_hash: str
+
+
+@dataclass
+class Averaged:
+    outcome: ModuleOutcome
+    vector: np.ndarray
+    resync: bool
+
+
+@dataclass
+class PendingRound:
+    """A round handed to the swarm loop; applied by the training thread when done."""
+
+    round_number: int
+    steps: int
+    prepared: Dict[str, Prepared]
+    future: "concurrent.futures.Future[List[Averaged]]"
+    compute_seconds: float
+    submitted_at: float
+
+
+def prepare(states: Dict[str, ModuleState]) -> Dict[str, Prepared]:
+    return {name: Prepared(state, state.pseudo_gradient(), state.params_hash()) for name, state in states.items()}
+
+
+class RoundAverager:
+    """Averages every prepared module concurrently; never raises for peer failures."""
+
+    def __init__(
+        self, peer_id: str, matchmaker: Matchmaker, averager: Averager, membership: Membership, spec: AveragingSpec
+    ) -> None:
+        self._me = peer_id
+        self._matchmaker = matchmaker
+        self._averager = averager
+        self._membership = membership
+        self._spec = spec
+
+    async def average(self, prepared: Dict[str, Prepared], round_number: int) -> List[Averaged]:
+        tasks = [self._module(name, item, round_number) for name, item in prepared.items()]
+        return list(await asyncio.gather(*tasks))
+
+    async def _module(self, name: str, item: Prepared, round_number: int) -> Averaged:
+        started = time.monotonic()
+        state = item.state
+        view = self._membership.view
+        others = [
+            peer
+            for peer in view.hosts_of(name, exclude=self._me, round_number=round_number)
+            if not self._averager.presumed_dead(peer, view.seen_at.get(peer, 0.0))
+        ]
+        delta = item.delta.numpy()
+        if not others:  # alone: DiLoCo outer step on our own pseudo-gradient
+            outcome = ModuleOutcome(name, 1, 0.0, False, 0.0, classify(1, 0.0, 0), numel=state.numel)
+            return Averaged(outcome, delta.copy(), False)
+        group = await self._matchmaker.form_group(
+            name, round_number, item.params_hash, state.numel, others, self._spec.round_timeout_seconds
+        )
+        resync = group.needs_resync
+        if resync:  # members hold different global copies: average those too, uncompressed
+            vector = state.payload(True, item.delta)
+            result = await self._averager.all_reduce(group, vector, regions=[state.numel] * 3, compress=False)
+        else:
+            result = await self._averager.all_reduce(group, delta)
+        size = len(group.members)
+        outcome = ModuleOutcome(
+            name,
+            size,
+            result.averaged_fraction,
+            resync,
+            time.monotonic() - started,
+            classify(size, result.averaged_fraction, len(others)),
+            dropped=len(result.dropped),
+            numel=state.numel,
+        )
+        return Averaged(outcome, result.vector, resync)
+
+
+def apply(pending: PendingRound, results: List[Averaged], overlap: bool) -> List[ModuleOutcome]:
+    """Outer step of every module; with overlap, keep the local steps taken since ``prepare``."""
+    for item, averaged in zip(pending.prepared.values(), results, strict=True):
+        drift: Optional[torch.Tensor] = None
+        if overlap:  # local now - local at prepare time (= global - delta)
+            drift = item.state.local_flat() - (item.state.global_flat - item.delta)
+        item.state.apply(averaged.vector, averaged.resync, drift=drift)
+    return [a.outcome for a in results]
