@@ -76,7 +76,14 @@ def child_env(**extra: str) -> Dict[str, str]:
 class NodeProcess:
     """One real process (``python -m node ...`` or a test harness) in its own process group."""
 
-    def __init__(self, argv: Sequence[str], cwd: Path, name: str, env: Optional[Dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        cwd: Path,
+        name: str,
+        env: Optional[Dict[str, str]] = None,
+        interactive: bool = False,
+    ) -> None:
         self.name = name
         self.cwd = Path(cwd)
         self.cwd.mkdir(parents=True, exist_ok=True)
@@ -87,12 +94,13 @@ class NodeProcess:
             cwd=self.cwd,
             stdout=subprocess.PIPE,
             stderr=self._log,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
             env=env or child_env(),
             start_new_session=True,
         )
         self.stdout_lines: List[str] = []
         self.ready: Optional[dict] = None
+        self._buffer = b""
 
     @classmethod
     def node(cls, args: Sequence[str], cwd: Path, name: str) -> "NodeProcess":
@@ -100,12 +108,25 @@ class NodeProcess:
 
     def wait_ready(self, timeout: float = 60.0) -> dict:
         """Block until the process prints its JSON ready line (never parses log text)."""
+        self.ready = self.next_event(timeout, kind="ready")
+        return self.ready
+
+    def next_event(self, timeout: float = 60.0, kind: Optional[str] = None) -> dict:
+        """The next JSON line on stdout (of ``kind``, when given, skipping others)."""
         deadline = time.monotonic() + timeout
         selector = selectors.DefaultSelector()
         selector.register(self.proc.stdout, selectors.EVENT_READ)  # type: ignore[arg-type]
-        buffer = b""
         try:
-            while time.monotonic() < deadline:
+            while True:
+                while b"\n" in self._buffer:
+                    line, self._buffer = self._buffer.split(b"\n", 1)
+                    text = line.decode()
+                    self.stdout_lines.append(text)
+                    event = json.loads(text)
+                    if kind is None or event.get("event") == kind:
+                        return event
+                if time.monotonic() >= deadline:
+                    break
                 if not selector.select(timeout=0.2):
                     if self.proc.poll() is not None:
                         break
@@ -113,18 +134,17 @@ class NodeProcess:
                 chunk = os.read(self.proc.stdout.fileno(), 65536)  # type: ignore[union-attr]
                 if not chunk:
                     break
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    text = line.decode()
-                    self.stdout_lines.append(text)
-                    event = json.loads(text)
-                    if event.get("event") == "ready":
-                        self.ready = event
-                        return event
+                self._buffer += chunk
         finally:
             selector.close()
-        raise AssertionError(f"{self.name} printed no ready line in {timeout}s; stderr:\n{self.stderr_tail()}")
+        what = f"a {kind} line" if kind else "a line"
+        raise AssertionError(f"{self.name} printed no {what} in {timeout}s; stderr:\n{self.stderr_tail()}")
+
+    def send(self, command: dict) -> None:
+        """One JSON command on the process's stdin (``interactive=True``)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(command) + "\n").encode())
+        self.proc.stdin.flush()
 
     def events(self, kind: str) -> List[dict]:
         """The node's JSON log records (--log-format json) whose "event" field is ``kind``."""

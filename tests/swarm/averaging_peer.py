@@ -1,0 +1,247 @@
+"""A real peer that runs only the averaging layer (DHT, p2pd, matchmaking, all-reduce), driven over stdin.
+
+Usage: python -m tests.swarm.averaging_peer --host-maddrs MADDR [--initial-peers MADDR ...]
+       [--compression none|fp16|int8] [--aggregator centered_clip|mean] [--attack MODE] [--out DIR]
+       [--part-timeout SECONDS] [--log-level LEVEL]
+
+Prints JSON lines: first {"event": "ready", "peer_id", "maddrs"}, then one reply per command.
+Commands (one JSON object per line on stdin):
+  {"cmd": "average", "round": R, "numel": N, "seed": S, "expected": [...], "attack": MODE?}
+      averages make_vector(R, S, N) with the group; replies {"event": "averaged", ...}; with --out,
+      the result is saved as DIR/result_<R>.npy
+  {"cmd": "train", "rounds": R, "inner_steps": H, "seed": S, "expected": [...], "attack": MODE?,
+   "aggregator": "centered_clip"|"mean"} -> DiLoCo on a small least-squares task; replies {"event": "trained", ...}
+  {"cmd": "quit"}
+An attacker is this same program running modified averaging code (``Attacker`` below):
+see ATTACKS. The production Averager, Matchmaker and Swarm are used unchanged otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import msgpack
+import numpy as np
+import torch
+
+from node.averaging import Averager, _Round
+from node.diloco import ModuleState
+from node.matchmaking import Matchmaker
+from node.swarm import Swarm
+from protocol.manifest import AveragingSpec, OuterOptimizerSpec
+from protocol.wire import tensor_payload
+
+SWARM_ID = "a" * 16
+SPEC = AveragingSpec(gather_seconds=1.0, part_timeout_seconds=5.0, round_timeout_seconds=30.0)
+ATTACKS = (
+    "none nan inf scale_1e30 sign_flip_100 weight_huge weight_negative wrong_length wrong_dtype "
+    "broadcast wrong_round wrong_group lying_reducer crash_after_parts sign_flip noise"
+).split()
+TASK_DIM = 256
+
+
+def make_vector(round_number: int, seed: int, numel: int) -> np.ndarray:
+    """A pseudo-gradient-like vector: a component shared by all peers in a round plus this peer's own."""
+    shared = np.random.default_rng([round_number, 1]).standard_normal(numel, dtype=np.float32)
+    own = np.random.default_rng([round_number, 2, seed]).standard_normal(numel, dtype=np.float32)
+    return shared + 0.5 * own
+
+
+class Attacker(Averager):
+    """The production Averager with one thing changed per attack mode."""
+
+    attack = "none"
+
+    def _frame(self, kind, state: _Round, index, weight, values, attempt):
+        mode = self.attack
+        if kind == "result":
+            if mode == "lying_reducer":
+                values = values * -10.0
+            return super()._frame(kind, state, index, weight, values, attempt)
+        values = values.copy()
+        if mode in ("nan", "inf"):
+            values[values.size // 2] = np.nan if mode == "nan" else np.inf
+        elif mode == "scale_1e30":
+            values *= 1e30
+        elif mode == "sign_flip_100":
+            values *= -100.0
+        elif mode == "sign_flip":
+            values *= -4.0
+        elif mode == "noise":
+            rng = np.random.default_rng()
+            values = (10 * np.linalg.norm(values) / np.sqrt(values.size)) * rng.standard_normal(values.size)
+            values = values.astype(np.float32)
+        elif mode == "wrong_length":
+            values = values[:-1]
+        elif mode == "broadcast":
+            values = values[:1]
+        frame = super()._frame(kind, state, index, weight, values, attempt)
+        if mode in ("weight_huge", "weight_negative", "wrong_dtype", "wrong_round", "wrong_group"):
+            size = int.from_bytes(frame[:4], "big")
+            header = msgpack.unpackb(frame[4 : 4 + size])
+            payload = frame[4 + size :]
+            if mode == "weight_huge":
+                header["weight"] = 1e9
+            elif mode == "weight_negative":
+                header["weight"] = -3.0
+            elif mode == "wrong_dtype":
+                header["dtype"], payload = "float64", tensor_payload(values.astype(np.float64))
+            elif mode == "wrong_round":
+                header["round"] = max(0, header["round"] - 1)
+            else:
+                header["group_id"] = "0" * 16
+            packed = msgpack.packb(header, use_bin_type=True)
+            frame = len(packed).to_bytes(4, "big") + packed + payload
+        return frame
+
+    async def _exchange(self, state, attempt, slices):
+        if self.attack != "crash_after_parts":
+            return await super()._exchange(state, attempt, slices)
+        group = state.group
+        for index, peer in enumerate(group.members):
+            if peer != self.me:
+                await self._send(peer, "part", state, index, 1.0, state.sent[slice(*state.bounds[index])], 0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Peer:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.spec = dataclasses.replace(
+            SPEC,
+            compression=args.compression,
+            aggregator=args.aggregator,
+            part_timeout_seconds=args.part_timeout,
+            round_timeout_seconds=max(SPEC.round_timeout_seconds, 4 * args.part_timeout),
+        )
+        self.swarm = Swarm.open(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs)
+        self.averager = Attacker(self.swarm, SWARM_ID, hosted=lambda: {"trunk"}, spec=self.spec)
+        self.default_attack = args.attack
+        self.matchmaker = Matchmaker(self.swarm, SWARM_ID, self.spec.gather_seconds)
+        self.swarm.run(self.averager.start())
+        self.out = Path(args.out) if args.out else None
+
+    def _round(self, round_number: int, vector: np.ndarray, expected: List[str], state: Optional[ModuleState] = None):
+        """Form the group and all-reduce, as a node does; with ``state``, re-sync diverged global copies."""
+
+        async def run():
+            others = [p for p in expected if p != self.swarm.peer_id]
+            params_hash = state.params_hash() if state is not None else "0" * 32
+            expiry = self.spec.round_timeout_seconds
+            group = await self.matchmaker.form_group("trunk", round_number, params_hash, vector.size, others, expiry)
+            if state is not None and group.needs_resync:
+                payload = state.payload(True, torch.from_numpy(vector))
+                return group, await self.averager.all_reduce(group, payload, regions=[vector.size] * 3, compress=False)
+            return group, await self.averager.all_reduce(group, vector)
+
+        return self.swarm.run(run(), timeout=120)
+
+    def average(self, command: dict) -> dict:
+        self.averager.attack = command.get("attack", self.default_attack)
+        vector = make_vector(command["round"], command["seed"], command["numel"])
+        group, result = self._round(command["round"], vector, command["expected"])
+        if self.out is not None:
+            np.save(self.out / f"result_{command['round']}.npy", result.vector)
+        return {
+            "event": "averaged",
+            "round": command["round"],
+            "seconds": result.seconds,
+            "fraction": result.averaged_fraction,
+            "group_size": len(group.members),
+            "group_id": group.group_id,
+            "contributors": list(result.contributors),
+            "dropped": list(result.dropped),
+            "rejected": dict(self.averager.stats.parts_rejected),
+        }
+
+    def train(self, command: dict) -> dict:
+        """DiLoCo on least squares: each peer its own samples of one linear model, a shared test set."""
+        self.averager.attack = command.get("attack", self.default_attack)
+        self.averager._spec = dataclasses.replace(self.spec, aggregator=command.get("aggregator", "centered_clip"))
+        truth = np.random.default_rng(7).standard_normal(TASK_DIM).astype(np.float32)
+        rng = np.random.default_rng(command["seed"])
+        test_x = torch.from_numpy(np.random.default_rng(8).standard_normal((512, TASK_DIM)).astype(np.float32))
+        test_noise = torch.from_numpy(np.random.default_rng(9).standard_normal(512).astype(np.float32))
+        test_y = test_x @ torch.from_numpy(truth) + 0.5 * test_noise  # the best achievable loss is ~0.25
+        weight = torch.nn.Parameter(torch.zeros(TASK_DIM))
+        state = ModuleState("trunk", [weight], OuterOptimizerSpec(lr=0.7, momentum=0.9))
+        inner = torch.optim.SGD([weight], lr=0.05)
+        losses: List[float] = []
+        fractions: List[float] = []
+        sizes: List[int] = []
+        deviation: List[float] = []  # ||averaged - own|| / ||own|| per round
+        seconds: List[float] = []
+        for round_number in range(command["rounds"]):
+            for _ in range(command["inner_steps"]):
+                x = torch.from_numpy(rng.standard_normal((256, TASK_DIM)).astype(np.float32))
+                y = x @ torch.from_numpy(truth) + 0.5 * torch.randn(256)
+                inner.zero_grad()
+                torch.mean((x @ weight - y) ** 2).backward()
+                inner.step()
+            base = command.get("round_base", 0)
+            delta = state.pseudo_gradient().numpy()
+            group, result = self._round(base + round_number, delta, command["expected"], state)
+            resync = result.vector.size != delta.size
+            moved = np.linalg.norm(result.vector[: delta.size] - delta) / np.linalg.norm(delta)
+            deviation.append(round(float(moved), 3))
+            sizes.append(len(group.members))
+            seconds.append(round(result.seconds, 3))
+            state.apply(result.vector, resync=resync)
+            fractions.append(result.averaged_fraction)
+            with torch.no_grad():
+                losses.append(float(torch.mean((test_x @ weight - test_y) ** 2)))
+        return {
+            "event": "trained",
+            "losses": losses,
+            "fractions": fractions,
+            "group_sizes": sizes,
+            "seconds": seconds,
+            "deviation": deviation,
+            "rejected": dict(self.averager.stats.parts_rejected),
+        }
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"])
+    parser.add_argument("--initial-peers", nargs="*", default=[])
+    parser.add_argument("--compression", default="none", choices=["none", "fp16", "int8"])
+    parser.add_argument("--aggregator", default="centered_clip", choices=["centered_clip", "mean"])
+    parser.add_argument("--attack", default="none", choices=ATTACKS)
+    parser.add_argument("--out", default="")
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--part-timeout", type=float, default=SPEC.part_timeout_seconds, help="slow links: longer")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("node").setLevel(args.log_level)
+    peer = Peer(args)
+    emit({"event": "ready", "peer_id": peer.swarm.peer_id, "maddrs": peer.swarm.visible_maddrs()})
+    try:
+        for line in sys.stdin:
+            command = json.loads(line)
+            if command["cmd"] == "quit":
+                break
+            started = time.monotonic()
+            reply = peer.average(command) if command["cmd"] == "average" else peer.train(command)
+            emit({**reply, "wall_seconds": time.monotonic() - started})
+    finally:
+        peer.swarm.close()
+    return 0
+
+
+def emit(message: dict) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
