@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install install-dev start test test-unit lint bench clean
+.PHONY: install install-dev start test test-unit lint bench bench-wan bench-transport clean
 
 # Progress goes to stderr so that `make start`'s stdout holds only the node's JSON ready line.
 $(BIN)/python:
@@ -49,3 +49,10 @@ clean:
 
 bench: install-dev
 	$(BIN)/python -m tests.bench.swarm_rounds
+
+# Needs root (network namespaces, tbf); prints "skipped" and exits 0 otherwise. Writes bench-results/wan/.
+bench-wan: install-dev
+	$(BIN)/python -m tests.bench.wan_averaging --out bench-results/wan
+
+bench-transport: install-dev
+	$(BIN)/python -m tests.bench.transport

@@ -1,0 +1,264 @@
+"""A throwaway emulated network for benchmarks: N hosts behind one switch, each link rate-limited.
+
+    with TestNetwork(hosts=4, mbit=100) as net:
+        proc = net.popen(0, [sys.executable, "-c", "..."])   # runs inside host 0 (10.77.0.1)
+        net.run(1, ["ping", "-c1", net.ip(0)])
+
+Host i is the network namespace ``cmn<pid>-<i>`` with address 10.77.0.(i+1)/24 on a veth whose
+other end sits on a bridge in namespace ``cmn<pid>-br`` (nothing is added to the root namespace).
+Both ends of every veth get a ``tbf`` qdisc, so each host has ``mbit`` up and ``mbit`` down.
+Every process started through ``popen`` gets its own session (process group = its pid); on exit,
+on an exception, on Ctrl+C or on SIGTERM those groups get SIGTERM, then SIGKILL, and the
+namespaces (and with them every link and the bridge) are deleted. Needs root: otherwise
+``SkipBenchmark`` says why, in one line. ``JsonProcess`` drives a worker that speaks JSON lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Dict, List, Optional, Sequence, Type
+
+from node.procs import in_process_group
+
+PREFIX = "cmn"
+
+
+class SkipBenchmark(Exception):
+    """The benchmark cannot run here (not root, no ``ip netns``); callers print the reason and exit 0."""
+
+
+def _sh(argv: Sequence[str]) -> None:
+    done = subprocess.run(list(argv), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, list(argv), done.stdout, done.stderr)
+
+
+def _raise_interrupt(signum: int, frame: Optional[FrameType]) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def remove_stale_namespaces() -> List[str]:
+    """Delete ``cmn<pid>-*`` namespaces left by a run of this module whose process is gone (e.g. SIGKILLed)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    removed = []
+    for name in listed:
+        owner = name[len(PREFIX) :].split("-", 1)[0]
+        if name.startswith(PREFIX) and owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            removed.append(name)
+    return removed
+
+
+def _killpg(group: int, sig: int) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_group(proc: "subprocess.Popen[Any]", grace: float = 5.0) -> List[int]:
+    """SIGTERM the process group of ``proc`` (started with start_new_session=True), SIGKILL what is left after
+    ``grace`` seconds, reap ``proc``. Returns the pids that still lived after the grace period."""
+    group = proc.pid
+
+    def settled(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while True:
+            if proc.poll() is None:
+                try:
+                    proc.wait(0.1)
+                except subprocess.TimeoutExpired:
+                    pass
+            elif not in_process_group(group):
+                return True
+            else:
+                time.sleep(0.1)
+            if time.monotonic() > deadline:
+                return False
+
+    _killpg(group, signal.SIGTERM)
+    if settled(grace):
+        return []
+    stubborn = in_process_group(group) or [group]
+    _killpg(group, signal.SIGKILL)
+    settled(5.0)
+    return stubborn
+
+
+class TestNetwork:
+    """``hosts`` namespaces on one bridge; see the module docstring."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, hosts: int, mbit: float, burst_kbit: int = 1000, latency_ms: int = 50, subnet: str = "10.77.0"):
+        self.hosts, self.mbit, self.burst_kbit, self.latency_ms = hosts, mbit, burst_kbit, latency_ms
+        self.subnet = subnet
+        tag = f"{PREFIX}{os.getpid()}"
+        self.namespaces = [f"{tag}-{i}" for i in range(hosts)]
+        self.switch = f"{tag}-br"
+        self._created: List[str] = []
+        self._procs: List["subprocess.Popen[Any]"] = []
+        self._old_handlers: Dict[int, Any] = {}
+        self.sigkilled: List[int] = []
+
+    def ip(self, host: int) -> str:
+        return f"{self.subnet}.{host + 1}"
+
+    # --- building and tearing down -------------------------------------------------------------------------------
+    def __enter__(self) -> "TestNetwork":
+        if os.geteuid() != 0:
+            raise SkipBenchmark("skipped: needs root for network namespaces")
+        if shutil.which("ip") is None or shutil.which("tc") is None:
+            raise SkipBenchmark("skipped: needs iproute2 (ip, tc) for network namespaces")
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: `cmd &` in a script ignores it
+            self._old_handlers[sig] = signal.signal(sig, _raise_interrupt)
+        try:
+            remove_stale_namespaces()
+            self._build()
+        except subprocess.CalledProcessError as e:
+            self.close()
+            reason = (e.stderr or "").strip().splitlines()[-1:] or [str(e)]
+            raise SkipBenchmark(f"skipped: cannot build network namespaces ({' '.join(e.cmd[:4])}: {reason[0]})") from e
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _netns(self, name: str) -> None:
+        _sh(["ip", "netns", "add", name])
+        self._created.append(name)
+        _sh(["ip", "-n", name, "link", "set", "lo", "up"])
+
+    def _tbf(self, namespace: str, dev: str) -> None:
+        rate = f"{self.mbit:g}mbit"
+        _sh(["ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate,
+             "burst", f"{self.burst_kbit}kbit", "latency", f"{self.latency_ms}ms"])  # fmt: skip
+
+    def _build(self) -> None:
+        self._netns(self.switch)
+        _sh(["ip", "-n", self.switch, "link", "add", "br0", "type", "bridge"])
+        _sh(["ip", "-n", self.switch, "link", "set", "br0", "up"])
+        for i, name in enumerate(self.namespaces):
+            self._netns(name)
+            host_end, switch_end = "eth0", f"port{i}"
+            veth = ["type", "veth", "peer", "name", switch_end, "netns", self.switch]
+            _sh(["ip", "link", "add", host_end, "netns", name, *veth])
+            _sh(["ip", "-n", name, "addr", "add", f"{self.ip(i)}/24", "dev", host_end])
+            _sh(["ip", "-n", name, "link", "set", host_end, "up"])
+            _sh(["ip", "-n", self.switch, "link", "set", switch_end, "master", "br0", "up"])
+            self._tbf(name, host_end)
+            self._tbf(self.switch, switch_end)
+
+    def __exit__(
+        self, kind: Optional[Type[BaseException]], value: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every process we started, delete every namespace we made; idempotent, not interruptible."""
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            for proc in self._procs:
+                _killpg(proc.pid, signal.SIGTERM)  # all at once, then wait for each
+            for proc in self._procs:
+                self.sigkilled += stop_group(proc)
+            self._procs.clear()
+            for name in reversed(self._created):
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            self._created.clear()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, self._old_handlers.pop(sig, handler))
+
+    # --- running things inside a host ----------------------------------------------------------------------------
+    def argv(self, host: int, argv: Sequence[str]) -> List[str]:
+        return ["ip", "netns", "exec", self.namespaces[host], *argv]
+
+    def popen(self, host: int, argv: Sequence[str], **kwargs: Any) -> "subprocess.Popen[Any]":
+        """Start ``argv`` inside host ``host`` in a new session; stopped by ``close()`` at the latest."""
+        proc = subprocess.Popen(self.argv(host, argv), start_new_session=True, **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: "subprocess.Popen[Any]", grace: float = 5.0) -> None:
+        self.sigkilled += stop_group(proc, grace)
+        if proc in self._procs:
+            self._procs.remove(proc)
+
+    def run(self, host: int, argv: Sequence[str], timeout: float = 30.0) -> "subprocess.CompletedProcess[str]":
+        return subprocess.run(self.argv(host, argv), capture_output=True, text=True, timeout=timeout)
+
+
+class JsonProcess:
+    """A process in host ``host`` that reads JSON commands on stdin and prints JSON events on stdout (stderr goes
+    to ``log``); ``expect`` waits for an event by name. ``close`` stops it (see ``TestNetwork.stop``)."""
+
+    def __init__(self, net: TestNetwork, host: int, argv: Sequence[str], log: Path, **kwargs: Any) -> None:
+        self.net, self.log_path, self._log = net, log, open(log, "wb")
+        self.proc = net.popen(host, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, **kwargs)
+        self.events: "queue.Queue[Optional[Dict[str, Any]]]" = queue.Queue()
+        self.ready: Dict[str, Any] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                self.events.put(json.loads(raw))
+            except ValueError:
+                continue  # not ours (a library printing to stdout)
+        self.events.put(None)
+
+    def send(self, message: Dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(message) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def expect(self, event: str, timeout: float) -> Dict[str, Any]:
+        """The next stdout object whose "event" is ``event`` (others are skipped); RuntimeError on exit or timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                got = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"no {event!r} within {timeout:.0f}s; {self.tail()}") from None
+            if got is None:
+                raise RuntimeError(f"exited (rc {self.proc.wait()}) before {event!r}; {self.tail()}")
+            if got.get("event") == event:
+                return got
+
+    def tail(self) -> str:
+        self._log.flush()
+        lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        return f"log {self.log_path}: {lines[-1][:200] if lines else '(empty)'}"
+
+    def close(self) -> None:
+        self.net.stop(self.proc)
+        self._log.close()
+
+
+if __name__ == "__main__":  # smoke test: python -m tests.bench.netns
+    try:
+        with TestNetwork(hosts=2, mbit=100) as net:
+            server = net.popen(0, ["python3", "-c", "import socket,sys;s=socket.socket();s.bind(('0.0.0.0',5001));"
+                                   "s.listen();c,_=s.accept();n=0\nwhile (b:=c.recv(1<<20)):n+=len(b)\nprint(n)"],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+            time.sleep(0.5)
+            started = time.perf_counter()
+            client = net.run(1, ["python3", "-c", f"import socket;s=socket.create_connection(('{net.ip(0)}',5001));"
+                                 "s.sendall(bytes(25_000_000));s.close()"])  # fmt: skip
+            received = int(server.communicate(timeout=30)[0])
+            seconds = time.perf_counter() - started
+            print(f"{received / 1e6:.0f} MB in {seconds:.2f} s = {received * 8 / seconds / 1e6:.1f} Mbit/s "
+                  f"(limit {net.mbit:g}); {client.returncode=}")  # fmt: skip
+    except SkipBenchmark as skip:
+        print(skip)
