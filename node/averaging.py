@@ -179,6 +179,7 @@ class _Round:
     result: np.ndarray = field(init=False)
     averaged: np.ndarray = field(init=False)  # per slice: averaged with someone
     contributors: Set[str] = field(default_factory=set)
+    retry_from: float = 0.0  # monotonic time by which every member has decided on its attempt-0 results
 
     def __post_init__(self) -> None:
         self.result = self.sent.copy()
@@ -348,7 +349,11 @@ class Averager:
         reducer_of = {i: group.members[i if attempt == 0 else backup_of(i, size)] for i in slices}
         started = time.monotonic()
         parts_wait = self.deadlines.timeout(group.module, "parts")
-        parts_deadline = min(state.deadline, started + parts_wait)
+        results_wait = self.deadlines.timeout(group.module, "results")
+        if attempt == 0:  # the latest a member can give up on a reducer and turn to the backup
+            state.retry_from = started + parts_wait + results_wait
+        # A backup waits for the members that turn to it last.
+        parts_deadline = min(state.deadline, max(started, state.retry_from if attempt else started) + parts_wait)
         sends = [
             self._send(reducer_of[i], "part", state, i, 1.0, state.sent[slice(*state.bounds[i])], attempt)
             for i in slices
@@ -360,8 +365,7 @@ class Averager:
         results_started = time.monotonic()
         # Another reducer may still be waiting for a missing part until its own parts deadline:
         # its result is due one transfer after that, however early our own slice was done.
-        results_wait = self.deadlines.timeout(group.module, "results")
-        results_deadline = min(state.deadline, max(results_started, started + parts_wait) + results_wait)
+        results_deadline = min(state.deadline, max(results_started, parts_deadline) + results_wait)
         others = [i for i in slices if reducer_of[i] != me]
         waits = [
             self._inbox.wait_for(state.key(i, attempt), {reducer_of[i]}, results_deadline, prefix="result:")

@@ -54,23 +54,29 @@ def screen_outliers(parts: Dict[str, np.ndarray], trusted: str, ratio: float) ->
 
 
 def centered_clip(stack: np.ndarray, multiplier: float) -> Tuple[np.ndarray, float, np.ndarray]:
-    """CenteredClip over the rows of ``stack``: (center, tau, clipped-row mask of the last iteration)."""
-    rows = stack.astype(np.float64, copy=False)
-    center = np.median(rows, axis=0)
-    radius = multiplier * float(np.median(np.linalg.norm(rows - center, axis=1)))
+    """CenteredClip over the rows of ``stack``: (center, tau, clipped-row mask of the last iteration).
+
+    float32 throughout (a slice can hold millions of values); norms are accumulated in float64."""
+    rows = np.ascontiguousarray(stack, dtype=np.float32)
+    center = np.median(rows, axis=0).astype(np.float32)
+    diff = rows - center
+    radius = multiplier * float(np.median(_row_norms(diff)))
     clipped = np.zeros(len(rows), dtype=bool)
     if radius <= 0:  # a majority of identical parts: their value is the center
-        return center.astype(np.float32), 0.0, clipped
+        return center, 0.0, clipped
     for _ in range(CLIP_ITERATIONS):
-        diff = rows - center
-        dist = np.linalg.norm(diff, axis=1)
-        scale = np.minimum(1.0, radius / np.maximum(dist, 1e-300))
+        scale = np.minimum(1.0, radius / np.maximum(_row_norms(diff), 1e-30))
         clipped = scale < 1.0
-        step = (diff * scale[:, None]).mean(axis=0)
-        center = center + step
-        if np.linalg.norm(step) <= CLIP_TOLERANCE * radius:
+        step = (scale.astype(np.float32) @ diff) / len(rows)
+        center += step
+        if float(np.linalg.norm(step.astype(np.float64))) <= CLIP_TOLERANCE * radius:
             break
-    return center.astype(np.float32), radius, clipped
+        np.subtract(rows, center, out=diff)
+    return center, radius, clipped
+
+
+def _row_norms(rows: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
 
 
 def aggregate(
