@@ -40,6 +40,11 @@ PartKind = Literal["part", "result"]
 SliceKey = Tuple[str, int, str, int, int]  # module, round, group_id, slice index, attempt
 MIN_CHECK_ELEMENTS = 16
 RELATIVE_FLOOR = 1e-6  # float32 rounding of a mean: below this two values are the same
+# Every part a peer sends for a round is acknowledged before it finishes that round, and it
+# posts ready for the next one only after that (and, in a node, after the next local steps):
+# a part for the earlier round that arrives after the post is a lie about its round. Hosts'
+# clocks would have to disagree by more than that gap to blame an honest peer.
+CLOCK_SLACK_SECONDS = 0.0
 # Refusals that say nothing bad about the sender (placement changed, it is late): no exclusion.
 BENIGN = ("round_over", "not_hosted")
 
@@ -203,6 +208,7 @@ class Averager:
         self._active: Dict[Tuple[str, int], _Round] = {}  # (module, round) -> our all-reduce
         self._finished: Dict[str, int] = {}  # module -> last round we finished averaging
         self._residual: Dict[str, np.ndarray] = {}  # int8 error feedback, per module
+        self._stale: Dict[Tuple[str, str], float] = {}  # (module, sender) -> when a part for a past round came
         self.stats = AveragingStats()
         self._unreachable: Dict[str, float] = {}  # peer -> wall time we last failed to connect to it
         self.handler_name = f"commons/{swarm_id}/avg"
@@ -261,6 +267,8 @@ class Averager:
         if message.round <= self._finished.get(message.module, -1) and state is None:
             if any(m == message.module and remote_peer in s.group.members for (m, _), s in self._active.items()):
                 return "wrong_round: a member of our group sent a part for a round that is over"
+            if message.type == "part":  # judged when our next round starts (see _refuse_early_strangers)
+                self._stale[(message.module, remote_peer)] = wall_clock()
             return "round_over: this peer already finished that round"
         if message.type == "part" and message.weight != 1.0:
             return "bad_weight: a part must carry weight 1 (members count equally)"
@@ -319,7 +327,13 @@ class Averager:
         return AllReduceResult(state.result, fraction, contributors, time.monotonic() - started, dropped)
 
     def _refuse_early_strangers(self, group: Group) -> None:
-        """Members whose parts for this round arrived, before it started, under another group id."""
+        """Members whose parts for this round arrived, before it started, under another group id,
+        or who sent a part for an earlier round after saying they were ready for this one."""
+        for member, posted_at in zip(group.members, group.posted_at, strict=False):
+            sent_at = self._stale.pop((group.module, member), None)
+            if sent_at is not None and sent_at > posted_at + CLOCK_SLACK_SECONDS:
+                self.stats.reject("wrong_round")
+                self._inbox.exclude(group.module, group.round, member)
         for key, items in list(self._inbox.items.items()):
             if key[:2] == (group.module, group.round) and key[2] != group.group_id:
                 for slot in items:

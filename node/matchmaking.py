@@ -38,6 +38,7 @@ class Group:
     members: Tuple[str, ...]
     params_hashes: Tuple[str, ...]
     group_id: str
+    posted_at: Tuple[float, ...] = ()  # when each member said it was ready (swarm clock)
 
     @property
     def needs_resync(self) -> bool:
@@ -52,7 +53,8 @@ def make_group(module: str, round_number: int, records: Dict[str, ReadyRecord]) 
     members = tuple(sorted(records))
     hashes = tuple(records[m].params_hash for m in members)
     digest = hashlib.sha256(f"{module}|{round_number}|{'|'.join(members)}|{'|'.join(hashes)}".encode()).hexdigest()
-    return Group(module, round_number, members, hashes, digest[:16])
+    posted = tuple(records[m].posted_at for m in members)
+    return Group(module, round_number, members, hashes, digest[:16], posted)
 
 
 def window_of(peer_id: str, records: Dict[str, ReadyRecord], gather_seconds: float) -> Dict[str, ReadyRecord]:
