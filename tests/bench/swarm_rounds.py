@@ -48,6 +48,10 @@ def run(peers: int, rounds: int, workdir: Path) -> dict:
         "rounds": len(full),
         "steps_per_second": statistics.median(e["steps"] / e["compute_seconds"] for e in full),
         "averaging_seconds": statistics.median(e["averaging_seconds"] for e in full),
+        # with overlapped rounds training only stops for the part of a round still on the network
+        "waited_seconds": statistics.median(e.get("waited_seconds", e["averaging_seconds"]) for e in full),
+        "utilization": sum(e["compute_seconds"] for e in full)
+        / sum(e["compute_seconds"] + e.get("waited_seconds", e["averaging_seconds"]) for e in full),
         "trunk_seconds": statistics.median(e["trunk_seconds"] for e in full),
         "full_group_rounds": sum(e["trunk_group"] == peers for e in entries),
         "all_rounds": len(entries),
@@ -59,13 +63,15 @@ def main() -> None:
     parser.add_argument("--peers", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
-    print("| peers | steps/s per node | averaging s/round (all modules) | trunk s/round | rounds in one full group |")
-    print("|---|---|---|---|---|")
+    print("| peers | steps/s per node | averaging s/round (all modules) | training waited s/round | "
+          "compute share | trunk s/round | rounds in one full group |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for peers in args.peers:
             r = run(peers, args.rounds, Path(tmp))
             print(
                 f"| {r['peers']} | {r['steps_per_second']:.1f} | {r['averaging_seconds']:.2f} | "
+                f"{r['waited_seconds']:.2f} | {r['utilization']:.1%} | "
                 f"{r['trunk_seconds']:.2f} | {r['full_group_rounds']}/{r['all_rounds']} |",
                 flush=True,
             )
