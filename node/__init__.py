@@ -14,7 +14,11 @@ Map of this package (imports point down the list):
 - handshake   hello exchange; refuses other manifests / protocol versions
 - membership  announces this node and reads peer records
 - matchmaking forms an averaging group per module and round
-- averaging   butterfly all-reduce within a group
+- deadlines   how long to wait for peers, learned from earlier rounds
+- robust      robust aggregation of a slice (outlier screen, CenteredClip); the reducer check
+- inbox       parts and results received, senders excluded per round
+- averaging   butterfly all-reduce within a group: validation, backup reducers, compression
+- rounds      one outer round of every hosted module, overlapped with training or not
 - metrics     Prometheus metrics on an injectable registry; collectors for averager, helpers, swarm view
 - endpoints   /metrics, /metrics/swarm, /healthz, /readyz over a small HTTP server
 - checkpoint  atomic checksummed generations in --checkpoint-dir; resume

@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple
 import numpy as np
 
 from node.deadlines import Deadlines
+from node.inbox import Inbox, SliceKey
 from node.matchmaking import Group
 from node.robust import aggregate, lower_median, region_spans, relative_distance
 from node.swarm import now as wall_clock
@@ -37,7 +38,6 @@ from protocol.wire import Ack, TensorPart, WireError, decode, encode, read_tenso
 logger = logging.getLogger(__name__)
 
 PartKind = Literal["part", "result"]
-SliceKey = Tuple[str, int, str, int, int]  # module, round, group_id, slice index, attempt
 MIN_CHECK_ELEMENTS = 16
 RELATIVE_FLOOR = 1e-6  # float32 rounding of a mean: below this two values are the same
 # Every part a peer sends for a round is acknowledged before it finishes that round, and it
@@ -110,67 +110,6 @@ def backup_of(index: int, size: int) -> int:
     return (index + 1) % size
 
 
-class _Inbox:
-    """Parts and results that arrived, keyed by slice, and senders excluded per (module, round)."""
-
-    def __init__(self) -> None:
-        self.items: Dict[SliceKey, Dict[str, Tuple[float, np.ndarray]]] = {}
-        self.excluded: Dict[Tuple[str, int], Set[str]] = {}
-        self.born: Dict[object, float] = {}
-        self.changed = asyncio.Event()
-
-    def _notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
-
-    def put(self, key: SliceKey, slot: str, weight: float, values: np.ndarray) -> None:
-        self.items.setdefault(key, {})[slot] = (weight, values)
-        self.born.setdefault(key, time.monotonic())
-        self._notify()
-
-    def exclude(self, module: str, round_number: int, peer: str) -> None:
-        self.excluded.setdefault((module, round_number), set()).add(peer)
-        self.born.setdefault((module, round_number), time.monotonic())
-        self._notify()
-
-    def is_excluded(self, module: str, round_number: int, peer: str) -> bool:
-        return peer in self.excluded.get((module, round_number), ())
-
-    def pop(self, key: SliceKey) -> None:
-        self.born.pop(key, None)
-        self.items.pop(key, None)
-
-    def expire(self, older_than_seconds: float) -> None:
-        limit = time.monotonic() - older_than_seconds
-        for key in [k for k, born in self.born.items() if born < limit]:
-            self.born.pop(key, None)
-            self.items.pop(key, None)  # type: ignore[call-overload]
-            self.excluded.pop(key, None)  # type: ignore[call-overload]
-
-    async def wait_for(
-        self, key: SliceKey, peers: Set[str], deadline: float, prefix: str = ""
-    ) -> Tuple[Dict[str, Tuple[float, np.ndarray]], bool]:
-        """Wait until each peer delivered ``key`` (slot ``prefix + peer``) or was excluded, or the deadline.
-
-        Returns what was delivered, keyed by peer, and whether every peer delivered."""
-        module, round_number = key[0], key[1]
-        while True:
-            got = self.items.get(key, {})
-            pending = {
-                p for p in peers if prefix + p not in got and not self.is_excluded(module, round_number, p)
-            }
-            remaining = deadline - time.monotonic()
-            if not pending or remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(self.changed.wait(), remaining)
-            except asyncio.TimeoutError:
-                break
-        got = self.items.get(key, {})
-        delivered = {p: got[prefix + p] for p in peers if prefix + p in got}
-        return delivered, not pending and len(delivered) == len(peers)
-
-
 @dataclass
 class _Round:
     """What this member knows about one all-reduce while it runs."""
@@ -204,7 +143,7 @@ class Averager:
         self._hosted = hosted
         self._spec = spec
         self.deadlines = Deadlines(spec.part_timeout_seconds, spec.deadline_multiplier)
-        self._inbox = _Inbox()
+        self._inbox = Inbox()
         self._active: Dict[Tuple[str, int], _Round] = {}  # (module, round) -> our all-reduce
         self._finished: Dict[str, int] = {}  # module -> last round we finished averaging
         self._residual: Dict[str, np.ndarray] = {}  # int8 error feedback, per module
@@ -304,14 +243,14 @@ class Averager:
         dtype = self._spec.compression if compress else "none"
         dtype = {"none": "float32", "fp16": "float16"}.get(dtype, dtype)
         bounds = slice_bounds(vector.size, len(group.members))
-        sent = self._encode_own(group.module, vector, bounds, dtype, feedback=compress)
+        sent = self._encode_own(group.module, vector, bounds, dtype)
         deadline = started + self._spec.round_timeout_seconds
         state = _Round(group, bounds, list(regions or [vector.size]), sent, dtype, deadline)
         self._active[(group.module, group.round)] = state
         self._inbox.expire(older_than_seconds=max(self._spec.round_timeout_seconds * 3, 60.0))
         self._refuse_early_strangers(group)
         try:
-            await self._exchange(state, attempt=0, slices=[i for i in range(len(bounds))])
+            await self._exchange(state, attempt=0, slices=list(range(len(bounds))))
             failed = [i for i in range(len(bounds)) if i != group.index_of(me) and not state.averaged[i]]
             if failed and len(group.members) > 2:
                 await self._exchange(state, attempt=1, slices=failed)
@@ -341,18 +280,19 @@ class Averager:
                         self.stats.reject("wrong_group")
                         self._inbox.exclude(group.module, group.round, slot)
 
-    def _encode_own(self, module: str, vector: np.ndarray, bounds, dtype: str, feedback: bool) -> np.ndarray:
-        """Our vector as every receiver will decode it; int8 keeps the rounding error for next round."""
-        if dtype == "float32":
-            return vector.astype(np.float32, copy=True)
+    def _encode_own(self, module: str, vector: np.ndarray, bounds, dtype: str) -> np.ndarray:
+        """Our vector as every receiver will decode it; int8 carries its rounding error into the
+        module's next round (error feedback)."""
         target = vector.astype(np.float32, copy=True)
-        residual = self._residual.get(module)
-        if feedback and dtype == "int8" and residual is not None and residual.size == target.size:
+        if dtype == "float32":
+            return target
+        residual = self._residual.get(module) if dtype == "int8" else None
+        if residual is not None and residual.size == target.size:
             target += residual
         sent = np.empty_like(target)
         for lo, hi in bounds:
             sent[lo:hi] = wire_round_trip(target[lo:hi], dtype)
-        if feedback and dtype == "int8":
+        if dtype == "int8":
             self._residual[module] = target - sent
         return sent
 
@@ -367,7 +307,7 @@ class Averager:
         if attempt == 0:  # the latest a member can give up on a reducer and turn to the backup
             state.retry_from = started + parts_wait + results_wait
         # A backup waits for the members that turn to it last.
-        parts_deadline = min(state.deadline, max(started, state.retry_from if attempt else started) + parts_wait)
+        parts_deadline = min(state.deadline, (max(started, state.retry_from) if attempt else started) + parts_wait)
         sends = [
             self._send(reducer_of[i], "part", state, i, 1.0, state.sent[slice(*state.bounds[i])], attempt)
             for i in slices
@@ -388,17 +328,16 @@ class Averager:
         received = await asyncio.gather(*waits)
         if others and all(complete for _, complete in received):
             self.deadlines.observe(group.module, "results", time.monotonic() - results_started)
-        logger.debug(
-            "%s round %d attempt %d: results from %s of %s; excluded %s",
-            group.module, group.round, attempt, _short([reducer_of[i] for i, (got, _) in zip(others, received,
-            strict=True) if got]), _short(reducer_of[i] for i in others),
-            _short(self._inbox.excluded.get((group.module, group.round), ())),
-        )  # fmt: skip
         results = {}
         for i, (got, _) in zip(others, received, strict=True):
             reducer = reducer_of[i]
             if reducer in got and not self._inbox.is_excluded(group.module, group.round, reducer):
                 results[i] = got[reducer]
+        logger.debug(
+            "%s round %d attempt %d: results from %s of %s; excluded %s",
+            group.module, group.round, attempt, _short(reducer_of[i] for i in results),
+            _short(reducer_of[i] for i in others), _short(self._inbox.excluded.get((group.module, group.round), ())),
+        )  # fmt: skip
         self._accept_checked(state, results, reducer_of)
 
     async def _reduce(self, state: _Round, index: int, attempt: int, deadline: float, started: float) -> None:

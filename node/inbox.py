@@ -1,0 +1,74 @@
+"""What peers sent us for the all-reduces in flight: parts and results by slice, and the
+senders excluded from a (module, round). Waiters are woken on every arrival or exclusion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Dict, Set, Tuple
+
+import numpy as np
+
+SliceKey = Tuple[str, int, str, int, int]  # module, round, group_id, slice index, attempt
+
+
+class Inbox:
+    """Parts and results that arrived, keyed by slice, and senders excluded per (module, round)."""
+
+    def __init__(self) -> None:
+        self.items: Dict[SliceKey, Dict[str, Tuple[float, np.ndarray]]] = {}
+        self.excluded: Dict[Tuple[str, int], Set[str]] = {}
+        self.born: Dict[object, float] = {}
+        self.changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def put(self, key: SliceKey, slot: str, weight: float, values: np.ndarray) -> None:
+        self.items.setdefault(key, {})[slot] = (weight, values)
+        self.born.setdefault(key, time.monotonic())
+        self._notify()
+
+    def exclude(self, module: str, round_number: int, peer: str) -> None:
+        self.excluded.setdefault((module, round_number), set()).add(peer)
+        self.born.setdefault((module, round_number), time.monotonic())
+        self._notify()
+
+    def is_excluded(self, module: str, round_number: int, peer: str) -> bool:
+        return peer in self.excluded.get((module, round_number), ())
+
+    def pop(self, key: SliceKey) -> None:
+        self.born.pop(key, None)
+        self.items.pop(key, None)
+
+    def expire(self, older_than_seconds: float) -> None:
+        limit = time.monotonic() - older_than_seconds
+        for key in [k for k, born in self.born.items() if born < limit]:
+            self.born.pop(key, None)
+            self.items.pop(key, None)  # type: ignore[call-overload]
+            self.excluded.pop(key, None)  # type: ignore[call-overload]
+
+    async def wait_for(
+        self, key: SliceKey, peers: Set[str], deadline: float, prefix: str = ""
+    ) -> Tuple[Dict[str, Tuple[float, np.ndarray]], bool]:
+        """Wait until each peer delivered ``key`` (slot ``prefix + peer``) or was excluded, or the deadline.
+
+        Returns what was delivered, keyed by peer, and whether every peer delivered."""
+        module, round_number = key[0], key[1]
+        while True:
+            got = self.items.get(key, {})
+            pending = {
+                p for p in peers if prefix + p not in got and not self.is_excluded(module, round_number, p)
+            }
+            remaining = deadline - time.monotonic()
+            if not pending or remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(self.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                break
+        got = self.items.get(key, {})
+        delivered = {p: got[prefix + p] for p in peers if prefix + p in got}
+        return delivered, not pending and len(delivered) == len(peers)
