@@ -46,7 +46,7 @@ class Aggregate:
 
 def screen_outliers(parts: Dict[str, np.ndarray], trusted: str, ratio: float) -> Tuple[List[str], List[str]]:
     """(kept, refused) sender lists: refused parts are far longer than the median part."""
-    norms = {sender: float(np.linalg.norm(values)) for sender, values in parts.items()}
+    norms = {sender: float(np.sqrt(_squared_norm(np.asarray(values, np.float32)))) for sender, values in parts.items()}
     median = float(np.median(list(norms.values())))
     limit = ratio * max(median, 1e-30)
     kept = [s for s in parts if s == trusted or norms[s] <= limit]
@@ -58,7 +58,7 @@ def centered_clip(stack: np.ndarray, multiplier: float) -> Tuple[np.ndarray, flo
 
     float32 throughout (a slice can hold millions of values); norms are accumulated in float64."""
     rows = np.ascontiguousarray(stack, dtype=np.float32)
-    center = np.median(rows, axis=0).astype(np.float32)
+    center = coordinate_median(rows)
     diff = rows - center
     radius = multiplier * float(np.median(_row_norms(diff)))
     clipped = np.zeros(len(rows), dtype=bool)
@@ -75,8 +75,42 @@ def centered_clip(stack: np.ndarray, multiplier: float) -> Tuple[np.ndarray, flo
     return center, radius, clipped
 
 
+def coordinate_median(rows: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """np.median(rows, axis=0) for float32 rows, several times faster on a few long rows: with 3 or 4
+    rows it is (sum - max - min) / (k - 2); otherwise column blocks are sorted in cache-sized pieces."""
+    k = len(rows)
+    if k in (3, 4):
+        middle = rows.sum(axis=0, dtype=np.float32)
+        middle -= rows.max(axis=0)
+        middle -= rows.min(axis=0)
+        middle *= np.float32(1.0 / (k - 2))
+        return middle
+    out = np.empty(rows.shape[1], dtype=np.float32)
+    for start in range(0, rows.shape[1], chunk):
+        block = np.sort(rows[:, start : start + chunk].T, axis=1)
+        upper = block[:, k // 2]
+        out[start : start + chunk] = upper if k % 2 else (block[:, k // 2 - 1] + upper) * np.float32(0.5)
+    return out
+
+
 def _row_norms(rows: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
+    return np.sqrt(np.array([_squared_norm(row) for row in rows], dtype=np.float64))
+
+
+def _squared_norm(values: np.ndarray) -> float:
+    # BLAS dot on float32: no float64 copy of a slice of millions of values (a float32 sum of squares
+    # is accurate to ~1e-6 relative, far inside every tolerance these norms are compared with)
+    return float(np.dot(values, values))
+
+
+def _mean(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Float32 mean accumulated in place (no stacked float64 copy); the reducer's result is what
+    everyone applies, so this needs no bit-exact agreement with anyone."""
+    total = np.array(parts[0], dtype=np.float32, copy=True)
+    for part in parts[1:]:
+        total += part
+    total *= np.float32(1.0 / len(parts))
+    return total
 
 
 def aggregate(
@@ -86,14 +120,12 @@ def aggregate(
     if method == "mean" or len(parts) < 3:
         # Two parts cannot outvote each other: robust statistics need a third opinion.
         senders = sorted(parts)
-        values = np.mean([parts[s].astype(np.float64) for s in senders], axis=0).astype(np.float32)
-        return Aggregate(values, tuple(senders), (), 0.0, ())
+        return Aggregate(_mean([parts[s] for s in senders]), tuple(senders), (), 0.0, ())
     kept, outliers = screen_outliers(parts, trusted, outlier_ratio)
     senders = sorted(kept)
-    stack = np.stack([parts[s] for s in senders])
     if len(senders) < 3:
-        mean = stack.mean(axis=0, dtype=np.float64).astype(np.float32)
-        return Aggregate(mean, tuple(senders), tuple(sorted(outliers)), 0.0, ())
+        return Aggregate(_mean([parts[s] for s in senders]), tuple(senders), tuple(sorted(outliers)), 0.0, ())
+    stack = np.stack([parts[s] for s in senders])
     center, radius, clipped = centered_clip(stack, clip_multiplier)
     was_clipped = tuple(s for s, c in zip(senders, clipped, strict=True) if c)
     return Aggregate(center, tuple(senders), tuple(sorted(outliers)), radius, was_clipped)
@@ -101,8 +133,9 @@ def aggregate(
 
 def relative_distance(result: np.ndarray, own: np.ndarray) -> float:
     """||result - own|| / ||own||; 0 for two empty or all-zero equal vectors."""
-    diff = float(np.linalg.norm(result.astype(np.float64) - own))
-    scale = float(np.linalg.norm(own.astype(np.float64)))
+    own = np.asarray(own, dtype=np.float32)
+    diff = float(np.sqrt(_squared_norm(np.asarray(result, dtype=np.float32) - own)))
+    scale = float(np.sqrt(_squared_norm(own)))
     if diff == 0.0:
         return 0.0
     return diff / scale if scale > 0 else float("inf")

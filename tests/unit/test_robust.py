@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from node.deadlines import Deadlines
-from node.robust import aggregate, centered_clip, lower_median, region_spans, relative_distance, screen_outliers
+from node.robust import (
+    aggregate,
+    centered_clip,
+    coordinate_median,
+    lower_median,
+    region_spans,
+    relative_distance,
+    screen_outliers,
+)
 from protocol.wire import (
     INT8_BLOCK,
     TensorPart,
@@ -140,3 +148,9 @@ def test_deadlines_start_at_the_cap_then_follow_what_was_observed():
     deadlines.observe("trunk", "parts", 100.0)
     assert deadlines.timeout("trunk", "parts") == 15.0  # never past the manifest's cap
     assert deadlines.timeout("expert.0.0", "parts") == 15.0  # per module
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+def test_coordinate_median_matches_numpy(rows):
+    values = np.random.default_rng(rows).standard_normal((rows, 70_001)).astype(np.float32)
+    np.testing.assert_allclose(coordinate_median(values), np.median(values, axis=0), rtol=0, atol=1e-6)
