@@ -51,6 +51,10 @@ class NodeMetrics:
             self.set_swarm(swarm_id)
         self.steps = Counter("training_steps", "Local (inner) training steps", namespace=ns, registry=r)
         self.samples = Counter("training_samples", "Training sequences processed", namespace=ns, registry=r)
+        self.step_seconds = Counter("training_step_seconds", "Wall time spent inside local training steps",
+                                    namespace=ns, registry=r)  # fmt: skip
+        self.waited_seconds = Counter("averaging_wait_seconds", "Wall time training stood still waiting for averaging",
+                                      namespace=ns, registry=r)  # fmt: skip
         self.loss = Gauge("training_loss", "Recent local training loss (EMA, nats/byte)", namespace=ns, registry=r)
         self.eval_loss = Gauge("eval_loss", "Held-out loss after the last round (nats/byte)", namespace=ns, registry=r)
         self.loss.set(float("nan"))  # unknown until measured: NaN, not a misleading 0
@@ -89,9 +93,10 @@ class NodeMetrics:
         self._info.clear()
         self._info.labels(version, swarm_id, protocol_version).set(1)
 
-    def observe_step(self, samples: int, loss: Optional[float]) -> None:
+    def observe_step(self, samples: int, loss: Optional[float], seconds: float = 0.0) -> None:
         self.steps.inc()
         self.samples.inc(samples)
+        self.step_seconds.inc(seconds)
         if loss is not None:
             self.loss.set(loss)
 

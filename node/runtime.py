@@ -317,7 +317,9 @@ class Node:
                 logger.info("data source is back: training resumed")
                 self.health.data_error = None
             done += 1
-            self.metrics.observe_step(self.manifest.training.batch_size, self.trainer.loss_ema)
+            self.metrics.observe_step(
+                self.manifest.training.batch_size, self.trainer.loss_ema, self.trainer.last_step_seconds
+            )
             self._progress()
             if self._on_step is not None:
                 self._on_step(self.trainer.loss_ema or float("nan"))
@@ -382,7 +384,7 @@ class Node:
 
     def _complete_round(self, pending: PendingRound) -> bool:
         """Wait for the round, apply it, report it; False when a stop request abandoned it."""
-        waited = time.perf_counter()
+        wait_started = time.perf_counter()
         while True:
             try:
                 results = pending.future.result(timeout=0.2)
@@ -396,10 +398,15 @@ class Node:
         self._pending = None
         with self._model_lock:
             outcomes = apply(pending, results, overlap=self.manifest.averaging.overlap)
+        waited = time.perf_counter() - wait_started
+        self.metrics.waited_seconds.inc(waited)
         timing = {
             "compute_seconds": round(pending.compute_seconds, 3),
             "averaging_seconds": round(time.perf_counter() - pending.submitted_at, 3),
-            "waited_seconds": round(time.perf_counter() - waited, 3),
+            "waited_seconds": round(waited, 3),
+            # running totals: utilization over any span of rounds = difference of step_seconds_total / wall time
+            "step_seconds_total": round(self.trainer.step_seconds, 3),
+            "steps_total": self.trainer.local_steps,
         }
         self._finish_round(outcomes, pending.steps, timing)
         return True

@@ -92,6 +92,8 @@ class Trainer:
         self.local_steps = 0
         self.samples = 0
         self.loss_ema: Optional[float] = None
+        self.step_seconds = 0.0  # wall time inside step(), over this node's life
+        self.last_step_seconds = 0.0
         self._recent_rate: Optional[float] = None
 
     def step(self) -> float:
@@ -107,7 +109,9 @@ class Trainer:
         self.local_steps += 1
         self.samples += batch.shape[0]
         self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * value
-        rate = batch.shape[0] / max(1e-9, time.perf_counter() - started)
+        self.last_step_seconds = time.perf_counter() - started
+        self.step_seconds += self.last_step_seconds
+        rate = batch.shape[0] / max(1e-9, self.last_step_seconds)
         self._recent_rate = rate if self._recent_rate is None else 0.9 * self._recent_rate + 0.1 * rate
         return value
 

@@ -90,8 +90,9 @@ def test_every_documented_swarm_metric_is_exported():
 def test_counters_move_with_a_step_a_round_and_a_rejected_part():
     averager = Averager(None, "abc", hosted=lambda: {"trunk"}, spec=AveragingSpec())
     metrics, registry = node_registry(averager.stats)
-    metrics.observe_step(samples=16, loss=2.5)
+    metrics.observe_step(samples=16, loss=2.5, seconds=0.25)
     assert sample(registry, "commons_training_steps_total") == 1
+    assert sample(registry, "commons_training_step_seconds_total") == 0.25
     assert sample(registry, "commons_training_samples_total") == 16
     assert sample(registry, "commons_training_loss") == 2.5
 
