@@ -1,10 +1,15 @@
-"""Benchmark: raw throughput of a hivemind p2pd binary stream vs a plain TCP socket, both on loopback.
+"""Benchmark: raw throughput of a hivemind p2pd binary stream vs a plain TCP socket, both on loopback,
+and what a Commons averaging round between two peers achieves over the same p2pd streams.
 
-Usage: python -m tests.bench.transport [--mbytes 256] [--chunk-kib 1024] [--repeats 3]
+Usage: python -m tests.bench.transport [--mbytes 256] [--chunk-kib 1024] [--repeats 3] [--round-mbytes 64]
 Two DHTs (two p2pd daemons) in this process's children; the sender writes ``--mbytes`` MiB in
 ``--chunk-kib`` writes through ``call_binary_stream_handler``, the receiver counts them and answers
 with one byte; the clock stops at that answer. Then the same through a TCP socket on 127.0.0.1.
-Prints a Markdown table (median of ``--repeats``). Nothing passes or fails on a number.
+Then two real averaging peers (tests/swarm/averaging_peer.py, the node's Averager) all-reduce a
+``--round-mbytes`` MiB float32 vector, uncompressed: each peer sends half the vector as parts and half
+as results, so the round's rate is ``--round-mbytes`` / the all-reduce time, per peer and direction,
+comparable with one stream's rate. Prints Markdown tables (medians of ``--repeats``). Nothing passes or
+fails on a number.
 """
 
 from __future__ import annotations
@@ -16,15 +21,18 @@ import socket
 import statistics
 import struct
 import sys
+import tempfile
 import threading
 import time
-from typing import Callable, List
+from pathlib import Path
+from typing import Callable, List, Tuple
 
 import hivemind
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 
 from node.procs import children_of
+from tests.procs import NodeProcess
 
 HANDLER = "commons-bench-transport"
 
@@ -54,8 +62,9 @@ async def _p2p_once(sender: P2P, receiver_id: PeerID, total: int, chunk: int) ->
     return seconds
 
 
-async def p2p_runs(total: int, chunk: int, repeats: int, daemons: List[int]) -> List[float]:
-    """Times ``repeats`` transfers; appends the pids of the two p2pd daemons to ``daemons``."""
+async def p2p_runs(total: int, chunk: int, repeats: int, daemons: List[int]) -> Tuple[List[float], List[float]]:
+    """Times ``repeats`` one-way transfers, then ``repeats`` pairs of transfers in opposite directions at once
+    (as in an averaging round, where every peer sends and receives); appends the two p2pd pids to ``daemons``."""
     first = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     second = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs(), start=True)
     daemons += [pid for dht in (first, second) for pid in children_of(dht.pid or 0)]
@@ -69,8 +78,15 @@ async def p2p_runs(total: int, chunk: int, repeats: int, daemons: List[int]) -> 
             writer.close()
 
         await receiver.add_binary_stream_handler(HANDLER, handle)
+        await sender.add_binary_stream_handler(HANDLER, handle)
         await _p2p_once(sender, receiver.peer_id, 1 << 20, chunk)  # warm-up: connection, stream negotiation
-        return [await _p2p_once(sender, receiver.peer_id, total, chunk) for _ in range(repeats)]
+        one_way = [await _p2p_once(sender, receiver.peer_id, total, chunk) for _ in range(repeats)]
+        both_ways = []
+        for _ in range(repeats):
+            pair = await asyncio.gather(_p2p_once(sender, receiver.peer_id, total, chunk),
+                                        _p2p_once(receiver, sender.peer_id, total, chunk))  # fmt: skip
+            both_ways.append(max(pair))
+        return one_way, both_ways
     finally:
         second.shutdown()
         first.shutdown()
@@ -110,6 +126,33 @@ def tcp_once(total: int, chunk: int) -> float:
     return seconds
 
 
+def commons_rounds(mbytes: int, aggregator: str, repeats: int, workdir: str) -> List[float]:
+    """All-reduce seconds (group formed → averaged vector) of two averaging peers on loopback."""
+    numel = (mbytes << 20) // 4
+    peers: List[NodeProcess] = []
+    try:
+        for index in range(2):
+            argv = [sys.executable, "-m", "tests.swarm.averaging_peer", "--aggregator", aggregator]
+            argv += ["--initial-peers", peers[0].maddr] if peers else []
+            peers.append(NodeProcess(argv, Path(workdir) / f"{aggregator}{index}", f"peer{index}", interactive=True))
+            peers[-1].wait_ready(60)
+        ids = [p.ready["peer_id"] for p in peers]  # type: ignore[index]
+        seconds = []
+        for rnd in range(repeats + 1):  # the first round warms up streams and deadlines
+            for seed, peer in enumerate(peers):
+                peer.send({"cmd": "average", "round": rnd, "numel": numel, "seed": seed, "expected": ids})
+            replies = [peer.next_event(120) for peer in peers]
+            if any(r.get("fraction") != 1.0 or r.get("group_size") != 2 for r in replies):
+                raise RuntimeError(f"round {rnd} was not a full round of two: {replies}")
+            seconds.append(max(float(r["seconds"]) for r in replies))
+        for peer in peers:
+            peer.send({"cmd": "quit"})
+        return seconds[1:]
+    finally:
+        for peer in peers:
+            peer.cleanup()
+
+
 def row(name: str, total: int, samples: List[float], reference: Callable[[], float]) -> str:
     median = statistics.median(samples)
     rate = total / (1 << 20) / median
@@ -121,26 +164,47 @@ def main() -> None:
     parser.add_argument("--mbytes", type=int, default=256, help="MiB per transfer")
     parser.add_argument("--chunk-kib", type=int, default=1024, help="size of each write")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--round-mbytes", type=int, default=64, help="MiB of float32 in the averaging rounds")
+    parser.add_argument("--out", type=Path, default=None, help="also write results.md here")
     args = parser.parse_args()
     total, chunk = args.mbytes << 20, args.chunk_kib << 10
     daemons: List[int] = []
     try:
-        p2p = asyncio.run(p2p_runs(total, chunk, args.repeats, daemons))  # its finally shuts both DHTs down
+        p2p, p2p_both = asyncio.run(p2p_runs(total, chunk, args.repeats, daemons))  # its finally shuts both DHTs
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     tcp_once(1 << 20, chunk)  # warm-up
     tcp = [tcp_once(total, chunk) for _ in range(args.repeats)]
     tcp_rate = total / (1 << 20) / statistics.median(tcp)
-    print(f"Loopback, {args.mbytes} MiB in {args.chunk_kib} KiB writes, median of {args.repeats}:\n")
-    print("| transport | MiB | seconds | MiB/s | vs TCP |\n|---|---|---|---|---|")
-    print(row("hivemind p2pd binary stream", total, p2p, lambda: tcp_rate))
-    print(row("TCP socket 127.0.0.1", total, tcp, lambda: tcp_rate))
+    lines = [f"Loopback, {args.mbytes} MiB in {args.chunk_kib} KiB writes, median of {args.repeats}:", "",
+             "| transport | MiB | seconds | MiB/s (per direction) | vs TCP |", "|---|---|---|---|---|",
+             row("hivemind p2pd binary stream", total, p2p, lambda: tcp_rate),
+             row("hivemind p2pd, two streams in opposite directions at once", total, p2p_both, lambda: tcp_rate),
+             row("TCP socket 127.0.0.1", total, tcp, lambda: tcp_rate)]  # fmt: skip
+    print("\n".join(lines), flush=True)
+    stream_rate = total / (1 << 20) / statistics.median(p2p)
+    both_rate = total / (1 << 20) / statistics.median(p2p_both)
+    round_bytes = args.round_mbytes << 20
+    lines += ["", f"Commons averaging round, 2 peers on loopback, {args.round_mbytes} MiB float32, uncompressed; per "
+              f"peer and direction {args.round_mbytes} MiB (half as parts, half as results); median of "
+              f"{args.repeats}:", "", "| aggregator | seconds | MiB/s per peer and direction | vs one p2pd stream | "
+              "vs p2pd both ways at once |", "|---|---|---|---|---|"]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        for aggregator in ("mean", "centered_clip"):
+            seconds = commons_rounds(args.round_mbytes, aggregator, args.repeats, tmp)
+            rate = args.round_mbytes / statistics.median(seconds)
+            lines.append(row(aggregator, round_bytes, seconds, lambda: stream_rate).replace(f"| {args.round_mbytes} |",
+                         "|", 1) + f" {rate / both_rate:.2f} |")  # fmt: skip
+            print(lines[-1], flush=True)
     deadline = time.monotonic() + 10
     while any(os.path.exists(f"/proc/{pid}") for pid in daemons) and time.monotonic() < deadline:
         time.sleep(0.2)
     leaked = [pid for pid in daemons if os.path.exists(f"/proc/{pid}")]
     print(f"\np2pd daemons {daemons}: " + (f"LEFT BEHIND {leaked}" if leaked else "all exited"))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
