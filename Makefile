@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install install-dev start test test-unit lint bench bench-wan bench-transport clean
+.PHONY: install install-dev start test test-unit lint bench bench-suite bench-wan bench-utilization bench-convergence \
+	bench-overhead bench-scale bench-transport clean
 
 # Progress goes to stderr so that `make start`'s stdout holds only the node's JSON ready line.
 $(BIN)/python:
@@ -50,9 +51,26 @@ clean:
 bench: install-dev
 	$(BIN)/python -m tests.bench.swarm_rounds
 
+# The whole suite (issue 7), one item after another; needs root for the network namespaces. Writes
+# bench-results/README.md (every table, the machine, the commit) and each item's tables and plots.
+bench-suite: install-dev
+	$(BIN)/python -m tests.bench.suite --out bench-results
+
+bench-utilization: install-dev
+	$(BIN)/python -m tests.bench.utilization --out bench-results/utilization
+
+bench-convergence: install-dev
+	$(BIN)/python -m tests.bench.convergence --out bench-results/convergence
+
+bench-overhead: install-dev
+	$(BIN)/python -m tests.bench.overhead --out bench-results/overhead
+
+bench-scale: install-dev
+	$(BIN)/python -m tests.bench.scale --out bench-results/scale
+
 # Needs root (network namespaces, tbf); prints "skipped" and exits 0 otherwise. Writes bench-results/wan/.
 bench-wan: install-dev
 	$(BIN)/python -m tests.bench.wan_averaging --out bench-results/wan
 
 bench-transport: install-dev
-	$(BIN)/python -m tests.bench.transport
+	$(BIN)/python -m tests.bench.transport --out bench-results/transport
