@@ -305,7 +305,7 @@ class Node:
                 break
             if self._pending is not None and self._pending.future.done():
                 self._complete_round(self._pending)  # overlapped round is back: apply it between steps
-            if done > 0 and self._pending is None and self._swarm_moved_on():
+            if done > 0 and self._swarm_moved_on():
                 break
             try:
                 with self._model_lock:
@@ -367,11 +367,14 @@ class Node:
         write_generation(self.checkpoints, snapshot, self.metrics)
 
     def _swarm_moved_on(self) -> bool:
-        """Another peer is already averaging our round, or has gone past it: join it now."""
+        """Another peer is already averaging the round we train towards, or has gone past it: join it now.
+        With an overlapped round r still on the network, that is round r + 1 (else a node that fell behind
+        would never cut its steps short, and every later round would split into smaller groups)."""
         membership = self.membership
-        if membership.others_ready_round >= self.outer_round:
+        target = self.outer_round if self._pending is None else self._pending.round_number + 1
+        if membership.others_ready_round >= target:
             return True
-        return membership.view.max_round(exclude=self.peer_id) > self.outer_round
+        return membership.view.max_round(exclude=self.peer_id) > target
 
     def _submit_round(self, steps: int, compute_seconds: float) -> PendingRound:
         """Capture every module's pseudo-gradient and hand the round to the swarm loop."""
@@ -380,6 +383,7 @@ class Node:
             prepared = prepare(self.states)
         future = self.swarm.submit(self.round_averager.average(prepared, self.outer_round))
         self._pending = PendingRound(self.outer_round, steps, prepared, future, compute_seconds, time.perf_counter())
+        self.membership.watch_round = self.outer_round + 1  # who is ready for the next one (_swarm_moved_on)
         return self._pending
 
     def _complete_round(self, pending: PendingRound) -> bool:
