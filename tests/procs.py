@@ -64,6 +64,19 @@ def http_get(url: str) -> Tuple[int, bytes]:
         return 0, b""
 
 
+def log_records(path: Path, kind: Optional[str] = None) -> List[dict]:
+    """The JSON records of a node's log (--log-format json), all or those whose "event" is ``kind``."""
+    found = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # progress bars and other non-JSON output
+        if isinstance(entry, dict) and (kind is None or entry.get("event") == kind):
+            found.append(entry)
+    return found
+
+
 def child_env(**extra: str) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMMONS_")}
     # Several nodes share two cores: one BLAS/OpenMP thread each avoids oversubscription stalls.
@@ -148,15 +161,7 @@ class NodeProcess:
 
     def events(self, kind: str) -> List[dict]:
         """The node's JSON log records (--log-format json) whose "event" field is ``kind``."""
-        found = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue  # progress bars and other non-JSON output
-            if isinstance(entry, dict) and entry.get("event") == kind:
-                found.append(entry)
-        return found
+        return log_records(self.log_path, kind)
 
     def stderr_tail(self, lines: int = 30) -> str:
         try:

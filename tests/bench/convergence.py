@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import json
 import os
-import queue
 import shutil
 import signal
 import statistics
@@ -66,7 +65,7 @@ from tests.bench.convergence_data import (
     write_manifest,
 )
 from tests.bench.netns import JsonProcess, SkipBenchmark, TestNetwork
-from tests.procs import REPO, child_env
+from tests.procs import REPO, child_env, log_records
 
 WORKERS = 4
 BATCH = 16
@@ -97,21 +96,6 @@ class Curve:
         return next((p.seconds for p in self.points if p.loss <= target), None)
 
 
-def collect(proc: JsonProcess, until: str, timeout: float) -> List[Dict[str, Any]]:
-    """Every stdout event of ``proc`` up to and including the first ``until`` event."""
-    deadline, got = time.monotonic() + timeout, []
-    while True:
-        try:
-            event = proc.events.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            raise RuntimeError(f"no {until!r} within {timeout:.0f}s; {proc.tail()}") from None
-        if event is None:
-            raise RuntimeError(f"exited (rc {proc.proc.wait()}) before {until!r}; {proc.tail()}")
-        got.append(event)
-        if event.get("event") == until:
-            return got
-
-
 def worker(net: TestNetwork, host: int, argv: List[str], log: Path, **env: str) -> JsonProcess:
     return JsonProcess(net, host, WORKER + argv, log, cwd=REPO, env=child_env(**env))
 
@@ -125,7 +109,7 @@ def start_single(net: TestNetwork, args: argparse.Namespace, corpus: Any) -> Jso
 
 def finish_single(proc: JsonProcess, args: argparse.Namespace) -> Curve:
     try:
-        events = collect(proc, "done", args.timeout)
+        events = proc.collect("done", args.timeout)
     finally:
         proc.close()
     points = [Point(e["samples"], e["elapsed"], e["path"]) for e in events if e["event"] == "snapshot"]
@@ -146,9 +130,9 @@ def run_ddp(net: TestNetwork, args: argparse.Namespace, corpus: Any, wan: bool) 
                     "--master", net.ip(0) if wan else "127.0.0.1"]  # fmt: skip
             env = {"GLOO_SOCKET_IFNAME": "eth0"} if wan else {"GLOO_SOCKET_IFNAME": "lo"}
             procs.append(worker(net, rank if wan else 0, argv, args.out / "logs" / f"{tag}-{rank}.log", **env))
-        events = collect(procs[0], "done", args.timeout)
+        events = procs[0].collect("done", args.timeout)
         for p in procs[1:]:
-            collect(p, "done", 120)
+            p.collect("done", 120)
     finally:
         for p in procs:
             p.close()
@@ -168,19 +152,7 @@ def node_argv(net: TestNetwork, args: argparse.Namespace, host: int, data: Path,
 
 
 def steps_done(log: Path) -> int:
-    return sum(r["steps"] for r in log_records(log) if r.get("event") == "round")
-
-
-def log_records(path: Path) -> List[Dict[str, Any]]:
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            records.append(entry)
-    return records
+    return sum(r["steps"] for r in log_records(log, "round"))
 
 
 def diloco_curve(args: argparse.Namespace, logs: List[List[Dict[str, Any]]]) -> Curve:

@@ -225,15 +225,21 @@ class JsonProcess:
 
     def expect(self, event: str, timeout: float) -> Dict[str, Any]:
         """The next stdout object whose "event" is ``event`` (others are skipped); RuntimeError on exit or timeout."""
-        deadline = time.monotonic() + timeout
+        return self.collect(event, timeout)[-1]
+
+    def collect(self, until: str, timeout: float) -> List[Dict[str, Any]]:
+        """Every stdout object up to and including the next whose "event" is ``until``; RuntimeError on exit or
+        timeout."""
+        deadline, got = time.monotonic() + timeout, []
         while True:
             try:
-                got = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+                event = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise RuntimeError(f"no {event!r} within {timeout:.0f}s; {self.tail()}") from None
-            if got is None:
-                raise RuntimeError(f"exited (rc {self.proc.wait()}) before {event!r}; {self.tail()}")
-            if got.get("event") == event:
+                raise RuntimeError(f"no {until!r} within {timeout:.0f}s; {self.tail()}") from None
+            if event is None:
+                raise RuntimeError(f"exited (rc {self.proc.wait()}) before {until!r}; {self.tail()}")
+            got.append(event)
+            if event.get("event") == until:
                 return got
 
     def tail(self) -> str:

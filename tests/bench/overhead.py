@@ -71,21 +71,13 @@ def run_node(args: argparse.Namespace, workdir: Path, experts: int) -> Dict[str,
         node.proc.wait(timeout=900)
     finally:
         node.cleanup()
-    rounds = [e for e in map(_json, node.log_path.read_text().splitlines()) if e.get("event") == "round"]
+    rounds = node.events("round")
     first, last = rounds[0], rounds[-2]  # the last round is drained while leaving
     wall = last["timestamp"] - first["timestamp"]
     steps = last["steps_total"] - first["steps_total"]
     inside = last["step_seconds_total"] - first["step_seconds_total"]
     return {"steps": steps, "seconds": wall, "steps_per_second": steps / wall, "compute_share": inside / wall,
             "in_step_per_second": steps / inside}  # fmt: skip
-
-
-def _json(line: str) -> Dict[str, Any]:
-    try:
-        value = json.loads(line)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def threads(args: argparse.Namespace) -> Dict[str, str]:

@@ -9,7 +9,6 @@ nothing here passes or fails on a number.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -33,15 +32,7 @@ def run(peers: int, rounds: int, workdir: Path) -> dict:
     finally:
         for node in nodes:
             node.cleanup()
-    entries = []
-    for node in nodes:
-        for line in node.log_path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("event") == "round":
-                entries.append(entry)
+    entries = [entry for node in nodes for entry in node.events("round")]
     full = [e for e in entries[1:] if e["trunk_group"] == peers] or entries[1:]  # skip warm-up rounds
     return {
         "peers": peers,

@@ -30,20 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from tests.bench.netns import JsonProcess, SkipBenchmark, TestNetwork
-from tests.procs import REPO, child_env
-
-
-def rounds_of(log: Path) -> List[Dict[str, Any]]:
-    """The node's ``round`` log entries, in order."""
-    entries = []
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("event") == "round":
-            entries.append(entry)
-    return entries
+from tests.procs import REPO, child_env, log_records
 
 
 def common_rounds(per_node: List[List[Dict[str, Any]]], most: Optional[int] = None) -> range:
@@ -95,7 +82,7 @@ def run_swarm(mbit: float, args: argparse.Namespace, logs: Path) -> List[Dict[st
             nodes.append(node)
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline and all(node.proc.poll() is None for node in nodes):
-            per_node = [rounds_of(node.log_path) for node in nodes]
+            per_node = [log_records(node.log_path, "round") for node in nodes]
             if all(per_node) and len(common_rounds(per_node)) >= args.rounds:
                 break
             time.sleep(2.0)
@@ -104,7 +91,7 @@ def run_swarm(mbit: float, args: argparse.Namespace, logs: Path) -> List[Dict[st
                   f"see {logs}", file=sys.stderr)  # fmt: skip
         for node in nodes:
             node.close()  # SIGTERM: each node finishes or abandons its round and leaves cleanly
-        return [rounds_of(node.log_path) for node in nodes]
+        return [log_records(node.log_path, "round") for node in nodes]
 
 
 def summarize(mbit: float, per_node: List[List[Dict[str, Any]]], peers: int, most: int) -> Dict[str, Any]:
