@@ -1,9 +1,12 @@
 """Butterfly all-reduce of one module's vector within its group, over our own p2p streams.
 
-The vector is cut into one slice per member (sorted peer order). Member *j* is the
-reducer of slice *j*: every member sends it that slice ("part"); it combines the parts
-it received by its deadline with the robust aggregator (node/robust.py) and sends the
-result back. Each member sends and receives about 2·(n−1)/n of the vector.
+The vector is cut into chunks of about ``chunk_elements`` values, and each chunk into one
+slice per member (sorted peer order): slice *i* is reduced by member ``i mod n``. Every member
+sends each reducer its slices ("parts") in order, a few on the wire at once; the reducer
+combines a slice's parts as soon as they are in, with the robust aggregator
+(node/robust.py), and sends the result back while later chunks still travel, so reducing
+and both directions of the transfer overlap. Each member sends and receives about
+2·(n−1)/n of the vector.
 
 Checks, in order: every part is validated on arrival (schema, size, dtype, finite
 values, weight 1, this round and group); a bad part excludes its sender from the round
@@ -31,6 +34,7 @@ from node.deadlines import Deadlines
 from node.inbox import Inbox, SliceKey
 from node.matchmaking import Group
 from node.robust import aggregate, lower_median, region_spans, relative_distance
+from node.slices import backup_of, chunked_bounds, owner_of
 from node.swarm import now as wall_clock
 from protocol.manifest import AveragingSpec
 from protocol.wire import Ack, TensorPart, WireError, decode, encode, read_tensor, tensor_payload, wire_round_trip
@@ -47,6 +51,7 @@ RELATIVE_FLOOR = 1e-6  # float32 rounding of a mean: below this two values are t
 CLOCK_SLACK_SECONDS = 0.0
 # Refusals that say nothing bad about the sender (placement changed, it is late): no exclusion.
 BENIGN = ("round_over", "not_hosted")
+SEND_WINDOW = 4  # parts on the wire at once per reducer: the next one is queued while one travels
 
 
 @dataclass
@@ -94,22 +99,6 @@ def classify(group_size: int, fraction: float, expected_others: int) -> str:
     return "partial" if fraction > 0 else "failed"
 
 
-def slice_bounds(numel: int, parts: int) -> List[Tuple[int, int]]:
-    """Contiguous near-equal slices; the first ``numel % parts`` are one element longer."""
-    base, extra = divmod(numel, parts)
-    bounds, start = [], 0
-    for index in range(parts):
-        end = start + base + (1 if index < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-def backup_of(index: int, size: int) -> int:
-    """The member that reduces slice ``index`` again when its reducer failed."""
-    return (index + 1) % size
-
-
 @dataclass
 class _Round:
     """What this member knows about one all-reduce while it runs."""
@@ -124,6 +113,11 @@ class _Round:
     averaged: np.ndarray = field(init=False)  # per slice: averaged with someone
     contributors: Set[str] = field(default_factory=set)
     retry_from: float = 0.0  # monotonic time by which every member has decided on its attempt-0 results
+    gates: Dict[str, asyncio.Semaphore] = field(default_factory=dict)  # per peer: our messages on the wire
+
+    def gate(self, peer: str) -> asyncio.Semaphore:
+        """At most ``SEND_WINDOW`` of our messages (parts and results) to ``peer`` at once, served in order."""
+        return self.gates.setdefault(peer, asyncio.Semaphore(SEND_WINDOW))
 
     def __post_init__(self) -> None:
         self.result = self.sent.copy()
@@ -242,7 +236,7 @@ class Averager:
             return AllReduceResult(vector.copy(), 0.0, (me,), 0.0)
         dtype = self._spec.compression if compress else "none"
         dtype = {"none": "float32", "fp16": "float16"}.get(dtype, dtype)
-        bounds = slice_bounds(vector.size, len(group.members))
+        bounds = chunked_bounds(vector.size, len(group.members), self._spec.chunk_elements)
         sent = self._encode_own(group.module, vector, bounds, dtype)
         deadline = started + self._spec.round_timeout_seconds
         state = _Round(group, bounds, list(regions or [vector.size]), sent, dtype, deadline)
@@ -251,7 +245,9 @@ class Averager:
         self._refuse_early_strangers(group)
         try:
             await self._exchange(state, attempt=0, slices=list(range(len(bounds))))
-            failed = [i for i in range(len(bounds)) if i != group.index_of(me) and not state.averaged[i]]
+            mine = group.index_of(me)
+            size = len(group.members)
+            failed = [i for i in range(len(bounds)) if owner_of(i, size) != mine and not state.averaged[i]]
             if failed and len(group.members) > 2:
                 await self._exchange(state, attempt=1, slices=failed)
         finally:
@@ -300,7 +296,7 @@ class Averager:
         """Send parts of ``slices`` to their reducers, reduce the ones that are ours, collect and check the rest."""
         group, me = state.group, self.me
         size = len(group.members)
-        reducer_of = {i: group.members[i if attempt == 0 else backup_of(i, size)] for i in slices}
+        reducer_of = {i: group.members[owner_of(i, size) if attempt == 0 else backup_of(i, size)] for i in slices}
         started = time.monotonic()
         parts_wait = self.deadlines.timeout(group.module, "parts")
         results_wait = self.deadlines.timeout(group.module, "results")
@@ -309,12 +305,12 @@ class Averager:
         # A backup waits for the members that turn to it last.
         parts_deadline = min(state.deadline, (max(started, state.retry_from) if attempt else started) + parts_wait)
         sends = [
-            self._send(reducer_of[i], "part", state, i, 1.0, state.sent[slice(*state.bounds[i])], attempt)
-            for i in slices
-            if reducer_of[i] != me
+            self._send_parts(state, peer, [i for i in slices if reducer_of[i] == peer], attempt)
+            for peer in group.members
+            if peer != me
         ]
         mine = [i for i in slices if reducer_of[i] == me]
-        reduce = [self._reduce(state, i, attempt, parts_deadline, started) for i in mine]
+        reduce = [self._reduce(state, i, attempt, parts_deadline, started, i == mine[-1]) for i in mine]
         await asyncio.gather(*sends, *reduce)
         results_started = time.monotonic()
         # Another reducer may still be waiting for a missing part until its own parts deadline:
@@ -340,14 +336,16 @@ class Averager:
         )  # fmt: skip
         self._accept_checked(state, results, reducer_of)
 
-    async def _reduce(self, state: _Round, index: int, attempt: int, deadline: float, started: float) -> None:
+    async def _reduce(
+        self, state: _Round, index: int, attempt: int, deadline: float, started: float, last: bool
+    ) -> None:
         group, me = state.group, self.me
         lo, hi = state.bounds[index]
         expected = set(group.members) - {me}
         if attempt:
-            expected.discard(group.members[index])  # the reducer that failed this slice
+            expected.discard(group.members[owner_of(index, len(group.members))])  # the reducer that failed it
         got, complete = await self._inbox.wait_for(state.key(index, attempt), expected, deadline)
-        if complete and expected and attempt == 0:
+        if complete and expected and attempt == 0 and last:  # our last chunk: the whole parts phase
             self.deadlines.observe(group.module, "parts", time.monotonic() - started)
         if attempt == 0:  # a member that failed us is out of our round: its result is not applied either
             for sender in expected - set(got):
@@ -383,23 +381,23 @@ class Averager:
 
     def _accept_checked(self, state: _Round, results: Dict[int, Tuple[float, np.ndarray]], reducer_of) -> None:
         """Apply each result that passes the check against our own part (see node/robust.py)."""
-        me = self.me
-        mine = state.group.index_of(me)
+        size = len(state.group.members)
+        me = state.group.index_of(self.me)
+        mine = {i for i in range(len(state.bounds)) if owner_of(i, size) == me and state.averaged[i]}
         ratios: Dict[int, List[Tuple[int, float]]] = {}  # region -> [(slice, ratio)]
-        checked = dict(results)
+        checked = {i: r for i, r in results.items() if i not in mine}
         sizes_ok = {i for i, (_, v) in checked.items() if v.size == state.bounds[i][1] - state.bounds[i][0]}
         self.stats.reject("wrong_size", len(set(checked) - sizes_ok))
-        own_slice = [mine] if state.averaged[mine] else []
-        for i in [*own_slice, *sorted(sizes_ok)]:
+        for i in [*sorted(mine), *sorted(sizes_ok)]:
             lo, hi = state.bounds[i]
-            values = state.result[lo:hi] if i == mine else checked[i][1]
+            values = state.result[lo:hi] if i in mine else checked[i][1]
             for region, a, b in region_spans(lo, hi, state.regions):
                 if b - a >= MIN_CHECK_ELEMENTS:
                     distance = relative_distance(values[a - lo : b - lo], state.sent[a:b])
                     ratios.setdefault(region, []).append((i, distance))
         limits = {}
         for region, entries in ratios.items():
-            own = [r for i, r in entries if i == mine]
+            own = [r for i, r in entries if i in mine]
             reference = max(own + [lower_median([r for _, r in entries])])
             limits[region] = self._spec.result_tolerance * max(reference, RELATIVE_FLOOR)
         for i in sorted(sizes_ok):
@@ -420,13 +418,30 @@ class Averager:
             state.contributors.add(reducer_of[i])
 
     # --- sending -------------------------------------------------------------------
+    async def _send_parts(self, state: _Round, peer: str, indices: List[int], attempt: int) -> None:
+        """Our parts of ``indices`` to their reducer ``peer``, in order (through its gate), so its first
+        chunks arrive and are reduced early; after one fails, the rest are left to the backup."""
+        stop = asyncio.Event()
+
+        async def one(index: int) -> None:
+            values = state.sent[slice(*state.bounds[index])]
+            if not await self._send(peer, "part", state, index, 1.0, values, attempt, stop):
+                stop.set()
+
+        await asyncio.gather(*(one(i) for i in indices))
+
     async def _send(
-        self, peer: str, kind: PartKind, state: _Round, index: int, weight: float, values, attempt: int
+        self, peer: str, kind: PartKind, state: _Round, index: int, weight: float, values, attempt: int,
+        stop: Optional[asyncio.Event] = None,
     ) -> bool:
+        """One message; ``stop`` (set by an earlier failure to the same peer) skips it once its turn comes."""
         group = state.group
-        frame = self._frame(kind, state, index, weight, np.asarray(values, dtype=np.float32), attempt)
         try:
-            reply = await self._call(peer, frame, state.deadline)
+            async with state.gate(peer):
+                if (stop is not None and stop.is_set()) or self._inbox.is_excluded(group.module, group.round, peer):
+                    return False
+                frame = self._frame(kind, state, index, weight, np.asarray(values, dtype=np.float32), attempt)
+                reply = await self._call(peer, frame, state.deadline)
             self.stats.bytes_sent += len(frame)
             ack, _ = decode(reply)
         except ConnectionError as e:

@@ -127,6 +127,7 @@ class AveragingSpec:
     part_timeout_seconds: float = 15.0
     round_timeout_seconds: float = 60.0
     deadline_multiplier: float = 3.0
+    chunk_elements: int = 262_144
 
     def __post_init__(self) -> None:
         _check(self.compression in COMPRESSIONS, f"averaging.compression must be one of {', '.join(COMPRESSIONS)}")
@@ -135,6 +136,10 @@ class AveragingSpec:
         _check(self.outlier_ratio > 1, "averaging.outlier_ratio must be > 1")
         _check(self.result_tolerance > 1, "averaging.result_tolerance must be > 1")
         _check(self.deadline_multiplier >= 1, "averaging.deadline_multiplier must be >= 1")
+        _check(
+            isinstance(self.chunk_elements, int) and self.chunk_elements >= 16,
+            "averaging.chunk_elements must be an integer >= 16",
+        )
         _check(self.gather_seconds > 0, "averaging.gather_seconds must be > 0")
         _check(self.part_timeout_seconds > 0, "averaging.part_timeout_seconds must be > 0")
         _check(

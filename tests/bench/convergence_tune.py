@@ -29,10 +29,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from node.averaging import slice_bounds
 from node.data import TextData
 from node.diloco import ModuleState
 from node.robust import aggregate
+from node.slices import slice_bounds
 from node.training import Trainer
 from tests.bench.convergence_data import build_model, diloco_manifest, evaluate, heldout_batches, split_corpus
 

@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=t.NUMEL)
     args = parser.parse_args()
     t.NUMEL = args.numel
-    swarm = t.AveragingSwarm(Path(tempfile.mkdtemp(prefix="commons-corruption-")), 4)
+    swarm = t.AveragingSwarm(Path(tempfile.mkdtemp(prefix="commons-corruption-")), 4, t.CHUNKED)
     rows = ["| class | counter moved | honest fraction | = honest aggregate | round s | clean round s |",
             "|---|---|---|---|---|---|"]  # fmt: skip
     try:
@@ -36,8 +36,8 @@ def main() -> None:
             expected = t.honest_aggregate(r, t.HONEST)
             if attack == "lying_reducer":  # its parts were honest and count in honest reducers' slices
                 everyone = t.honest_aggregate(r, t.HONEST + [t.ATTACKER])
-                for position, (lo, hi) in enumerate(t.slice_bounds(t.NUMEL, 4)):
-                    if sorted(swarm.ids)[position] != swarm.ids[t.ATTACKER]:
+                for index, (lo, hi) in enumerate(t.chunked_bounds(t.NUMEL, 4, t.CHUNK)):
+                    if sorted(swarm.ids)[t.owner_of(index, 4)] != swarm.ids[t.ATTACKER]:
                         expected[lo:hi] = everyone[lo:hi]
             equal = all(np.allclose(swarm.result(i, r), expected, rtol=0, atol=1e-4) for i in t.HONEST)
             moved = sum(replies[i]["rejected"].get(reason, 0) - before[i] for i in t.HONEST)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from protocol.manifest import AveragingSpec
 from tests.bench.netns import JsonProcess, SkipBenchmark, TestNetwork
 from tests.procs import REPO, child_env
 
@@ -78,8 +79,12 @@ def run_peers(net: TestNetwork, result: Result, argv: Callable[[int, Optional[st
                            "seed": seeds[host], "seeds": seeds, "expected": ids})  # fmt: skip
             replies = [peer.expect("averaged", args.round_timeout) for peer in peers]
             seconds = max(float(r["seconds"]) for r in replies)
-            wall = max(float(r.get("wall_seconds", r["seconds"])) for r in replies)
             extra: Dict[str, float] = {}
+            if all("ended_at" in r for r in replies):  # Commons: from the last member's start, as gloo's barrier
+                extra["from own start"] = round(seconds, 2)
+                ended = [float(r["ended_at"]) for r in replies]
+                seconds = max(ended) - max(e - float(r["seconds"]) for e, r in zip(ended, replies, strict=True))
+            wall = max(float(r.get("wall_seconds", r["seconds"])) for r in replies)
             if all("fraction" in r for r in replies):
                 extra["fraction"] = min(float(r["fraction"]) for r in replies)
             if all("dropped" in r for r in replies):
@@ -189,10 +194,12 @@ def gloo_worker(args: argparse.Namespace) -> None:
 
 
 LEGEND = """A round lasts until its slowest peer is done. *All-reduce*: from the formed group to the averaged
-vector (gloo: after a barrier). *Whole call*: hivemind `step()`, Commons' `wall_seconds` (matchmaking included,
-and for Commons generating the vector). *fraction*: Commons' own report; for hivemind, the share of coordinates
-within 1e-4 / 1e-2 / 0.1 (none / fp16 / int8) of the true mean, checked after the round. The floor is for fp32
-on the wire (fp16 halves it, int8 quarters it)."""
+vector (gloo: after a barrier; Commons: from the moment the last member formed the group, the same clock on every
+host, and *from own start* in the notes is the slowest peer timed from its own group formation, which adds how much
+later than the others its last member became ready). *Whole call*: hivemind `step()`, Commons' `wall_seconds`
+(matchmaking included, and for Commons generating the vector). *fraction*: Commons' own report; for hivemind,
+the share of coordinates within 1e-4 / 1e-2 / 0.1 (none / fp16 / int8) of the true mean, checked after the round.
+The floor is for fp32 on the wire (fp16 halves it, int8 quarters it)."""
 
 
 def table(results: List[Result], floor: float, args: argparse.Namespace, load: str) -> str:
@@ -255,9 +262,9 @@ def worker_argv(net: TestNetwork, args: argparse.Namespace, kind: str, compressi
     return argv + (["--initial-peers", first] if first else [])
 
 
-def commons_argv(net: TestNetwork, aggregator: str, compression: str, host: int, first: Optional[str]) -> List[str]:
+def commons_argv(net: TestNetwork, args: argparse.Namespace, compression: str, host: int, first: Optional[str]):
     argv = [sys.executable, "-m", "tests.swarm.averaging_peer", "--host-maddrs", f"/ip4/{net.ip(host)}/tcp/0",
-            "--compression", compression, "--aggregator", aggregator,
+            "--compression", compression, "--aggregator", args.aggregator, "--chunk-elements", str(args.chunk_elements),
             "--part-timeout", "60"]  # 10 MB slices on 100 Mbit/s; no --out: it saves every averaged vector
     return argv + (["--initial-peers", first] if first else [])
 
@@ -271,7 +278,7 @@ def measure(net: TestNetwork, args: argparse.Namespace, logs: Path) -> List[Resu
         hive = functools.partial(worker_argv, net, args, "hivemind", name)
         results.append(run_peers(net, Result("hivemind DecentralizedAverager", name), hive, args, logs, True))
     for name in args.compression if "commons" in args.systems else []:
-        commons = functools.partial(commons_argv, net, args.aggregator, name)
+        commons = functools.partial(commons_argv, net, args, name)
         results.append(run_peers(net, Result(f"Commons {args.aggregator}", name), commons, args, logs, bootstrap=True))
     return results
 
@@ -287,6 +294,7 @@ def main() -> int:
     parser.add_argument("--aggregator", default="centered_clip", choices=["centered_clip", "mean"], help="Commons")
     parser.add_argument("--hivemind-compression", nargs="+", default=["none"], choices=["none", "fp16", "int8"])
     parser.add_argument("--matchmaking", type=float, default=5.0, help="hivemind min_matchmaking_time")
+    parser.add_argument("--chunk-elements", type=int, default=AveragingSpec.chunk_elements, help="Commons")
     parser.add_argument("--systems", nargs="+", default=["gloo", "hivemind", "commons"])
     parser.add_argument("--round-timeout", type=float, default=300.0)
     parser.add_argument("--worker", choices=["hivemind", "gloo"], help=argparse.SUPPRESS)

@@ -36,6 +36,7 @@ import torch
 from node.averaging import Averager, _Round
 from node.diloco import ModuleState
 from node.matchmaking import Matchmaker
+from node.slices import owner_of
 from node.swarm import Swarm
 from protocol.manifest import AveragingSpec, OuterOptimizerSpec
 from protocol.wire import tensor_payload
@@ -107,9 +108,10 @@ class Attacker(Averager):
         if self.attack != "crash_after_parts":
             return await super()._exchange(state, attempt, slices)
         group = state.group
-        for index, peer in enumerate(group.members):
+        for index, bounds in enumerate(state.bounds):
+            peer = group.members[owner_of(index, len(group.members))]
             if peer != self.me:
-                await self._send(peer, "part", state, index, 1.0, state.sent[slice(*state.bounds[index])], 0)
+                await self._send(peer, "part", state, index, 1.0, state.sent[slice(*bounds)], 0)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -120,6 +122,7 @@ class Peer:
             compression=args.compression,
             aggregator=args.aggregator,
             part_timeout_seconds=args.part_timeout,
+            chunk_elements=args.chunk_elements,
             round_timeout_seconds=max(SPEC.round_timeout_seconds, 4 * args.part_timeout),
         )
         self.swarm = Swarm.open(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs)
@@ -154,6 +157,7 @@ class Peer:
             "event": "averaged",
             "round": command["round"],
             "seconds": result.seconds,
+            "ended_at": time.time(),  # wall clock: with "seconds", when this peer's all-reduce started and ended
             "fraction": result.averaged_fraction,
             "group_size": len(group.members),
             "group_id": group.group_id,
@@ -218,6 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--attack", default="none", choices=ATTACKS)
     parser.add_argument("--out", default="")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--chunk-elements", type=int, default=SPEC.chunk_elements, help="values per chunk")
     parser.add_argument("--part-timeout", type=float, default=SPEC.part_timeout_seconds, help="slow links: longer")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

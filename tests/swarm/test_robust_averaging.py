@@ -16,13 +16,15 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
-from node.averaging import slice_bounds
 from node.robust import aggregate
+from node.slices import chunked_bounds, owner_of
 from tests.procs import NodeProcess
 from tests.swarm.averaging_peer import SPEC, make_vector
 
 pytestmark = pytest.mark.swarm
 NUMEL = 40_000
+CHUNK = 2_500  # 4 chunks of 4 slices in a group of 4: the pipelined path big modules take
+CHUNKED = ["--chunk-elements", str(CHUNK)]
 
 
 class AveragingSwarm:
@@ -66,15 +68,20 @@ class AveragingSwarm:
         return {p.name: p.cleanup() for p in self.peers}
 
 
-def honest_aggregate(round_number: int, honest: List[int]) -> np.ndarray:
-    parts = {str(i): make_vector(round_number, i, NUMEL) for i in honest}
-    return aggregate(parts, str(honest[0]), method="centered_clip", clip_multiplier=SPEC.clip_multiplier,
-                     outlier_ratio=SPEC.outlier_ratio).values  # fmt: skip
+def honest_aggregate(round_number: int, honest: List[int], group_size: int = 4) -> np.ndarray:
+    """What the reducers compute from the honest parts: each slice of the group's layout on its own."""
+    parts = [make_vector(round_number, i, NUMEL) for i in honest]
+    out = np.empty(NUMEL, dtype=np.float32)
+    for lo, hi in chunked_bounds(NUMEL, group_size, CHUNK):
+        slices = {str(i): part[lo:hi] for i, part in zip(honest, parts, strict=True)}
+        out[lo:hi] = aggregate(slices, str(honest[0]), method="centered_clip", clip_multiplier=SPEC.clip_multiplier,
+                               outlier_ratio=SPEC.outlier_ratio).values  # fmt: skip
+    return out
 
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    swarm = AveragingSwarm(tmp_path_factory.mktemp("robust"), 4)
+    swarm = AveragingSwarm(tmp_path_factory.mktemp("robust"), 4, CHUNKED)
     try:
         for warmup in range(2):  # learn the deadlines from clean rounds, as a running swarm has
             swarm.average(warmup, {})
@@ -129,9 +136,8 @@ def test_a_corrupt_peer_is_excluded_and_honest_peers_get_the_honest_aggregate(fo
     if attack == "lying_reducer":  # its parts were honest: they count in the slices honest peers reduced
         everyone = honest_aggregate(r, HONEST + [ATTACKER])
         members = sorted(four.ids)
-        bounds = slice_bounds(NUMEL, 4)
-        for position, (lo, hi) in enumerate(bounds):
-            if members[position] != four.ids[ATTACKER]:
+        for index, (lo, hi) in enumerate(chunked_bounds(NUMEL, 4, CHUNK)):
+            if members[owner_of(index, 4)] != four.ids[ATTACKER]:
                 expected[lo:hi] = everyone[lo:hi]
     for index in HONEST:
         np.testing.assert_allclose(four.result(index, r), expected, rtol=0, atol=1e-4, err_msg=f"peer{index}")
@@ -146,7 +152,7 @@ def test_a_corrupt_peer_is_excluded_and_honest_peers_get_the_honest_aggregate(fo
 
 
 def test_sigkill_of_one_of_four_mid_round(tmp_path):
-    swarm = AveragingSwarm(tmp_path, 4)
+    swarm = AveragingSwarm(tmp_path, 4, CHUNKED)
     try:
         for warmup in range(2):
             swarm.average(warmup, {})
@@ -166,7 +172,7 @@ def test_sigkill_of_one_of_four_mid_round(tmp_path):
         nxt = swarm.average(4, {}, expected=[swarm.ids[i] for i in HONEST], who=HONEST)
         for reply in nxt:
             assert reply["group_size"] == 3 and reply["fraction"] == 1.0, reply
-        np.testing.assert_allclose(swarm.result(0, 4), honest_aggregate(4, HONEST), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(swarm.result(0, 4), honest_aggregate(4, HONEST, group_size=3), rtol=0, atol=1e-4)
     finally:
         leaks = swarm.close()
         assert not any(leaks.values()), f"processes leaked: {leaks}"
@@ -177,6 +183,7 @@ def test_convergence_under_attack_stays_within_5_percent_of_a_clean_run(tmp_path
     swarm = AveragingSwarm(tmp_path, 5)
     attacker, honest = 4, [0, 1, 2, 3]
     try:
+
         def train(base: int, attacks: Dict[int, str], aggregator: str = "centered_clip") -> float:
             command = {"cmd": "train", "rounds": 20, "inner_steps": 10, "expected": swarm.ids,
                        "aggregator": aggregator, "round_base": base}  # fmt: skip

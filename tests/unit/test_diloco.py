@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from node.averaging import slice_bounds
 from node.diloco import ModuleState
+from node.slices import MAX_SLICES, backup_of, chunked_bounds, owner_of, slice_bounds
 from protocol.manifest import OuterOptimizerSpec
 
 SPEC = OuterOptimizerSpec(lr=0.7, momentum=0.9)
@@ -170,6 +170,23 @@ def test_slice_bounds(numel: int, parts: int) -> None:
     assert min(sizes) >= 0 and max(sizes) - min(sizes) <= 1
     assert sum(sizes) == numel
     assert sizes == sorted(sizes, reverse=True)  # the longer slices come first
+
+
+@pytest.mark.parametrize(
+    "numel, size, chunk",
+    [(10_000_000, 4, 262_144), (40_000, 4, 2_500), (1000, 4, 262_144), (3, 4, 16), (10**9, 16, 16), (0, 3, 100)],
+)
+def test_chunked_bounds_give_each_member_one_slice_per_chunk(numel: int, size: int, chunk: int) -> None:
+    bounds = chunked_bounds(numel, size, chunk)
+    assert len(bounds) % size == 0 and len(bounds) <= MAX_SLICES
+    assert bounds == slice_bounds(numel, len(bounds))  # contiguous, covering, near-equal
+    chunks = len(bounds) // size
+    if chunks < MAX_SLICES // size:  # not capped by the wire's slice limit: slices are at most about a chunk
+        assert max(hi - lo for lo, hi in bounds) <= chunk
+    assert chunks == 1 or numel > size * chunk
+    for index in range(len(bounds)):  # every member reduces one slice of every chunk, and backs up the next one
+        assert owner_of(index, size) == index % size != backup_of(index, size) or size == 1
+    assert sorted(owner_of(i, size) for i in range(size)) == list(range(size))
 
 
 def test_an_overlapped_round_keeps_the_local_steps_taken_meanwhile():
