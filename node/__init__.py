@@ -17,6 +17,7 @@ Map of this package (imports point down the list):
 - deadlines   how long to wait for peers, learned from earlier rounds
 - robust      robust aggregation of a slice (outlier screen, CenteredClip); the reducer check
 - inbox       parts and results received, senders excluded per round
+- slices      which member reduces which slice of which chunk
 - averaging   butterfly all-reduce within a group: validation, backup reducers, compression
 - rounds      one outer round of every hosted module, overlapped with training or not
 - metrics     Prometheus metrics on an injectable registry; collectors for averager, helpers, swarm view
