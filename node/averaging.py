@@ -51,7 +51,7 @@ RELATIVE_FLOOR = 1e-6  # float32 rounding of a mean: below this two values are t
 CLOCK_SLACK_SECONDS = 0.0
 # Refusals that say nothing bad about the sender (placement changed, it is late): no exclusion.
 BENIGN = ("round_over", "not_hosted")
-SEND_WINDOW = 4  # parts on the wire at once per reducer: the next one is queued while one travels
+SEND_WINDOW = 2  # our messages on the wire at once per peer (measured: 2 beat 4 and 8 over 100 Mbit/s)
 
 
 @dataclass
