@@ -186,7 +186,8 @@ class Peer:
         for round_number in range(command["rounds"]):
             for _ in range(command["inner_steps"]):
                 x = torch.from_numpy(rng.standard_normal((256, TASK_DIM)).astype(np.float32))
-                y = x @ torch.from_numpy(truth) + 0.5 * torch.randn(256)
+                noise = torch.from_numpy(rng.standard_normal(256).astype(np.float32))
+                y = x @ torch.from_numpy(truth) + 0.5 * noise
                 inner.zero_grad()
                 torch.mean((x @ weight - y) ** 2).backward()
                 inner.step()
