@@ -18,13 +18,14 @@ Map of this package (imports point down the list):
 - robust      robust aggregation of a slice (outlier screen, CenteredClip); the reducer check
 - inbox       parts and results received, senders excluded per round
 - slices      which member reduces which slice of which chunk
+- report      a module's round outcome, round summaries and their log lines
+- resultcheck the check of reducers' results: distance to our part, the majority's state on a re-sync
 - averaging   butterfly all-reduce within a group: validation, backup reducers, compression
 - rounds      one outer round of every hosted module, overlapped with training or not
 - metrics     Prometheus metrics on an injectable registry; collectors for averager, helpers, swarm view
 - endpoints   /metrics, /metrics/swarm, /healthz, /readyz over a small HTTP server
 - checkpoint  atomic checksummed generations in --checkpoint-dir; resume
 - statesync   serving module state to newcomers, downloading it from several donors
-- report      round summaries and their log lines
 - runtime     the Node: join, train rounds, average, leave
 - status      `node status`: the swarm as seen from the DHT
 - cli         `node start` / `node status` command line

@@ -14,7 +14,7 @@ at once, so nobody waits for it. A member whose part did not reach us by our dea
 is out of our round too (its result is not applied). The reducer refuses outlier parts and clips the rest.
 Every member checks each result it gets against its own part (robust.py); a slice
 whose result is missing or fails is sent again, once, to a backup reducer (the next
-member), which reduces it without the failed reducer. What cannot be recovered stays
+member), which reduces it without the failed reducer (node/resultcheck.py). What cannot be recovered stays
 at the member's own value, and the result reports the fraction of the vector that was
 averaged with at least one other peer: a partial round is never reported as a full one.
 Deadlines come from the waits observed in earlier rounds (node/deadlines.py).
@@ -33,8 +33,9 @@ import numpy as np
 from node.deadlines import Deadlines
 from node.inbox import Inbox, SliceKey
 from node.matchmaking import Group
-from node.robust import aggregate, lower_median, region_spans, relative_distance
-from node.slices import backup_of, chunked_bounds, owner_of
+from node.resultcheck import ResultCheck
+from node.robust import aggregate
+from node.slices import backup_of, owner_of, region_bounds
 from node.swarm import now as wall_clock
 from protocol.manifest import AveragingSpec
 from protocol.wire import Ack, TensorPart, WireError, decode, encode, read_tensor, tensor_payload, wire_round_trip
@@ -42,8 +43,6 @@ from protocol.wire import Ack, TensorPart, WireError, decode, encode, read_tenso
 logger = logging.getLogger(__name__)
 
 PartKind = Literal["part", "result"]
-MIN_CHECK_ELEMENTS = 16
-RELATIVE_FLOOR = 1e-6  # float32 rounding of a mean: below this two values are the same
 # Every part a peer sends for a round is acknowledged before it finishes that round, and it
 # posts ready for the next one only after that (and, in a node, after the next local steps):
 # a part for the earlier round that arrives after the post is a lie about its round. Hosts'
@@ -74,29 +73,7 @@ class AllReduceResult:
     contributors: Tuple[str, ...]
     seconds: float
     dropped: Tuple[str, ...] = ()  # members whose part or result we did not get or refused
-
-
-@dataclass(frozen=True)
-class ModuleOutcome:
-    """How one module's averaging round went, as the node reports and counts it."""
-
-    module: str
-    group_size: int
-    averaged_fraction: float
-    resync: bool
-    seconds: float
-    result: str  # ok | partial | failed
-    dropped: int = 0
-    numel: int = 0
-
-
-def classify(group_size: int, fraction: float, expected_others: int) -> str:
-    """ok: averaged in full, or nobody else hosts the module; partial: some of it; failed: none of it."""
-    if group_size == 1:
-        return "ok" if expected_others == 0 else "failed"
-    if fraction >= 1.0:
-        return "ok"
-    return "partial" if fraction > 0 else "failed"
+    unaveraged: Tuple[Tuple[int, int], ...] = ()  # ranges of the vector that kept our own values
 
 
 @dataclass
@@ -113,6 +90,8 @@ class _Round:
     averaged: np.ndarray = field(init=False)  # per slice: averaged with someone
     contributors: Set[str] = field(default_factory=set)
     retry_from: float = 0.0  # monotonic time by which every member has decided on its attempt-0 results
+    verify: Optional[Callable[[np.ndarray], bool]] = None  # see all_reduce
+    pending: Dict[int, Tuple[float, np.ndarray, str]] = field(default_factory=dict)  # slice -> result to verify
     gates: Dict[str, asyncio.Semaphore] = field(default_factory=dict)  # per peer: our messages on the wire
 
     def gate(self, peer: str) -> asyncio.Semaphore:
@@ -128,7 +107,7 @@ class _Round:
         return (g.module, g.round, g.group_id, index, attempt)
 
 
-class Averager:
+class Averager(ResultCheck):
     """Serves part/result messages and runs all-reduces; one per node, for every module."""
 
     def __init__(self, swarm, swarm_id: str, *, hosted: Callable[[], Set[str]], spec: AveragingSpec) -> None:
@@ -224,32 +203,44 @@ class Averager:
 
     # --- one all-reduce ------------------------------------------------------------
     async def all_reduce(
-        self, group: Group, vector: np.ndarray, *, regions: Optional[Sequence[int]] = None, compress: bool = True
+        self,
+        group: Group,
+        vector: np.ndarray,
+        *,
+        regions: Optional[Sequence[int]] = None,
+        compress: bool = True,
+        verify: Optional[Callable[[np.ndarray], bool]] = None,
     ) -> AllReduceResult:
         """Average ``vector`` (float32, 1-D) with the group; never raises for peer failures.
 
         ``regions`` cuts the vector into parts of different nature (pseudo-gradient,
-        parameters, momentum) that are checked separately; ``compress`` False sends float32."""
+        parameters, momentum) that are checked separately; ``compress`` False sends float32.
+        ``verify`` (re-syncs): results that fail the distance check outside the first region are
+        held back and applied together if ``verify`` accepts the whole vector with them (the
+        caller checks the state hash a majority of the group holds), refused otherwise."""
         started = time.monotonic()
         me = self.me
         if len(group.members) == 1:
             return AllReduceResult(vector.copy(), 0.0, (me,), 0.0)
         dtype = self._spec.compression if compress else "none"
         dtype = {"none": "float32", "fp16": "float16"}.get(dtype, dtype)
-        bounds = chunked_bounds(vector.size, len(group.members), self._spec.chunk_elements)
+        regions = list(regions or [vector.size])
+        bounds = region_bounds(regions, len(group.members), self._spec.chunk_elements)
         sent = self._encode_own(group.module, vector, bounds, dtype)
         deadline = started + self._spec.round_timeout_seconds
-        state = _Round(group, bounds, list(regions or [vector.size]), sent, dtype, deadline)
+        state = _Round(group, bounds, regions, sent, dtype, deadline, verify=verify)
         self._active[(group.module, group.round)] = state
         self._inbox.expire(older_than_seconds=max(self._spec.round_timeout_seconds * 3, 60.0))
         self._refuse_early_strangers(group)
         try:
             await self._exchange(state, attempt=0, slices=list(range(len(bounds))))
+            self._settle_pending(state)
             mine = group.index_of(me)
             size = len(group.members)
             failed = [i for i in range(len(bounds)) if owner_of(i, size) != mine and not state.averaged[i]]
             if failed and len(group.members) > 2:
                 await self._exchange(state, attempt=1, slices=failed)
+                self._settle_pending(state)
         finally:
             self._active.pop((group.module, group.round), None)
             self._finished[group.module] = max(group.round, self._finished.get(group.module, -1))
@@ -259,7 +250,8 @@ class Averager:
         fraction = sum(hi - lo for (lo, hi), ok in zip(bounds, state.averaged, strict=True) if ok) / max(1, vector.size)
         contributors = tuple(sorted(state.contributors | {me}))
         dropped = tuple(sorted(set(group.members) - set(contributors)))
-        return AllReduceResult(state.result, fraction, contributors, time.monotonic() - started, dropped)
+        unaveraged = tuple(b for b, ok in zip(bounds, state.averaged, strict=True) if not ok)
+        return AllReduceResult(state.result, fraction, contributors, time.monotonic() - started, dropped, unaveraged)
 
     def _refuse_early_strangers(self, group: Group) -> None:
         """Members whose parts for this round arrived, before it started, under another group id,
@@ -334,7 +326,7 @@ class Averager:
             group.module, group.round, attempt, _short(reducer_of[i] for i in results),
             _short(reducer_of[i] for i in others), _short(self._inbox.excluded.get((group.module, group.round), ())),
         )  # fmt: skip
-        self._accept_checked(state, results, reducer_of)
+        self._accept_checked(state, results, reducer_of, me)
 
     async def _reduce(
         self, state: _Round, index: int, attempt: int, deadline: float, started: float, last: bool
@@ -378,44 +370,6 @@ class Averager:
         receivers = [p for p in combined.used if p != me]
         weight = float(len(combined.used))
         await asyncio.gather(*(self._send(p, "result", state, index, weight, reduced, attempt) for p in receivers))
-
-    def _accept_checked(self, state: _Round, results: Dict[int, Tuple[float, np.ndarray]], reducer_of) -> None:
-        """Apply each result that passes the check against our own part (see node/robust.py)."""
-        size = len(state.group.members)
-        me = state.group.index_of(self.me)
-        mine = {i for i in range(len(state.bounds)) if owner_of(i, size) == me and state.averaged[i]}
-        ratios: Dict[int, List[Tuple[int, float]]] = {}  # region -> [(slice, ratio)]
-        checked = {i: r for i, r in results.items() if i not in mine}
-        sizes_ok = {i for i, (_, v) in checked.items() if v.size == state.bounds[i][1] - state.bounds[i][0]}
-        self.stats.reject("wrong_size", len(set(checked) - sizes_ok))
-        for i in [*sorted(mine), *sorted(sizes_ok)]:
-            lo, hi = state.bounds[i]
-            values = state.result[lo:hi] if i in mine else checked[i][1]
-            for region, a, b in region_spans(lo, hi, state.regions):
-                if b - a >= MIN_CHECK_ELEMENTS:
-                    distance = relative_distance(values[a - lo : b - lo], state.sent[a:b])
-                    ratios.setdefault(region, []).append((i, distance))
-        limits = {}
-        for region, entries in ratios.items():
-            own = [r for i, r in entries if i in mine]
-            reference = max(own + [lower_median([r for _, r in entries])])
-            limits[region] = self._spec.result_tolerance * max(reference, RELATIVE_FLOOR)
-        for i in sorted(sizes_ok):
-            bad = [
-                (region, r) for region, entries in ratios.items() for j, r in entries if j == i and r > limits[region]
-            ]
-            weight, values = checked[i]
-            if bad:
-                self.stats.reject("bad_result")
-                logger.warning(
-                    "refused %s's result for slice %d of %s: %.3g from our part, limit %.3g",
-                    reducer_of[i][-8:], i, state.group.module, bad[0][1], limits[bad[0][0]],
-                )  # fmt: skip
-                continue
-            lo, hi = state.bounds[i]
-            state.result[lo:hi] = values
-            state.averaged[i] = weight > 1
-            state.contributors.add(reducer_of[i])
 
     # --- sending -------------------------------------------------------------------
     async def _send_parts(self, state: _Round, peer: str, indices: List[int], attempt: int) -> None:

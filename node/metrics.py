@@ -16,9 +16,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from node.averaging import AveragingStats, ModuleOutcome
+from node.averaging import AveragingStats
 from node.membership import SwarmView
 from node.procs import children_of
+from node.report import ModuleOutcome
 
 NAMESPACE = "commons"
 ROUND_RESULTS = ("ok", "partial", "failed")

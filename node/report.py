@@ -3,11 +3,34 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import List, Optional
 
-from node.averaging import ModuleOutcome
-
 logger = logging.getLogger("node")
+
+
+@dataclass(frozen=True)
+class ModuleOutcome:
+    """How one module's averaging round went, as the node reports and counts it."""
+
+    module: str
+    group_size: int
+    averaged_fraction: float
+    resync: bool
+    seconds: float
+    result: str  # ok | partial | failed
+    dropped: int = 0
+    numel: int = 0
+
+
+def classify(group_size: int, fraction: float, expected_others: int) -> str:
+    """ok: averaged in full, or nobody else hosts the module; partial: some of it; failed: none of it."""
+    if group_size == 1:
+        return "ok" if expected_others == 0 else "failed"
+    if fraction >= 1.0:
+        return "ok"
+    return "partial" if fraction > 0 else "failed"
+
 
 
 def round_summary(

@@ -77,14 +77,20 @@ def centered_clip(stack: np.ndarray, multiplier: float) -> Tuple[np.ndarray, flo
 
 def coordinate_median(rows: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
     """np.median(rows, axis=0) for float32 rows, several times faster on a few long rows: with 3 or 4
-    rows it is (sum - max - min) / (k - 2); otherwise column blocks are sorted in cache-sized pieces."""
+    rows by pairwise min/max (a selection, so where most rows agree the median is their value, bit for
+    bit: a re-sync's result can then be checked against the majority's state hash); otherwise column
+    blocks are sorted in cache-sized pieces."""
     k = len(rows)
-    if k in (3, 4):
-        middle = rows.sum(axis=0, dtype=np.float32)
-        middle -= rows.max(axis=0)
-        middle -= rows.min(axis=0)
-        middle *= np.float32(1.0 / (k - 2))
-        return middle
+    if k == 3:
+        low, high = np.minimum(rows[0], rows[1]), np.maximum(rows[0], rows[1])
+        return np.maximum(low, np.minimum(high, rows[2]))
+    if k == 4:  # the two middle values are the larger of the pair minimums and the smaller of the maximums
+        low = np.maximum(np.minimum(rows[0], rows[1]), np.minimum(rows[2], rows[3]))
+        high = np.minimum(np.maximum(rows[0], rows[1]), np.maximum(rows[2], rows[3]))
+        low *= np.float32(0.5)  # halves first: no overflow near the float32 limit, and exact for equal halves
+        high *= np.float32(0.5)
+        low += high
+        return low
     out = np.empty(rows.shape[1], dtype=np.float32)
     for start in range(0, rows.shape[1], chunk):
         block = np.sort(rows[:, start : start + chunk].T, axis=1)

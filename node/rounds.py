@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
+from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from node.averaging import Averager, ModuleOutcome, classify
-from node.diloco import ModuleState
+from node.averaging import Averager
+from node.diloco import ModuleState, state_hash
 from node.matchmaking import Matchmaker
 from node.membership import Membership
+from node.report import ModuleOutcome, classify
 from protocol.manifest import AveragingSpec
 
 
@@ -91,9 +93,14 @@ class RoundAverager:
         resync = group.needs_resync
         if resync:  # members hold different global copies: average those too, uncompressed
             vector = state.payload(True, item.delta)
-            result = await self._averager.all_reduce(group, vector, regions=[state.numel] * 3, compress=False)
+            verify = majority_check(group.params_hashes, state.numel, self._spec.aggregator)
+            result = await self._averager.all_reduce(
+                group, vector, regions=[state.numel] * 3, compress=False, verify=verify
+            )
         else:
             result = await self._averager.all_reduce(group, delta)
+        for lo, hi in result.unaveraged:  # not stepped: members that all missed it stay identical there
+            result.vector[lo : min(hi, state.numel)] = 0.0
         size = len(group.members)
         outcome = ModuleOutcome(
             name,
@@ -106,6 +113,17 @@ class RoundAverager:
             numel=state.numel,
         )
         return Averaged(outcome, result.vector, resync)
+
+
+
+def majority_check(hashes: Sequence[str], numel: int, aggregator: str) -> Optional[Callable[[np.ndarray], bool]]:
+    """A re-sync's ``verify``: with CenteredClip, a group where most members hold one state gets exactly
+    that state back (robust.coordinate_median), so a result far from ours is accepted if the whole
+    re-synced state hashes to the majority's (see Averager._settle_pending)."""
+    value, count = Counter(hashes).most_common(1)[0]
+    if 2 * count <= len(hashes) or aggregator != "centered_clip":
+        return None
+    return lambda vector: state_hash(vector[numel : 2 * numel], vector[2 * numel : 3 * numel]) == value
 
 
 def apply(pending: PendingRound, results: List[Averaged], overlap: bool) -> List[ModuleOutcome]:

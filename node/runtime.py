@@ -19,7 +19,7 @@ from typing import Callable, ContextManager, Dict, List, Optional, TextIO
 from prometheus_client import CollectorRegistry
 
 from node import __version__
-from node.averaging import Averager, ModuleOutcome
+from node.averaging import Averager
 from node.checkpoint import CheckpointStore, Snapshot, capture_modules, restore_modules, write_generation
 from node.config import NodeConfig
 from node.data import DataError, TextData
@@ -30,7 +30,7 @@ from node.matchmaking import Matchmaker
 from node.membership import Membership, SwarmView
 from node.metrics import AveragerCollector, HelperProcessCollector, NodeMetrics, SwarmViewCollector
 from node.placement import choose_experts, rebalance, replica_counts
-from node.report import log_round, round_summary
+from node.report import ModuleOutcome, log_round, round_summary
 from node.rounds import PendingRound, RoundAverager, apply, prepare
 from node.statesync import StateServer, download_modules
 from node.swarm import Swarm, now

@@ -6,7 +6,7 @@ the manifest's ``chunk_elements``, so nothing about it crosses the wire.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 MAX_SLICES = 4096  # protocol/wire.py's bound on slice_index
 
@@ -22,10 +22,22 @@ def slice_bounds(numel: int, parts: int) -> List[Tuple[int, int]]:
     return bounds
 
 
-def chunked_bounds(numel: int, size: int, chunk_elements: int) -> List[Tuple[int, int]]:
+def chunked_bounds(numel: int, size: int, chunk_elements: int, max_slices: int = MAX_SLICES) -> List[Tuple[int, int]]:
     """Slice bounds of a group of ``size``: ``size`` slices per chunk, chunk after chunk."""
-    chunks = max(1, min(-(-numel // max(1, size * chunk_elements)), MAX_SLICES // size))
+    chunks = max(1, min(-(-numel // max(1, size * chunk_elements)), max_slices // size))
     return slice_bounds(numel, size * chunks)
+
+
+def region_bounds(regions: Sequence[int], size: int, chunk_elements: int) -> List[Tuple[int, int]]:
+    """``chunked_bounds`` of each region in turn, so that no slice holds values of two regions (a
+    re-sync's pseudo-gradient, parameters and momentum are aggregated and checked apart)."""
+    bounds: List[Tuple[int, int]] = []
+    offset = 0
+    for length in regions:
+        cap = max(size, MAX_SLICES // len(regions))
+        bounds += [(offset + lo, offset + hi) for lo, hi in chunked_bounds(length, size, chunk_elements, cap)]
+        offset += length
+    return bounds
 
 
 def owner_of(index: int, size: int) -> int:

@@ -11,6 +11,8 @@ Commands (one JSON object per line on stdin):
       the result is saved as DIR/result_<R>.npy
   {"cmd": "train", "rounds": R, "inner_steps": H, "seed": S, "expected": [...], "attack": MODE?,
    "aggregator": "centered_clip"|"mean"} -> DiLoCo on a small least-squares task; replies {"event": "trained", ...}
+  {"cmd": "resync", "round": R, "numel": N, "seed": S, "expected": [...], "diverge": [[lo, hi], ...]}
+      one re-sync round (see Peer.resync); replies {"event": "resynced", "hash", "fraction", ...}
   {"cmd": "quit"}
 An attacker is this same program running modified averaging code (``Attacker`` below):
 see ATTACKS. The production Averager, Matchmaker and Swarm are used unchanged otherwise.
@@ -36,6 +38,7 @@ import torch
 from node.averaging import Averager, _Round
 from node.diloco import ModuleState
 from node.matchmaking import Matchmaker
+from node.rounds import majority_check
 from node.slices import owner_of
 from node.swarm import Swarm
 from protocol.manifest import AveragingSpec, OuterOptimizerSpec
@@ -142,8 +145,16 @@ class Peer:
             group = await self.matchmaker.form_group("trunk", round_number, params_hash, vector.size, others, expiry)
             if state is not None and group.needs_resync:
                 payload = state.payload(True, torch.from_numpy(vector))
-                return group, await self.averager.all_reduce(group, payload, regions=[vector.size] * 3, compress=False)
-            return group, await self.averager.all_reduce(group, vector)
+                verify = majority_check(group.params_hashes, vector.size, self.averager._spec.aggregator)
+                result = await self.averager.all_reduce(
+                    group, payload, regions=[vector.size] * 3, compress=False, verify=verify
+                )
+            else:
+                result = await self.averager.all_reduce(group, vector)
+            if state is not None:  # as node/rounds.py: a slice nobody averaged is not stepped
+                for lo, hi in result.unaveraged:
+                    result.vector[lo : min(hi, vector.size)] = 0.0
+            return group, result
 
         return self.swarm.run(run(), timeout=120)
 
@@ -165,6 +176,26 @@ class Peer:
             "dropped": list(result.dropped),
             "rejected": dict(self.averager.stats.parts_rejected),
         }
+
+    def resync(self, command: dict) -> dict:
+        """One re-sync round of a module whose global copy is make_vector(R, 0, N) on every peer, except
+        in the ``diverge`` ranges of the parameters where this peer's copy is its own; replies with the
+        state hash after the outer step."""
+        self.averager.attack = command.get("attack", self.default_attack)
+        round_number, numel = command["round"], command["numel"]
+        weight = torch.nn.Parameter(torch.zeros(numel))
+        state = ModuleState("trunk", [weight], OuterOptimizerSpec(lr=0.7, momentum=0.9))
+        state.global_flat = torch.from_numpy(make_vector(round_number, 0, numel))
+        state.momentum = torch.from_numpy(0.1 * make_vector(round_number, 1, numel))
+        for lo, hi in command.get("diverge", []):
+            state.global_flat[lo:hi] = torch.from_numpy(make_vector(round_number, 100 + command["seed"], hi - lo))
+        state.load_global()
+        delta = 0.01 * make_vector(round_number, command["seed"], numel)
+        group, result = self._round(round_number, delta, command["expected"], state)
+        state.apply(result.vector, resync=result.vector.size != delta.size)
+        return {"event": "resynced", "round": round_number, "fraction": result.averaged_fraction,
+                "group_size": len(group.members), "resync": group.needs_resync, "hash": state.params_hash(),
+                "rejected": dict(self.averager.stats.parts_rejected)}  # fmt: skip
 
     def train(self, command: dict) -> dict:
         """DiLoCo on least squares: each peer its own samples of one linear model, a shared test set."""
@@ -237,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if command["cmd"] == "quit":
                 break
             started = time.monotonic()
-            reply = peer.average(command) if command["cmd"] == "average" else peer.train(command)
+            reply = {"average": peer.average, "resync": peer.resync, "train": peer.train}[command["cmd"]](command)
             emit({**reply, "wall_seconds": time.monotonic() - started})
     finally:
         peer.swarm.close()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from node.robust import aggregate
-from node.slices import chunked_bounds, owner_of
+from node.slices import chunked_bounds, owner_of, region_bounds
 from tests.procs import NodeProcess
 from tests.swarm.averaging_peer import SPEC, make_vector
 
@@ -149,6 +149,28 @@ def test_a_corrupt_peer_is_excluded_and_honest_peers_get_the_honest_aggregate(fo
     assert sum(moved) > 0, f"counter {reason} did not move: {[replies[i]['rejected'] for i in HONEST]}"
     took = max(replies[i]["seconds"] for i in HONEST)
     assert took <= clean_seconds + SPEC.part_timeout_seconds, (took, clean_seconds)
+
+
+@pytest.mark.parametrize("attack", ["none", "lying_reducer"])
+def test_a_resync_completes_when_a_peer_diverged_in_one_reducers_slices_only(four, attack):
+    """After a partial round one member's copy differs only in the slices one reducer failed: the
+    distance check alone refused those honest results; the majority's state hash accepts them, and
+    still refuses a lying reducer's (the diverged member lies too: honest peers recover its slices)."""
+    r = next(_round)
+    reducer = sorted(four.ids).index(four.ids[1])
+    layout = region_bounds([NUMEL] * 3, 4, CHUNK)
+    diverge = [[lo - NUMEL, hi - NUMEL] for i, (lo, hi) in enumerate(layout)
+               if owner_of(i, 4) == reducer and NUMEL <= lo < 2 * NUMEL]  # fmt: skip
+    for index, peer in enumerate(four.peers):
+        peer.send({"cmd": "resync", "round": r, "numel": NUMEL, "seed": index, "expected": four.ids,
+                   "diverge": diverge if index == ATTACKER else [], "attack": attack if index == ATTACKER else "none"})
+    replies = [peer.next_event(90) for peer in four.peers]
+    checked = replies if attack == "none" else [replies[i] for i in HONEST]
+    for reply in checked:
+        assert reply["resync"] and reply["group_size"] == 4 and reply["fraction"] == 1.0, reply
+    assert len({reply["hash"] for reply in checked}) == 1, [str(r) for r in replies]
+    if attack != "none":
+        assert all(replies[i]["rejected"].get("bad_result", 0) > 0 for i in HONEST), [str(r) for r in replies]
 
 
 def test_sigkill_of_one_of_four_mid_round(tmp_path):

@@ -154,3 +154,15 @@ def test_deadlines_start_at_the_cap_then_follow_what_was_observed():
 def test_coordinate_median_matches_numpy(rows):
     values = np.random.default_rng(rows).standard_normal((rows, 70_001)).astype(np.float32)
     np.testing.assert_allclose(coordinate_median(values), np.median(values, axis=0), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows, same", [(3, 2), (4, 3), (5, 3), (7, 4)])
+def test_a_majority_of_identical_parts_is_the_result_bit_for_bit(rows, same):
+    """A re-sync where most members hold the same state: the robust result is exactly that state, so a
+    member can check it against the majority's state hash."""
+    rng = np.random.default_rng(rows)
+    majority = rng.standard_normal(10_001).astype(np.float32)
+    parts = {f"p{i}": majority.copy() if i < same else rng.standard_normal(10_001).astype(np.float32)
+             for i in range(rows)}  # fmt: skip
+    combined = aggregate(parts, f"p{rows - 1}", method="centered_clip", clip_multiplier=1.0, outlier_ratio=8.0)
+    assert combined.values.tobytes() == majority.tobytes()
