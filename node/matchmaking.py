@@ -2,8 +2,10 @@
 
 Each ready peer posts a ReadyRecord (stamped with its post time) under the module's
 ready key for the round. Records are cut into consecutive *windows*: a window opens
-at the earliest post not yet in a window and holds every post within
-``gather_seconds`` of it. A peer's group is its window. Every peer that reads after
+at the earliest post not yet in a window and holds every post within its length of it:
+``gather_seconds``, or longer if the opening record asks (a node whose steps take seconds
+knows that the others, who notice its post only between two steps, post that much later),
+at most ``MAX_WINDOW_FACTOR`` times ``gather_seconds``. A peer's group is its window. Every peer that reads after
 its window closed (plus a settle margin for DHT propagation) sees the same records
 and so computes the same group, its id, and whether parameters must be re-synced.
 
@@ -27,6 +29,7 @@ from protocol.records import ReadyRecord, RecordError, parse_record, ready_key
 logger = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 0.5  # DHT stores finish within milliseconds on a LAN; this covers clock jitter too
+MAX_WINDOW_FACTOR = 4.0  # the longest window a record may ask for, in gather_seconds
 
 
 @dataclass(frozen=True)
@@ -57,18 +60,26 @@ def make_group(module: str, round_number: int, records: Dict[str, ReadyRecord]) 
     return Group(module, round_number, members, hashes, digest[:16], posted)
 
 
-def window_of(peer_id: str, records: Dict[str, ReadyRecord], gather_seconds: float) -> Dict[str, ReadyRecord]:
-    """The window (see module doc) holding ``peer_id``'s own record."""
+def window_length(opener: ReadyRecord, gather_seconds: float) -> float:
+    """How long the window ``opener`` opens lasts: what it asked for, within [1, MAX_WINDOW_FACTOR] x gather."""
+    asked = opener.window_seconds if opener.window_seconds is not None else gather_seconds
+    return min(max(asked, gather_seconds), MAX_WINDOW_FACTOR * gather_seconds)
+
+
+def window_of(
+    peer_id: str, records: Dict[str, ReadyRecord], gather_seconds: float
+) -> Tuple[Dict[str, ReadyRecord], float]:
+    """The window (see module doc) holding ``peer_id``'s own record, and when it closes."""
     ordered = sorted(records.items(), key=lambda item: (item[1].posted_at, item[0]))
     window: Dict[str, ReadyRecord] = {}
-    opened_at: Optional[float] = None
+    closes_at: Optional[float] = None
     for peer, record in ordered:
-        if opened_at is None or record.posted_at > opened_at + gather_seconds:
+        if closes_at is None or record.posted_at > closes_at:
             if peer_id in window:
                 break
-            window, opened_at = {}, record.posted_at
+            window, closes_at = {}, record.posted_at + window_length(record, gather_seconds)
         window[peer] = record
-    return window if peer_id in window else {}
+    return (window, closes_at or 0.0) if peer_id in window else ({}, 0.0)
 
 
 class Matchmaker:
@@ -98,11 +109,13 @@ class Matchmaker:
         numel: int,
         expected_peers: Iterable[str],
         expiration_seconds: float,
+        window_seconds: Optional[float] = None,
     ) -> Group:
-        """Post our ReadyRecord and return our window's group (possibly just ourselves)."""
+        """Post our ReadyRecord and return our window's group (possibly just ourselves).
+        ``window_seconds``: the window we ask for if ours is the first post (see module doc)."""
         me = self._swarm.peer_id
         posted_at = self._clock()
-        record = ReadyRecord(posted_at=posted_at, params_hash=params_hash, numel=numel)
+        record = ReadyRecord(posted_at=posted_at, params_hash=params_hash, numel=numel, window_seconds=window_seconds)
         key = ready_key(self._swarm_id, module, round_number)
         await self._swarm.store(key, me, record.dict(), posted_at + expiration_seconds)
         expected: Set[str] = set(expected_peers) | {me}
@@ -110,9 +123,7 @@ class Matchmaker:
             records = await self.read_ready(module, round_number)
             records[me] = record
             records = {p: r for p, r in records.items() if r.numel == numel}
-            window = window_of(me, records, self._gather)
-            opened_at = min(r.posted_at for r in window.values())
-            closes_at = opened_at + self._gather
+            window, closes_at = window_of(me, records, self._gather)
             # A host that posted in another window will not join ours: stop waiting for it.
             missing = expected - set(records)
             if not missing or self._clock() >= closes_at + SETTLE_SECONDS:

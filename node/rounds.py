@@ -70,11 +70,14 @@ class RoundAverager:
         self._membership = membership
         self._spec = spec
 
-    async def average(self, prepared: Dict[str, Prepared], round_number: int) -> List[Averaged]:
-        tasks = [self._module(name, item, round_number) for name, item in prepared.items()]
+    async def average(
+        self, prepared: Dict[str, Prepared], round_number: int, window_seconds: Optional[float] = None
+    ) -> List[Averaged]:
+        """``window_seconds``: the matchmaking window to ask for (node/matchmaking.py)."""
+        tasks = [self._module(name, item, round_number, window_seconds) for name, item in prepared.items()]
         return list(await asyncio.gather(*tasks))
 
-    async def _module(self, name: str, item: Prepared, round_number: int) -> Averaged:
+    async def _module(self, name: str, item: Prepared, round_number: int, window_seconds: Optional[float]) -> Averaged:
         started = time.monotonic()
         state = item.state
         view = self._membership.view
@@ -88,7 +91,7 @@ class RoundAverager:
             outcome = ModuleOutcome(name, 1, 0.0, False, 0.0, classify(1, 0.0, 0), numel=state.numel)
             return Averaged(outcome, delta.copy(), False)
         group = await self._matchmaker.form_group(
-            name, round_number, item.params_hash, state.numel, others, self._spec.round_timeout_seconds
+            name, round_number, item.params_hash, state.numel, others, self._spec.round_timeout_seconds, window_seconds
         )
         resync = group.needs_resync
         if resync:  # members hold different global copies: average those too, uncompressed

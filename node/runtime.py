@@ -381,7 +381,9 @@ class Node:
         assert self.swarm is not None
         with self._model_lock:
             prepared = prepare(self.states)
-        future = self.swarm.submit(self.round_averager.average(prepared, self.outer_round))
+        # The others notice our ready post between two of their steps: ask for a window that covers that.
+        window = self.manifest.averaging.gather_seconds + 2.0 * self.trainer.recent_step_seconds
+        future = self.swarm.submit(self.round_averager.average(prepared, self.outer_round, window))
         self._pending = PendingRound(self.outer_round, steps, prepared, future, compute_seconds, time.perf_counter())
         self.membership.watch_round = self.outer_round + 1  # who is ready for the next one (_swarm_moved_on)
         return self._pending

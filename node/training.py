@@ -124,6 +124,11 @@ class Trainer:
     def samples_per_second(self) -> Optional[float]:
         return self._recent_rate
 
+    @property
+    def recent_step_seconds(self) -> float:
+        """Smoothed wall time of one step (0 before the first)."""
+        return self.manifest.training.batch_size / self._recent_rate if self._recent_rate else 0.0
+
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
         """Mean next-byte cross entropy on the held-out split; None when there is none."""

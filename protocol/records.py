@@ -82,11 +82,15 @@ class ReadyRecord(BaseModel):
     params_hash: constr(regex=r"^[0-9a-f]{16,64}\Z", strict=True)  # type: ignore[valid-type]
     numel: StrictInt
     protocol_version: StrictInt = PROTOCOL_VERSION
+    # How long a window this peer opens if its post is the first: its step time makes the others'
+    # posts spread wider than gather_seconds. Readers clamp it (node/matchmaking.py).
+    window_seconds: Optional[StrictFloat] = None
 
     class Config:
         extra = "ignore"
 
     _posted_finite = validator("posted_at", allow_reuse=True)(_finite)
+    _window_finite = validator("window_seconds", allow_reuse=True)(_finite)
 
     @validator("numel")
     def _positive(cls, value: int) -> int:

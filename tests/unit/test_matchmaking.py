@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from node.matchmaking import Group, make_group, window_of
+from node.matchmaking import MAX_WINDOW_FACTOR, Group, make_group, window_of
 from protocol.records import ReadyRecord
 
 HASH_A = "a" * 32
@@ -12,8 +12,8 @@ HASH_B = "b" * 32
 GATHER = 3.0
 
 
-def _rec(posted_at: float, params_hash: str = HASH_A, numel: int = 10) -> ReadyRecord:
-    return ReadyRecord(posted_at=float(posted_at), params_hash=params_hash, numel=numel)
+def _rec(posted_at: float, params_hash: str = HASH_A, numel: int = 10, window=None) -> ReadyRecord:
+    return ReadyRecord(posted_at=float(posted_at), params_hash=params_hash, numel=numel, window_seconds=window)
 
 
 # Two bursts of posts: p1..p3 within 3 s of p1, then p4..p5 after that window closed, then a late p6.
@@ -31,37 +31,49 @@ def test_each_peer_gets_its_window() -> None:
     first, second, late = {"p1", "p2", "p3"}, {"p4", "p5"}, {"p6"}
     for window in (first, second, late):
         for peer in window:
-            assert set(window_of(peer, RECORDS, GATHER)) == window
-    assert window_of("p4", RECORDS, GATHER)["p5"] is RECORDS["p5"]
+            assert set(window_of(peer, RECORDS, GATHER)[0]) == window
+    assert window_of("p4", RECORDS, GATHER)[0]["p5"] is RECORDS["p5"]
 
 
 def test_window_opens_at_the_earliest_post_not_yet_in_a_window() -> None:
     # p4 is within 3 s of p3 but not of p1, who opened the first window: p4 opens the next one.
     records = {"p1": _rec(0.0), "p3": _rec(2.5), "p4": _rec(3.5), "p5": _rec(6.5), "p6": _rec(6.6)}
-    assert set(window_of("p3", records, GATHER)) == {"p1", "p3"}
-    assert set(window_of("p4", records, GATHER)) == {"p4", "p5"}
-    assert set(window_of("p6", records, GATHER)) == {"p6"}
+    assert set(window_of("p3", records, GATHER)[0]) == {"p1", "p3"}
+    assert set(window_of("p4", records, GATHER)[0]) == {"p4", "p5"}
+    assert set(window_of("p6", records, GATHER)[0]) == {"p6"}
+
+
+def test_the_opening_record_sets_the_window_length_within_bounds() -> None:
+    # a's steps are slow: it asks for 8 s, so b and c (7 s later) are in its window, d is not
+    records = {"a": _rec(0.0, window=8.0), "b": _rec(7.0), "c": _rec(7.9, window=1.0), "d": _rec(8.5)}
+    assert window_of("c", records, GATHER) == ({p: records[p] for p in "abc"}, 8.0)
+    assert window_of("d", records, GATHER) == ({"d": records["d"]}, 8.5 + GATHER)  # d asked for nothing
+    # only the opener's wish counts; a shorter one than gather_seconds, or a huge one, is clamped
+    assert window_of("b", {"a": _rec(0.0, window=0.5), "b": _rec(2.0)}, GATHER)[1] == GATHER
+    huge = {"a": _rec(0.0, window=1e9), "b": _rec(13.0)}
+    assert window_of("b", huge, GATHER) == ({"b": huge["b"]}, 13.0 + GATHER)
+    assert window_of("a", huge, GATHER)[1] == MAX_WINDOW_FACTOR * GATHER
 
 
 def test_window_boundary_is_inclusive() -> None:
     records = {"a": _rec(10.0), "b": _rec(13.0), "c": _rec(13.000001)}
-    assert set(window_of("b", records, GATHER)) == {"a", "b"}
-    assert set(window_of("c", records, GATHER)) == {"c"}
+    assert set(window_of("b", records, GATHER)[0]) == {"a", "b"}
+    assert set(window_of("c", records, GATHER)[0]) == {"c"}
 
 
 def test_same_time_posts_share_a_window() -> None:
     records = {"b": _rec(5.0), "a": _rec(5.0)}
-    assert set(window_of("a", records, GATHER)) == set(window_of("b", records, GATHER)) == {"a", "b"}
+    assert set(window_of("a", records, GATHER)[0]) == set(window_of("b", records, GATHER)[0]) == {"a", "b"}
 
 
 def test_peer_without_record_has_no_window() -> None:
-    assert window_of("nobody", RECORDS, GATHER) == {}
-    assert window_of("p1", {}, GATHER) == {}
+    assert window_of("nobody", RECORDS, GATHER)[0] == {}
+    assert window_of("p1", {}, GATHER)[0] == {}
 
 
 def test_alone() -> None:
     only = {"p1": _rec(1.0)}
-    assert window_of("p1", only, GATHER) == only
+    assert window_of("p1", only, GATHER)[0] == only
     group = make_group("trunk", 0, only)
     assert group.members == ("p1",) and not group.needs_resync and group.index_of("p1") == 0
 
