@@ -38,7 +38,17 @@ from node.robust import aggregate
 from node.slices import backup_of, owner_of, region_bounds
 from node.swarm import now as wall_clock
 from protocol.manifest import AveragingSpec
-from protocol.wire import Ack, TensorPart, WireError, decode, encode, read_tensor, tensor_payload, wire_round_trip
+from protocol.wire import (
+    Ack,
+    TensorPart,
+    WireError,
+    decode,
+    encode,
+    payload_bytes,
+    read_tensor,
+    tensor_payload,
+    wire_round_trip,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +102,11 @@ class _Round:
     retry_from: float = 0.0  # monotonic time by which every member has decided on its attempt-0 results
     verify: Optional[Callable[[np.ndarray], bool]] = None  # see all_reduce
     pending: Dict[int, Tuple[float, np.ndarray, str]] = field(default_factory=dict)  # slice -> result to verify
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole vector on the wire: what the round's waits scale with."""
+        return payload_bytes(self.sent.size, self.dtype)
     gates: Dict[str, asyncio.Semaphore] = field(default_factory=dict)  # per peer: our messages on the wire
 
     def gate(self, peer: str) -> asyncio.Semaphore:
@@ -290,8 +305,8 @@ class Averager(ResultCheck):
         size = len(group.members)
         reducer_of = {i: group.members[owner_of(i, size) if attempt == 0 else backup_of(i, size)] for i in slices}
         started = time.monotonic()
-        parts_wait = self.deadlines.timeout(group.module, "parts")
-        results_wait = self.deadlines.timeout(group.module, "results")
+        parts_wait = self.deadlines.timeout(group.module, "parts", state.nbytes)
+        results_wait = self.deadlines.timeout(group.module, "results", state.nbytes)
         if attempt == 0:  # the latest a member can give up on a reducer and turn to the backup
             state.retry_from = started + parts_wait + results_wait
         # A backup waits for the members that turn to it last.
@@ -315,7 +330,7 @@ class Averager(ResultCheck):
         ]
         received = await asyncio.gather(*waits)
         if others and all(complete for _, complete in received):
-            self.deadlines.observe(group.module, "results", time.monotonic() - results_started)
+            self.deadlines.observe(group.module, "results", time.monotonic() - results_started, state.nbytes)
         results = {}
         for i, (got, _) in zip(others, received, strict=True):
             reducer = reducer_of[i]
@@ -338,7 +353,7 @@ class Averager(ResultCheck):
             expected.discard(group.members[owner_of(index, len(group.members))])  # the reducer that failed it
         got, complete = await self._inbox.wait_for(state.key(index, attempt), expected, deadline)
         if complete and expected and attempt == 0 and last:  # our last chunk: the whole parts phase
-            self.deadlines.observe(group.module, "parts", time.monotonic() - started)
+            self.deadlines.observe(group.module, "parts", time.monotonic() - started, state.nbytes)
         if attempt == 0:  # a member that failed us is out of our round: its result is not applied either
             for sender in expected - set(got):
                 self._inbox.exclude(group.module, group.round, sender)

@@ -1,10 +1,12 @@
 """How long to wait for peers, learned from how long they took before.
 
 For each module and phase (``parts``: until every member's part arrived; ``results``:
-until every reducer's result arrived) the node remembers the last few complete waits.
-The next wait is ``multiplier`` times the slowest of those, plus a margin for clock skew
-between members starting the round, kept within ``[floor, cap]`` where the cap is the
-manifest's ``part_timeout_seconds``. Before anything was observed, the cap applies.
+until every reducer's result arrived) the node remembers the last few complete waits and
+how many bytes the round moved. The next wait is ``multiplier`` times the slowest of those
+per byte, times this round's bytes (a re-sync moves three times a normal round's, uncompressed),
+plus a margin for clock skew between members starting the round, kept within ``[floor, cap]``:
+the cap is the manifest's ``part_timeout_seconds``, scaled up by how much larger this round is
+than the largest seen. Before anything was observed, the cap applies.
 A crashed peer therefore costs a few clean-round durations, not a hand-tuned constant.
 """
 
@@ -23,14 +25,16 @@ class Deadlines:
         self.cap = cap
         self.multiplier = multiplier
         self.floor = min(floor, cap)
-        self._seen: Dict[Tuple[str, str], Deque[float]] = {}
+        self._seen: Dict[Tuple[str, str], Deque[Tuple[float, int]]] = {}
 
-    def observe(self, module: str, phase: str, seconds: float) -> None:
-        """A wait that ended because everyone delivered, after ``seconds``."""
-        self._seen.setdefault((module, phase), deque(maxlen=HISTORY)).append(max(0.0, seconds))
+    def observe(self, module: str, phase: str, seconds: float, nbytes: int = 1) -> None:
+        """A wait that ended because everyone delivered, after ``seconds``, in a round of ``nbytes``."""
+        self._seen.setdefault((module, phase), deque(maxlen=HISTORY)).append((max(0.0, seconds), max(1, nbytes)))
 
-    def timeout(self, module: str, phase: str) -> float:
+    def timeout(self, module: str, phase: str, nbytes: int = 1) -> float:
         seen = self._seen.get((module, phase))
         if not seen:
             return self.cap
-        return min(self.cap, max(self.floor, self.multiplier * max(seen) + MARGIN_SECONDS))
+        per_byte = max(seconds / size for seconds, size in seen)
+        cap = self.cap * max(1.0, nbytes / max(size for _, size in seen))
+        return min(cap, max(self.floor, self.multiplier * per_byte * max(1, nbytes) + MARGIN_SECONDS))

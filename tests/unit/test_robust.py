@@ -166,3 +166,15 @@ def test_a_majority_of_identical_parts_is_the_result_bit_for_bit(rows, same):
              for i in range(rows)}  # fmt: skip
     combined = aggregate(parts, f"p{rows - 1}", method="centered_clip", clip_multiplier=1.0, outlier_ratio=8.0)
     assert combined.values.tobytes() == majority.tobytes()
+
+
+def test_deadlines_scale_with_the_bytes_a_round_moves():
+    deadlines = Deadlines(cap=15.0, multiplier=3.0)
+    deadlines.observe("trunk", "parts", 2.0, nbytes=1_000_000)
+    assert deadlines.timeout("trunk", "parts", 1_000_000) == pytest.approx(6.5)
+    # a re-sync moves 3x the bytes: 3x the wait, and the cap grows with it (else it could never finish)
+    assert deadlines.timeout("trunk", "parts", 3_000_000) == pytest.approx(18.5)
+    deadlines.observe("trunk", "parts", 30.0, nbytes=1_000_000)
+    assert deadlines.timeout("trunk", "parts", 1_000_000) == 15.0
+    assert deadlines.timeout("trunk", "parts", 3_000_000) == 45.0
+    assert deadlines.timeout("trunk", "parts", 10) == 1.0  # a tiny round: the floor
