@@ -102,12 +102,12 @@ class _Round:
     retry_from: float = 0.0  # monotonic time by which every member has decided on its attempt-0 results
     verify: Optional[Callable[[np.ndarray], bool]] = None  # see all_reduce
     pending: Dict[int, Tuple[float, np.ndarray, str]] = field(default_factory=dict)  # slice -> result to verify
+    gates: Dict[str, asyncio.Semaphore] = field(default_factory=dict)  # per peer: our messages on the wire
 
     @property
     def nbytes(self) -> int:
         """Bytes of the whole vector on the wire: what the round's waits scale with."""
         return payload_bytes(self.sent.size, self.dtype)
-    gates: Dict[str, asyncio.Semaphore] = field(default_factory=dict)  # per peer: our messages on the wire
 
     def gate(self, peer: str) -> asyncio.Semaphore:
         """At most ``SEND_WINDOW`` of our messages (parts and results) to ``peer`` at once, served in order."""

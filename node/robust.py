@@ -1,4 +1,4 @@
-"""Robust aggregation of one slice's parts, and the check a member applies to a reducer's result.
+"""Robust aggregation of one slice's parts, and the distances a member checks a reducer's result with.
 
 A reducer combines the parts it received for its slice in three steps:
 
@@ -16,11 +16,8 @@ A reducer combines the parts it received for its slice in three steps:
    manifest uses 1 (the radius is the median distance), which measured best under attack.
 3. ``mean`` (for trusted swarms) skips both and averages.
 
-A member checks each reduced slice against its own part: the relative distance
-``||r - x|| / ||x||`` must stay within ``result_tolerance`` times a reference the reducer
-cannot move (the distance of the slice this member reduced itself, or the lower median
-over the round's slices). A reducer that returns garbage fails the check; one that
-shifts its slice by less moves it no further than an honest spread allows.
+How a member uses ``relative_distance`` and ``lower_median`` to check a reducer's result:
+node/resultcheck.py.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ import numpy as np
 
 CLIP_ITERATIONS = 10
 CLIP_TOLERANCE = 1e-3  # stop when a step moves the center by less than this share of the clip radius
-MIN_CHECKED_ELEMENTS = 16
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from node.averaging import Averager
+from node.averaging import AllReduceResult, Averager
 from node.diloco import ModuleState, state_hash
 from node.matchmaking import Matchmaker
 from node.membership import Membership
@@ -102,8 +102,7 @@ class RoundAverager:
             )
         else:
             result = await self._averager.all_reduce(group, delta)
-        for lo, hi in result.unaveraged:  # not stepped: members that all missed it stay identical there
-            result.vector[lo : min(hi, state.numel)] = 0.0
+        leave_unstepped(result, state.numel)
         size = len(group.members)
         outcome = ModuleOutcome(
             name,
@@ -117,6 +116,12 @@ class RoundAverager:
         )
         return Averaged(outcome, result.vector, resync)
 
+
+def leave_unstepped(result: AllReduceResult, numel: int) -> None:
+    """Zero the pseudo-gradient (the first ``numel`` values) where nobody averaged with us: that slice is
+    not stepped, so members that all missed it keep identical global copies there."""
+    for lo, hi in result.unaveraged:
+        result.vector[lo : min(hi, numel)] = 0.0
 
 
 def majority_check(hashes: Sequence[str], numel: int, aggregator: str) -> Optional[Callable[[np.ndarray], bool]]:

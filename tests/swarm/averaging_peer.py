@@ -38,7 +38,7 @@ import torch
 from node.averaging import Averager, _Round
 from node.diloco import ModuleState
 from node.matchmaking import Matchmaker
-from node.rounds import majority_check
+from node.rounds import leave_unstepped, majority_check
 from node.slices import owner_of
 from node.swarm import Swarm
 from protocol.manifest import AveragingSpec, OuterOptimizerSpec
@@ -152,8 +152,7 @@ class Peer:
             else:
                 result = await self.averager.all_reduce(group, vector)
             if state is not None:  # as node/rounds.py: a slice nobody averaged is not stepped
-                for lo, hi in result.unaveraged:
-                    result.vector[lo : min(hi, vector.size)] = 0.0
+                leave_unstepped(result, vector.size)
             return group, result
 
         return self.swarm.run(run(), timeout=120)
