@@ -59,7 +59,7 @@ PartKind = Literal["part", "result"]
 # clocks would have to disagree by more than that gap to blame an honest peer.
 CLOCK_SLACK_SECONDS = 0.0
 # Refusals that say nothing bad about the sender (placement changed, it is late): no exclusion.
-BENIGN = ("round_over", "not_hosted")
+BENIGN = ("round_over", "not_hosted", "too_late")
 SEND_WINDOW = 2  # our messages on the wire at once per peer (measured: 2 beat 4 and 8 over 100 Mbit/s)
 
 
@@ -102,6 +102,7 @@ class _Round:
     retry_from: float = 0.0  # monotonic time by which every member has decided on its attempt-0 results
     verify: Optional[Callable[[np.ndarray], bool]] = None  # see all_reduce
     pending: Dict[int, Tuple[float, np.ndarray, str]] = field(default_factory=dict)  # slice -> result to verify
+    settled: Set[int] = field(default_factory=set)  # attempts whose results we stopped waiting for
     gates: Dict[str, asyncio.Semaphore] = field(default_factory=dict)  # per peer: our messages on the wire
 
     @property
@@ -207,6 +208,8 @@ class Averager(ResultCheck):
             return "wrong_group: this peer formed a different group for that round"
         if remote_peer not in state.group.members or message.slice_index >= len(state.bounds):
             return "wrong_group: sender or slice is not in our group"
+        if message.type == "result" and message.attempt in state.settled:
+            return "too_late: this peer stopped waiting for that result"
         lo, hi = state.bounds[message.slice_index]
         if values.size != hi - lo:
             return f"wrong_size: slice {message.slice_index} has {hi - lo} elements, got {values.size}"
@@ -329,6 +332,7 @@ class Averager(ResultCheck):
             for i in others
         ]
         received = await asyncio.gather(*waits)
+        state.settled.add(attempt)  # a result that comes now is refused: its reducer learns we went without it
         if others and all(complete for _, complete in received):
             self.deadlines.observe(group.module, "results", time.monotonic() - results_started, state.nbytes)
         results = {}
@@ -384,7 +388,11 @@ class Averager(ResultCheck):
         state.contributors.update(combined.used)
         receivers = [p for p in combined.used if p != me]
         weight = float(len(combined.used))
-        await asyncio.gather(*(self._send(p, "result", state, index, weight, reduced, attempt) for p in receivers))
+        sends = [self._send(p, "result", state, index, weight, reduced, attempt) for p in receivers]
+        if receivers and not any(await asyncio.gather(*sends)):
+            # Nobody took our result (too late, gone, or unreachable): they went on without it, so this
+            # slice was averaged with nobody, and saying otherwise would hide that our copy now differs.
+            state.averaged[index] = False
 
     # --- sending -------------------------------------------------------------------
     async def _send_parts(self, state: _Round, peer: str, indices: List[int], attempt: int) -> None:
