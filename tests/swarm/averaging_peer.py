@@ -21,6 +21,7 @@ see ATTACKS. The production Averager, Matchmaker and Swarm are used unchanged ot
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import logging
@@ -48,7 +49,7 @@ SWARM_ID = "a" * 16
 SPEC = AveragingSpec(gather_seconds=1.0, part_timeout_seconds=5.0, round_timeout_seconds=30.0)
 ATTACKS = (
     "none nan inf scale_1e30 sign_flip_100 weight_huge weight_negative wrong_length wrong_dtype "
-    "broadcast wrong_round wrong_group lying_reducer crash_after_parts sign_flip noise"
+    "broadcast wrong_round wrong_group lying_reducer crash_after_parts sign_flip noise slow_reducer"
 ).split()
 TASK_DIM = 256
 
@@ -106,6 +107,11 @@ class Attacker(Averager):
             packed = msgpack.packb(header, use_bin_type=True)
             frame = len(packed).to_bytes(4, "big") + packed + payload
         return frame
+
+    async def _send(self, peer, kind, state, index, weight, values, attempt, stop=None):
+        if kind == "result" and self.attack == "slow_reducer":  # past every member's results deadline
+            await asyncio.sleep(2 * self._spec.part_timeout_seconds)
+        return await super()._send(peer, kind, state, index, weight, values, attempt, stop)
 
     async def _exchange(self, state, attempt, slices):
         if self.attack != "crash_after_parts":

@@ -79,6 +79,18 @@ def honest_aggregate(round_number: int, honest: List[int], group_size: int = 4) 
     return out
 
 
+def failed_reducer_aggregate(swarm: AveragingSwarm, round_number: int) -> np.ndarray:
+    """What honest peers end with when the attacker's parts were honest but its results were not
+    taken: everyone's aggregate in the slices honest peers reduced, the backups' honest-only one in its own."""
+    expected = honest_aggregate(round_number, HONEST)
+    everyone = honest_aggregate(round_number, HONEST + [ATTACKER])
+    members = sorted(swarm.ids)
+    for index, (lo, hi) in enumerate(chunked_bounds(NUMEL, 4, CHUNK)):
+        if members[owner_of(index, 4)] != swarm.ids[ATTACKER]:
+            expected[lo:hi] = everyone[lo:hi]
+    return expected
+
+
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
     swarm = AveragingSwarm(tmp_path_factory.mktemp("robust"), 4, CHUNKED)
@@ -132,13 +144,7 @@ def test_a_corrupt_peer_is_excluded_and_honest_peers_get_the_honest_aggregate(fo
     before = [dict(reply["rejected"]) for reply in clean]
     r = next(_round)
     replies = four.average(r, {ATTACKER: attack})
-    expected = honest_aggregate(r, HONEST)
-    if attack == "lying_reducer":  # its parts were honest: they count in the slices honest peers reduced
-        everyone = honest_aggregate(r, HONEST + [ATTACKER])
-        members = sorted(four.ids)
-        for index, (lo, hi) in enumerate(chunked_bounds(NUMEL, 4, CHUNK)):
-            if members[owner_of(index, 4)] != four.ids[ATTACKER]:
-                expected[lo:hi] = everyone[lo:hi]
+    expected = failed_reducer_aggregate(four, r) if attack == "lying_reducer" else honest_aggregate(r, HONEST)
     for index in HONEST:
         np.testing.assert_allclose(four.result(index, r), expected, rtol=0, atol=1e-4, err_msg=f"peer{index}")
         assert replies[index]["fraction"] == 1.0, replies[index]
@@ -149,6 +155,26 @@ def test_a_corrupt_peer_is_excluded_and_honest_peers_get_the_honest_aggregate(fo
     assert sum(moved) > 0, f"counter {reason} did not move: {[replies[i]['rejected'] for i in HONEST]}"
     took = max(replies[i]["seconds"] for i in HONEST)
     assert took <= clean_seconds + SPEC.part_timeout_seconds, (took, clean_seconds)
+
+
+def test_a_reducer_whose_results_come_too_late_says_its_slices_were_not_averaged(four):
+    """The others give up on it and take its slices from the backups; its late results are refused, so
+    it knows nobody applied them and reports those slices as not averaged instead of a full round."""
+    clean = four.average(next(_round), {})
+    before = [dict(clean[i]["rejected"]) for i in HONEST]
+    r = next(_round)
+    replies = four.average(r, {ATTACKER: "slow_reducer"})
+    for index in HONEST:
+        np.testing.assert_allclose(four.result(index, r), failed_reducer_aggregate(four, r), rtol=0, atol=1e-4)
+        assert replies[index]["fraction"] == 1.0, replies[index]
+    own_share = sum(hi - lo for i, (lo, hi) in enumerate(chunked_bounds(NUMEL, 4, CHUNK))
+                    if sorted(four.ids)[owner_of(i, 4)] == four.ids[ATTACKER]) / NUMEL  # fmt: skip
+    assert replies[ATTACKER]["fraction"] == pytest.approx(1.0 - own_share), replies[ATTACKER]
+    after = four.average(next(_round), {})  # honest peers answered before the late results came
+    assert all(reply["fraction"] == 1.0 for reply in after), after
+    late = [sum(after[i]["rejected"].get(k, 0) - before[n].get(k, 0) for k in ("too_late", "round_over"))
+            for n, i in enumerate(HONEST)]  # fmt: skip
+    assert sum(late) > 0, [after[i]["rejected"] for i in HONEST]
 
 
 @pytest.mark.parametrize("attack", ["none", "lying_reducer"])
