@@ -82,7 +82,7 @@ class ResultCheck:
             reference = max(own + [lower_median(moved)])
             floor = UNVERIFIED_STATE_FLOOR if region > 0 and state.verify is None else RELATIVE_FLOOR
             limits[region] = self._spec.result_tolerance * max(reference, floor)
-        for region, entries in ratios.items():  # how close honest results come to the limit: for tuning
+        for region, entries in ratios.items() if logger.isEnabledFor(logging.DEBUG) else ():  # for tuning
             worst = max(((r / limits[region], i) for i, r in entries if i in checked), default=None)
             if worst is not None:
                 logger.debug("%s round %d region %d: results checked, the farthest at %.2f of its limit (slice %d)",
