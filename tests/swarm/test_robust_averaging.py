@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -79,15 +79,19 @@ def honest_aggregate(round_number: int, honest: List[int], group_size: int = 4) 
     return out
 
 
+def attacker_slices(swarm: AveragingSwarm) -> List[Tuple[int, int]]:
+    """Bounds of the slices the attacker reduces in a group of all four."""
+    members = sorted(swarm.ids)
+    return [b for i, b in enumerate(chunked_bounds(NUMEL, 4, CHUNK)) if members[owner_of(i, 4)] == swarm.ids[ATTACKER]]
+
+
 def failed_reducer_aggregate(swarm: AveragingSwarm, round_number: int) -> np.ndarray:
     """What honest peers end with when the attacker's parts were honest but its results were not
     taken: everyone's aggregate in the slices honest peers reduced, the backups' honest-only one in its own."""
-    expected = honest_aggregate(round_number, HONEST)
-    everyone = honest_aggregate(round_number, HONEST + [ATTACKER])
-    members = sorted(swarm.ids)
-    for index, (lo, hi) in enumerate(chunked_bounds(NUMEL, 4, CHUNK)):
-        if members[owner_of(index, 4)] != swarm.ids[ATTACKER]:
-            expected[lo:hi] = everyone[lo:hi]
+    expected = honest_aggregate(round_number, HONEST + [ATTACKER])
+    honest_only = honest_aggregate(round_number, HONEST)
+    for lo, hi in attacker_slices(swarm):
+        expected[lo:hi] = honest_only[lo:hi]
     return expected
 
 
@@ -167,8 +171,7 @@ def test_a_reducer_whose_results_come_too_late_says_its_slices_were_not_averaged
     for index in HONEST:
         np.testing.assert_allclose(four.result(index, r), failed_reducer_aggregate(four, r), rtol=0, atol=1e-4)
         assert replies[index]["fraction"] == 1.0, replies[index]
-    own_share = sum(hi - lo for i, (lo, hi) in enumerate(chunked_bounds(NUMEL, 4, CHUNK))
-                    if sorted(four.ids)[owner_of(i, 4)] == four.ids[ATTACKER]) / NUMEL  # fmt: skip
+    own_share = sum(hi - lo for lo, hi in attacker_slices(four)) / NUMEL
     assert replies[ATTACKER]["fraction"] == pytest.approx(1.0 - own_share), replies[ATTACKER]
     after = four.average(next(_round), {})  # honest peers answered before the late results came
     assert all(reply["fraction"] == 1.0 for reply in after), after
