@@ -1,7 +1,8 @@
 """Butterfly all-reduce of one module's vector within its group, over our own p2p streams.
 
-The vector is cut into chunks of about ``chunk_elements`` values, and each chunk into one
-slice per member (sorted peer order): slice *i* is reduced by member ``i mod n``. Every member
+The vector is cut into chunks, and each chunk into one slice per member (sorted peer order):
+slice *i* is reduced by member ``i mod n``. A slice, one message, carries about the bytes of
+``chunk_elements`` float32 values (fp16 slices hold twice as many values, int8 four times). Every member
 sends each reducer its slices ("parts") in order, a few on the wire at once; the reducer
 combines a slice's parts as soon as they are in, with the robust aggregator
 (node/robust.py), and sends the result back while later chunks still travel, so reducing
@@ -35,7 +36,7 @@ from node.inbox import Inbox, SliceKey
 from node.matchmaking import Group
 from node.resultcheck import ResultCheck
 from node.robust import aggregate
-from node.slices import backup_of, owner_of, region_bounds
+from node.slices import backup_of, owner_of, region_bounds, slice_values
 from node.swarm import now as wall_clock
 from protocol.manifest import AveragingSpec
 from protocol.wire import (
@@ -243,7 +244,7 @@ class Averager(ResultCheck):
         dtype = self._spec.compression if compress else "none"
         dtype = {"none": "float32", "fp16": "float16"}.get(dtype, dtype)
         regions = list(regions or [vector.size])
-        bounds = region_bounds(regions, len(group.members), self._spec.chunk_elements)
+        bounds = region_bounds(regions, len(group.members), slice_values(self._spec.chunk_elements, dtype))
         sent = self._encode_own(group.module, vector, bounds, dtype)
         deadline = started + self._spec.round_timeout_seconds
         state = _Round(group, bounds, regions, sent, dtype, deadline, verify=verify)

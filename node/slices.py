@@ -9,6 +9,16 @@ from __future__ import annotations
 from typing import List, Sequence, Tuple
 
 MAX_SLICES = 4096  # protocol/wire.py's bound on slice_index
+# Values of a wire dtype that take the bytes of one float32 value.
+_PER_FLOAT32 = {"float32": 1, "float16": 2, "int8": 4}
+
+
+def slice_values(chunk_elements: int, dtype: str) -> int:
+    """Values per slice for ``dtype``: the manifest's ``chunk_elements`` counts float32 values, so a
+    message carries about the same bytes whatever the compression (measured over 100 Mbit/s links:
+    256 KB messages beat 1 MB ones for fp32 and fp16, and 64 KB int8 messages cost more per message
+    than they saved)."""
+    return chunk_elements * _PER_FLOAT32[dtype]
 
 
 def slice_bounds(numel: int, parts: int) -> List[Tuple[int, int]]:

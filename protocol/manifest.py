@@ -127,7 +127,7 @@ class AveragingSpec:
     part_timeout_seconds: float = 15.0
     round_timeout_seconds: float = 60.0
     deadline_multiplier: float = 3.0
-    chunk_elements: int = 262_144
+    chunk_elements: int = 65_536
 
     def __post_init__(self) -> None:
         _check(self.compression in COMPRESSIONS, f"averaging.compression must be one of {', '.join(COMPRESSIONS)}")

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from node.diloco import ModuleState
-from node.slices import MAX_SLICES, backup_of, chunked_bounds, owner_of, slice_bounds
+from node.slices import MAX_SLICES, backup_of, chunked_bounds, owner_of, slice_bounds, slice_values
 from protocol.manifest import OuterOptimizerSpec
+from protocol.wire import payload_bytes
 
 SPEC = OuterOptimizerSpec(lr=0.7, momentum=0.9)
 
@@ -187,6 +188,15 @@ def test_chunked_bounds_give_each_member_one_slice_per_chunk(numel: int, size: i
     for index in range(len(bounds)):  # every member reduces one slice of every chunk, and backs up the next one
         assert owner_of(index, size) == index % size != backup_of(index, size) or size == 1
     assert sorted(owner_of(i, size) for i in range(size)) == list(range(size))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_a_slice_carries_about_the_same_bytes_whatever_the_compression(dtype: str) -> None:
+    chunk = 65_536
+    bounds = chunked_bounds(10_000_000, 4, slice_values(chunk, dtype))
+    largest = max(hi - lo for lo, hi in bounds)
+    assert 0.5 * chunk * 4 < payload_bytes(largest, dtype) <= 1.01 * chunk * 4
+    assert len(bounds) == {"float32": 156, "float16": 80, "int8": 40}[dtype]
 
 
 def test_an_overlapped_round_keeps_the_local_steps_taken_meanwhile():
