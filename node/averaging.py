@@ -334,8 +334,11 @@ class Averager(ResultCheck):
         ]
         received = await asyncio.gather(*waits)
         state.settled.add(attempt)  # a result that comes now is refused: its reducer learns we went without it
+        missing = {reducer_of[i] for i, (got, _) in zip(others, received, strict=True) if reducer_of[i] not in got}
         if others and all(complete for _, complete in received):
             self.deadlines.observe(group.module, "results", time.monotonic() - results_started, state.nbytes)
+        elif self._slow(group, missing):
+            self.deadlines.ran_out(group.module, "results", time.monotonic() - results_started, state.nbytes)
         results = {}
         for i, (got, _) in zip(others, received, strict=True):
             reducer = reducer_of[i]
@@ -348,6 +351,10 @@ class Averager(ResultCheck):
         )  # fmt: skip
         self._accept_checked(state, results, reducer_of, me)
 
+    def _slow(self, group: Group, missing: Set[str]) -> bool:
+        """Some of ``missing`` were not excluded (bad or unreachable): the wait ran out on them."""
+        return any(not self._inbox.is_excluded(group.module, group.round, peer) for peer in missing)
+
     async def _reduce(
         self, state: _Round, index: int, attempt: int, deadline: float, started: float, last: bool
     ) -> None:
@@ -357,8 +364,11 @@ class Averager(ResultCheck):
         if attempt:
             expected.discard(group.members[owner_of(index, len(group.members))])  # the reducer that failed it
         got, complete = await self._inbox.wait_for(state.key(index, attempt), expected, deadline)
-        if complete and expected and attempt == 0 and last:  # our last chunk: the whole parts phase
-            self.deadlines.observe(group.module, "parts", time.monotonic() - started, state.nbytes)
+        if expected and attempt == 0 and last:  # our last chunk: the whole parts phase
+            if complete:
+                self.deadlines.observe(group.module, "parts", time.monotonic() - started, state.nbytes)
+            elif self._slow(group, expected - set(got)):
+                self.deadlines.ran_out(group.module, "parts", time.monotonic() - started, state.nbytes)
         if attempt == 0:  # a member that failed us is out of our round: its result is not applied either
             for sender in expected - set(got):
                 self._inbox.exclude(group.module, group.round, sender)

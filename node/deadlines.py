@@ -8,6 +8,12 @@ plus a margin for clock skew between members starting the round, kept within ``[
 the cap is the manifest's ``part_timeout_seconds``, scaled up by how much larger this round is
 than the largest seen. Before anything was observed, the cap applies.
 A crashed peer therefore costs a few clean-round durations, not a hand-tuned constant.
+
+A wait that ran out while a member was still expected (not excluded: only slow) is remembered
+too, as what it is, a lower bound: that phase took at least as long as we waited. Without it a
+swarm whose rounds got slower (a loaded host, a re-sync) never learned longer deadlines, since
+only the waits that completed taught anything, and it kept giving up on members that were
+merely late (their parts and results then refused as ``round_over``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ class Deadlines:
     def observe(self, module: str, phase: str, seconds: float, nbytes: int = 1) -> None:
         """A wait that ended because everyone delivered, after ``seconds``, in a round of ``nbytes``."""
         self._seen.setdefault((module, phase), deque(maxlen=HISTORY)).append((max(0.0, seconds), max(1, nbytes)))
+
+    def ran_out(self, module: str, phase: str, seconds: float, nbytes: int = 1) -> None:
+        """A wait that ended at its deadline after ``seconds`` with a slow member still expected."""
+        self.observe(module, phase, seconds, nbytes)
 
     def timeout(self, module: str, phase: str, nbytes: int = 1) -> float:
         seen = self._seen.get((module, phase))

@@ -178,3 +178,17 @@ def test_deadlines_scale_with_the_bytes_a_round_moves():
     assert deadlines.timeout("trunk", "parts", 1_000_000) == 15.0
     assert deadlines.timeout("trunk", "parts", 3_000_000) == 45.0
     assert deadlines.timeout("trunk", "parts", 10) == 1.0  # a tiny round: the floor
+
+
+def test_a_wait_that_ran_out_on_a_slow_member_lengthens_the_next_one():
+    """Only complete waits used to teach: a swarm whose rounds got slower kept its short deadlines."""
+    deadlines = Deadlines(cap=15.0, multiplier=3.0)
+    deadlines.observe("trunk", "results", 1.0, nbytes=1_000_000)
+    assert deadlines.timeout("trunk", "results", 1_000_000) == pytest.approx(3.5)
+    deadlines.ran_out("trunk", "results", 3.5, nbytes=1_000_000)  # it took at least that long
+    assert deadlines.timeout("trunk", "results", 1_000_000) == pytest.approx(11.0)
+    deadlines.ran_out("trunk", "results", 11.0, nbytes=1_000_000)
+    assert deadlines.timeout("trunk", "results", 1_000_000) == 15.0  # still never past the cap
+    for _ in range(8):  # and forgotten once as many complete waits came after it as are remembered
+        deadlines.observe("trunk", "results", 1.0, nbytes=1_000_000)
+    assert deadlines.timeout("trunk", "results", 1_000_000) == pytest.approx(3.5)
