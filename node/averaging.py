@@ -353,7 +353,7 @@ class Averager(ResultCheck):
         self._accept_checked(state, results, reducer_of, me)
 
     def _slow(self, group: Group, missing: Set[str]) -> bool:
-        """Some of ``missing`` were not excluded (bad or unreachable): the wait ran out on them."""
+        """Some of ``missing`` are still in the round (not excluded as bad or unreachable): only slow."""
         return any(not self._inbox.is_excluded(group.module, group.round, peer) for peer in missing)
 
     async def _reduce(
