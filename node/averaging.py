@@ -451,8 +451,8 @@ class Averager(ResultCheck):
 
     async def _call(self, peer: str, frame: bytes, deadline: float) -> bytes:
         """One request; a stream that p2pd closed under us is opened again, up to twice, a moment later
-        (messages are idempotent). Only then is the peer taken for unreachable: in the WAN benchmark one
-        of 26 rounds saw two streams to a live peer closed in a row, and that cost the round a member."""
+        (messages are idempotent). Only then is the peer taken for unreachable: streams to a live peer
+        have been seen closing twice in a row (tests/bench/RESULTS.md, item 1)."""
         for attempt in range(STREAM_ATTEMPTS):
             timeout = max(0.1, min(self._spec.part_timeout_seconds, deadline - time.monotonic()))
             try:
