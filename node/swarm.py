@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import logging
 import os
@@ -196,14 +197,22 @@ class Swarm:
         """Serve ``name``: each stream carries one framed request and one framed response."""
 
         async def _serve(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peer = str(info.peer_id)
             try:
-                request = await _read_frame(reader)
-                response = await handler(str(info.peer_id), request)
-                await _write_frame(writer, response)
-            except (asyncio.IncompleteReadError, ConnectionError, ValueError):
-                pass  # the peer went away or sent a bad frame; its caller times out or retries
-            except Exception:  # a bug in our handler: say so, the caller sees a closed stream
-                logger.exception("handler %s failed on a request from %s", name, str(info.peer_id)[-8:])
+                try:
+                    request = await _read_frame(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # the caller went away mid-frame
+                except ValueError as e:  # a frame we will not read: say so; the caller sees a closed stream
+                    logger.info("refused a %s request from %s: %s", name, peer[-8:], e)
+                    return
+                try:
+                    response = await handler(peer, request)
+                except Exception:  # a bug in our handler, whatever it raised: say so
+                    logger.exception("handler %s failed on a request from %s", name, peer[-8:])
+                    return
+                with contextlib.suppress(ConnectionError):  # the caller gave up waiting: it times out or retries
+                    await _write_frame(writer, response)
             finally:
                 writer.close()
 
