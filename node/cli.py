@@ -49,6 +49,13 @@ _START_OPTIONS: List[Tuple[str, str, Any, str, str]] = [
     ("--checkpoint-every-rounds", "checkpoint_every_rounds", int, "N", "checkpoint every N rounds (and on exit)"),
     ("--checkpoint-keep", "checkpoint_keep", int, "K", "how many checkpoint generations to keep"),
     ("--metrics-addr", "metrics_addr", str, "HOST:PORT", "where /metrics, /healthz and /readyz are served"),
+    (
+        "--eval-share",
+        "eval_share",
+        float,
+        "F",
+        "held-out evaluation after a round takes at most this share of wall time (1: after every round)",
+    ),
     ("--stall-seconds", "stall_seconds", float, "S", "/healthz turns 503 after S seconds without progress"),
     ("--log-format", "log_format", str, "|".join(LOG_FORMATS), "log format on stderr"),
     ("--log-level", "log_level", str, "|".join(LOG_LEVELS), "log level"),

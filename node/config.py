@@ -79,6 +79,7 @@ class NodeConfig:
     stall_seconds: float = 300.0
     checkpoint_every_rounds: int = 5
     checkpoint_keep: int = 3
+    eval_share: float = 0.01
 
     def __post_init__(self) -> None:
         for name in ("initial_peers", "host_maddrs", "announce_maddrs"):
@@ -103,6 +104,8 @@ class NodeConfig:
             raise ConfigError(f"--max-seconds must be > 0, got {self.max_seconds}")
         if self.checkpoint_every_rounds < 1 or self.checkpoint_keep < 1:
             raise ConfigError("--checkpoint-every-rounds and --checkpoint-keep must be >= 1")
+        if not 0 < self.eval_share <= 1:
+            raise ConfigError(f"--eval-share must be in (0, 1] (1: after every round), got {self.eval_share}")
         if self.stall_seconds <= 0:
             raise ConfigError("--stall-seconds must be > 0")
         if self.bootstrap_timeout_seconds <= 0:

@@ -57,7 +57,7 @@ class NodeMetrics:
         self.waited_seconds = Counter("averaging_wait_seconds", "Wall time training stood still waiting for averaging",
                                       namespace=ns, registry=r)  # fmt: skip
         self.loss = Gauge("training_loss", "Recent local training loss (EMA, nats/byte)", namespace=ns, registry=r)
-        self.eval_loss = Gauge("eval_loss", "Held-out loss after the last round (nats/byte)", namespace=ns, registry=r)
+        self.eval_loss = Gauge("eval_loss", "Held-out loss, latest scoring (nats/byte)", namespace=ns, registry=r)
         self.loss.set(float("nan"))  # unknown until measured: NaN, not a misleading 0
         self.eval_loss.set(float("nan"))
         self.rounds = Counter("averaging_rounds", "Averaging rounds per module by outcome", ["module_kind", "result"],

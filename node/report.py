@@ -41,7 +41,10 @@ def round_summary(
     outcomes: List[ModuleOutcome],
     timing: Optional[dict] = None,
 ) -> dict:
-    """One round as plain data: also the fields of its JSON log line (event "round")."""
+    """One round as plain data: also the fields of its JSON log line (event "round").
+
+    ``eval_loss`` is None on a round whose held-out split was not scored (see EvalCadence).
+    """
     trunk = next(o for o in outcomes if o.module == "trunk")
     return {
         "event": "round",
@@ -86,7 +89,7 @@ def log_round(summary: dict, outcomes: List[ModuleOutcome]) -> None:
         summary["round"],
         summary["steps"],
         summary["loss"] if summary["loss"] is not None else float("nan"),
-        f"{eval_loss:.3f}" if eval_loss is not None else "n/a",
+        f"{eval_loss:.3f}" if eval_loss is not None else "-",
         summary["trunk_group"],
         100 * summary["trunk_fraction"],
         ", resync" if summary["trunk_resync"] else "",

@@ -34,7 +34,7 @@ from node.report import ModuleOutcome, log_round, round_summary
 from node.rounds import PendingRound, RoundAverager, apply, prepare
 from node.statesync import StateServer, download_modules
 from node.swarm import Swarm, now
-from node.training import ModelFactory, Trainer, architecture_swarm_id, resolve_device
+from node.training import EvalCadence, ModelFactory, Trainer, architecture_swarm_id, resolve_device
 from protocol.manifest import Manifest, load_manifest
 from protocol.records import PeerRecord
 
@@ -70,7 +70,8 @@ class Node:
         self.outer_round = 0
         self.rounds_done = 0
         self._pending: Optional[PendingRound] = None  # a round on the network (overlap mode)
-        self.last_eval_loss: Optional[float] = None
+        self.last_eval_loss: Optional[float] = None  # the latest score, kept between scored rounds
+        self.eval_cadence = EvalCadence(config.eval_share)
         self.swarm: Optional[Swarm] = None
         self.states: Dict[str, ModuleState] = {}
         self.hosted: List[str] = []
@@ -419,16 +420,10 @@ class Node:
 
     def _finish_round(self, outcomes: List[ModuleOutcome], steps: int, timing: Optional[dict] = None) -> None:
         self.rounds_done += 1
-        try:
-            self.last_eval_loss = self.trainer.evaluate()
-        except DataError as e:  # the held-out text went away too: report it, keep the round
-            self._report_data_error(e)
-            self.last_eval_loss = None
+        eval_loss = self._evaluate() if self.eval_cadence.due() else None
         self.metrics.observe_round(outcomes)
-        if self.last_eval_loss is not None:
-            self.metrics.eval_loss.set(self.last_eval_loss)
         self._progress()
-        summary = round_summary(self.outer_round, steps, self.trainer.loss_ema, self.last_eval_loss, outcomes, timing)
+        summary = round_summary(self.outer_round, steps, self.trainer.loss_ema, eval_loss, outcomes, timing)
         self.history.append(summary)
         log_round(summary, outcomes)
         assert self.swarm is not None
@@ -440,6 +435,19 @@ class Node:
             self.save_checkpoint()
         self.metrics.outer_round.set(self.outer_round)
         self.metrics.swarm_peers.set(len(self.membership.view.peers))
+
+    def _evaluate(self) -> Optional[float]:
+        """Score the held-out split now (None without one); the gauge and status() keep the latest score."""
+        started = time.monotonic()
+        try:
+            self.last_eval_loss = self.trainer.evaluate()
+        except DataError as e:  # the held-out text went away too: report it, keep the round
+            self._report_data_error(e)
+            self.last_eval_loss = None
+        self.eval_cadence.scored(started)
+        if self.last_eval_loss is not None:
+            self.metrics.eval_loss.set(self.last_eval_loss)
+        return self.last_eval_loss
 
     def _replace_if_needed(self) -> None:
         assert self.swarm is not None

@@ -66,6 +66,30 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+class EvalCadence:
+    """Decides after which rounds the held-out split is scored: often, yet at most ``share`` of wall time.
+
+    The first round is always scored; after that, a round is scored once the time since the last
+    scoring, times ``share``, covers what that scoring took (``share`` 1: after every round).
+    """
+
+    def __init__(self, share: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.share = share
+        self._clock = clock
+        self._last_end: Optional[float] = None
+        self._last_seconds = 0.0
+
+    def due(self) -> bool:
+        if self._last_end is None or self.share >= 1:
+            return True
+        return (self._clock() - self._last_end) * self.share >= self._last_seconds
+
+    def scored(self, started: float) -> None:
+        """A scoring that began at ``started`` (this cadence's clock) just ended."""
+        self._last_end = self._clock()
+        self._last_seconds = self._last_end - started
+
+
 class Trainer:
     """Owns the model, the inner optimizer and the data stream of one node."""
 

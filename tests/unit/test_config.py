@@ -152,6 +152,8 @@ def test_good_metrics_addrs() -> None:
         ({"max_rounds": 0}, "--max-rounds"),
         ({"max_seconds": 0.0}, "--max-seconds"),
         ({"bootstrap_timeout_seconds": -1.0}, "--bootstrap-timeout-seconds"),
+        ({"eval_share": 0.0}, "--eval-share"),
+        ({"eval_share": 1.5}, "--eval-share"),
     ],
 )
 def test_bad_values_name_the_option(flags: dict, needle: str) -> None:
