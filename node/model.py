@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from node.experts import GroupedExperts
 from protocol.manifest import ModelSpec
 
 AUX_LOSS_COEF = 0.01
@@ -55,24 +56,27 @@ class MoELayer(nn.Module):
         k = min(self.top_k, n_hosted)
         top_logits, top_idx = logits.topk(k, dim=-1)
         weights = torch.softmax(top_logits, dim=-1)
-
-        out = torch.zeros_like(flat)
-        for slot_expert, expert_id in enumerate(self.hosted):
-            token_ids, slot = (top_idx == slot_expert).nonzero(as_tuple=True)
-            # An expert that got no tokens still runs on an empty batch, so every hosted
-            # expert receives a (zero) gradient and the optimizer treats them alike.
-            y = self.experts[expert_id](flat[token_ids])
-            out.index_add_(0, token_ids, y * weights[token_ids, slot].unsqueeze(-1))
-
+        # The rows (token, choice) sorted by expert: a stable sort keeps each expert's tokens in order.
+        choices = top_idx.reshape(-1)
+        order = torch.sort(choices, stable=True).indices
+        counts = torch.bincount(choices, minlength=n_hosted)
+        token_of_row = order // k
+        params = [p for i in self.hosted for p in self._expert_params(i)]
+        # An expert that got no rows still gets a (zero) gradient, so the optimizer treats hosted experts alike.
+        y = GroupedExperts.apply(flat[token_of_row], counts.tolist(), *params)
+        out = torch.zeros_like(flat).index_add_(0, token_of_row, y * weights.reshape(-1)[order].unsqueeze(-1))
         # Switch-transformer balance loss: fraction dispatched times mean router probability.
         probs = torch.softmax(logits, dim=-1)
-        counts = torch.bincount(top_idx.reshape(-1), minlength=n_hosted).to(flat.dtype)
-        fraction = counts / top_idx.numel()
+        fraction = counts.to(flat.dtype) / top_idx.numel()
         aux = n_hosted * torch.sum(fraction * probs.mean(dim=0))
         return out.reshape(shape), aux
 
     def _expert(self, index: int) -> Expert:
         return cast(Expert, self.experts[index])
+
+    def _expert_params(self, index: int) -> tuple[torch.Tensor, ...]:
+        expert = self._expert(index)
+        return expert.up.weight, expert.up.bias, expert.down.weight, expert.down.bias
 
 
 class Attention(nn.Module):

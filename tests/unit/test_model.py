@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.model import MoETransformer
+from node.experts import GroupedExperts, row_ranges
+from node.model import Expert, MoETransformer
 from protocol.manifest import ModelSpec
 
 SPEC = ModelSpec(seq_len=32, d_model=32, n_layers=2, n_heads=4, n_experts=4, top_k=2, expert_hidden=64)
@@ -123,3 +124,46 @@ def test_generate_returns_requested_bytes() -> None:
     assert out == again
     assert len(model.generate(b"", 3, temperature=0)) == 3
     assert model.generate(b"ab", 0) == b""
+
+
+def test_grouped_experts_match_separate_linear_modules() -> None:
+    torch.manual_seed(0)
+    d, hidden, counts = 8, 16, [5, 0, 3, 9]  # the second expert gets no rows
+    experts = [Expert(d, hidden) for _ in counts]
+    x = torch.randn(sum(counts), d, requires_grad=True)
+    params = [p for e in experts for p in (e.up.weight, e.up.bias, e.down.weight, e.down.bias)]
+    y = GroupedExperts.apply(x, counts, *params)
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    grouped = [x.grad.clone()] + [p.grad.clone() for p in params]
+
+    x.grad = None
+    for p in params:
+        p.grad = None
+    rows = [x[start:end] for start, end in row_ranges(counts)]
+    reference = torch.cat([expert(r) for expert, r in zip(experts, rows, strict=True)])
+    torch.testing.assert_close(y, reference)
+    (reference * weights).sum().backward()
+    expected = [x.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for got, want in zip(grouped, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert all(g.abs().sum() == 0 for g in grouped[5:9])  # the expert without rows: zero, not None
+
+
+def test_moe_layer_matches_routing_each_expert_separately() -> None:
+    model = MoETransformer(SPEC, seed=0)
+    model.set_hosted_experts(["expert.0.0", "expert.0.2", "expert.0.3"])
+    layer = model.blocks[0].moe
+    x = torch.randn(4, SPEC.seq_len, SPEC.d_model, generator=torch.Generator().manual_seed(3))
+    out, _ = layer(x)
+
+    flat = x.reshape(-1, SPEC.d_model)  # the straightforward way: one expert module at a time
+    gates = torch.stack([layer.experts[i].gate for i in layer.hosted])
+    top_logits, top_idx = (flat @ gates.t()).topk(SPEC.top_k, dim=-1)
+    weights = torch.softmax(top_logits, dim=-1)
+    expected = torch.zeros_like(flat)
+    for slot, expert_id in enumerate(layer.hosted):
+        tokens, choice = (top_idx == slot).nonzero(as_tuple=True)
+        y = layer.experts[expert_id](flat[tokens]) * weights[tokens, choice].unsqueeze(-1)
+        expected.index_add_(0, tokens, y)
+    torch.testing.assert_close(out.reshape(-1, SPEC.d_model), expected)
