@@ -3,7 +3,8 @@
 Usage (root, from the repository root; about 20 minutes on 2 cores):
     python -m tests.bench.convergence [--steps 2400] [--inner-steps 25] [--outer-lr 0.7] [--momentum 0.9]
                                       [--overlap true|false] [--gather-seconds 10] [--aggregator mean|centered_clip]
-                                      [--result-tolerance 1000] [--mbit 20] [--wan-steps 12] [--diloco-only]
+                                      [--result-tolerance 1000] [--mbit 20] [--wan-steps 12] [--diloco-steps N]
+                                      [--diloco-only]
                                       [--out bench-results/convergence]
 
 The same total number of training samples (``--steps`` batches of 16) in three ways, all on the node's own model
@@ -95,6 +96,12 @@ class Curve:
     def time_to(self, target: float) -> Optional[float]:
         return next((p.seconds for p in self.points if p.loss <= target), None)
 
+    def up_to(self, samples: int) -> "Curve":
+        """This curve up to its point nearest ``samples`` (the shared budget of a run that kept training)."""
+        last = min(range(len(self.points)), key=lambda i: abs(self.points[i].samples - samples))
+        points = self.points[: last + 1]
+        return Curve(self.name, points, points[-1].seconds, self.notes)
+
 
 def worker(net: TestNetwork, host: int, argv: List[str], log: Path, **env: str) -> JsonProcess:
     return JsonProcess(net, host, WORKER + argv, log, cwd=REPO, env=child_env(**env))
@@ -142,7 +149,7 @@ def run_ddp(net: TestNetwork, args: argparse.Namespace, corpus: Any, wan: bool) 
 
 # --- (b) -----------------------------------------------------------------------------------------------------------
 def node_argv(net: TestNetwork, args: argparse.Namespace, host: int, data: Path, extra: List[str]) -> List[str]:
-    rounds, port = args.steps // WORKERS // args.inner_steps, NODE0_PORT if host == 0 else 0
+    rounds, port = args.diloco_steps // WORKERS // args.inner_steps, NODE0_PORT if host == 0 else 0
     argv = [sys.executable, "-m", "node", "start", "--manifest", str(args.out / "manifest.yaml"), "--data", str(data),
             "--experts", "16", "--device", "cpu", "--host-maddrs", f"/ip4/{net.ip(host)}/tcp/{port}",
             "--log-format", "json", "--max-rounds", str(4 * rounds), "--metrics-addr", "127.0.0.1:0",
@@ -219,7 +226,7 @@ def run_diloco(net: TestNetwork, args: argparse.Namespace, corpus: Any) -> Curve
                     nodes[host] = start_node(net, args, host, corpus.shards[host], ["--initial-peers", first])
                 elif rc not in (None, 0):
                     raise RuntimeError(f"node {host} exited with {rc}; {node.tail()}")
-            if not stopped and sum(steps_done(n.log_path) for n in nodes) >= args.steps:
+            if not stopped and sum(steps_done(n.log_path) for n in nodes) >= args.diloco_steps:
                 for node in nodes:  # the swarm has trained on all the samples: leave cleanly
                     if node.proc.poll() is None:
                         node.proc.send_signal(signal.SIGTERM)
@@ -259,26 +266,31 @@ def fmt(seconds: Optional[float]) -> str:
 
 
 def table(curves: Dict[str, Curve], args: argparse.Namespace, load: str) -> str:
-    a, b, c, w = curves["a"], curves["b"], curves["c"], curves["wan"]
+    a, c, w = curves["a"], curves["c"], curves["wan"]
+    longer = curves.get("b+")  # (b) kept training past the shared budget: for time-to-loss only
+    b = curves["b"]
     ratio, gap = b.final / c.final, b.final / a.final - 1
-    reach = b.time_to(c.final)
+    reach = (longer or b).time_to(c.final)
     head = (f"{args.steps} batches of {BATCH} in total ({args.steps // WORKERS} per worker in b, c); DiLoCo H="
             f"{args.inner_steps}, outer lr {args.outer_lr:g}, momentum {args.momentum:g} (Nesterov), overlap "
             f"{args.overlap}, gather {args.gather_seconds:g}s, aggregator {args.aggregator}, result_tolerance "
             f"{args.result_tolerance:g}, "
             f"{args.mbit:g} Mbit/s links; held-out: {args.windows} fixed windows of files no worker trains on; "
-            f"{os.cpu_count()} CPU cores shared by all processes (and by anything else running), 1-minute load "
+            + (f"(b) kept training to {args.diloco_steps} batches in all (row b+; (b) is its curve up to the "
+               f"shared budget); " if longer else "")
+            + f"{os.cpu_count()} CPU cores shared by all processes (and by anything else running), 1-minute load "
             f"average {load}. Wall time from the first training step.\n")  # fmt: skip
     lines = [head, "| run | samples | final held-out loss | × (c) | × (a) | training wall s | wall s to reach (c)'s "
              "final loss | … 1.03 × that | notes |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for k in ("a", "b", "c", "wan"):
+    for k in [k for k in ("a", "b", "b+", "c", "wan") if k in curves]:
         cv = curves[k]
         reached, near = fmt(cv.time_to(c.final)), fmt(cv.time_to(1.03 * c.final))
         lines.append(f"| {cv.name} | {cv.points[-1].samples:,} | {cv.final:.4f} | {cv.final / c.final:.3f} | "
                      f"{cv.final / a.final:.3f} | {cv.wall:.0f} | {reached} | {near} | {cv.notes} |")  # fmt: skip
     verdict = lambda ok: "**met**" if ok else "**missed**"  # noqa: E731
     lines += ["", f"- (b)/(c) final held-out loss: {ratio:.3f} (target ≤ 1.03): {verdict(ratio <= 1.03)}",
-              f"- (b) reaches (c)'s final loss {c.final:.4f} after {fmt(reach)} s; (c) over {args.mbit:g} Mbit/s "
+              f"- (b{'+' if longer else ''}) reaches (c)'s final loss {c.final:.4f} after {fmt(reach)} s; "
+              f"(c) over {args.mbit:g} Mbit/s "
               f"needs {w.wall:.0f} s (extrapolated): {verdict(reach is not None and reach < w.wall)}",
               f"- gap of (b) to the single-worker ceiling (a): {gap:+.1%}; of (c): {c.final / a.final - 1:+.1%}"]
     return "\n".join(lines)  # fmt: skip
@@ -290,12 +302,13 @@ def plots(curves: Dict[str, Curve], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    styles = {"a": ("tab:gray", "-"), "b": ("tab:green", "-"), "c": ("tab:blue", "-"), "wan": ("tab:blue", "--")}
+    styles = {"a": ("tab:gray", "-"), "b": ("tab:green", "-"), "b+": ("tab:olive", ":"), "c": ("tab:blue", "-"),
+              "wan": ("tab:blue", "--")}
     for key_x, label, name in (("samples", "training samples (sequences of 128 bytes)", "loss_vs_samples.png"),
                                ("seconds", "wall time, s", "loss_vs_time.png")):  # fmt: skip
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for k, cv in curves.items():
-            if key_x == "samples" and k == "wan":
+            if (key_x == "samples" and k == "wan") or (k == "b" and "b+" in curves):
                 continue  # same samples as (c)
             color, style = styles[k]
             xs = [getattr(p, key_x) for p in cv.points]
@@ -321,10 +334,15 @@ def measure(net: TestNetwork, args: argparse.Namespace, corpus: Any) -> Dict[str
           f"H={args.inner_steps}", flush=True)  # fmt: skip
     b = run_diloco(net, args, corpus)
     print(f"  done in {b.wall:.0f}s; {b.notes}", flush=True)
+    longer = None
+    if args.diloco_steps > args.steps:
+        longer, b = b, b.up_to(args.steps * BATCH)
+        longer.name = f"(b+) the same, kept training to {args.diloco_steps} batches"
     if single is None:
-        score([b], evals)
+        score([longer or b], evals)
+        full = longer or b  # final: at the shared budget; points: all of them
         print(json.dumps({"config": vars(args) | {"out": str(args.out)}, "final": b.final, "wall": b.wall,
-                          "notes": b.notes, "points": [[p.samples, p.seconds, p.loss] for p in b.points]}))
+                          "notes": b.notes, "points": [[p.samples, p.seconds, p.loss] for p in full.points]}))
         return {}
     print(f"(c) DDP over loopback: {args.steps // WORKERS} steps", flush=True)
     c, steps = run_ddp(net, args, corpus, wan=False)
@@ -333,11 +351,12 @@ def measure(net: TestNetwork, args: argparse.Namespace, corpus: Any) -> Dict[str
     _, wan_steps = run_ddp(net, args, corpus, wan=True)
     step = statistics.median(wan_steps[2:] or wan_steps)  # the first steps set up gloo's buffers
     print(f"  median step {step:.2f}s\nscoring (b), (c) on the held-out set", flush=True)
-    score([b, c], evals)
+    score([longer or b, c], evals)
     a = finish_single(single, args)
     print(f"  (a) done in {a.wall:.0f}s", flush=True)
     score([a], evals)
-    return {"a": a, "b": b, "c": c, "wan": wan_curve(c, step, args)}
+    extra = {"b+": longer} if longer is not None else {}
+    return {"a": a, "b": b, **extra, "c": c, "wan": wan_curve(c, step, args)}
 
 
 def main() -> int:
@@ -350,6 +369,8 @@ def main() -> int:
     parser.add_argument("--gather-seconds", type=float, default=10.0, help="manifest averaging.gather_seconds")
     parser.add_argument("--aggregator", choices=["mean", "centered_clip"], default="mean", help="manifest averaging")
     parser.add_argument("--result-tolerance", type=float, default=1000.0, help="manifest averaging.result_tolerance")
+    parser.add_argument("--diloco-steps", type=int, default=0,
+                        help="(b) keeps training to this many batches (> --steps): when does it reach (c)'s loss")
     parser.add_argument("--diloco-only", action="store_true", help="run and score (b) only (for tuning)")
     parser.add_argument("--mbit", type=float, default=20.0)
     parser.add_argument("--wan-steps", type=int, default=12, help="DDP steps measured over the limited links")
@@ -359,6 +380,7 @@ def main() -> int:
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench-results/convergence"))
     args = parser.parse_args()
+    args.diloco_steps = max(args.diloco_steps or args.steps, args.steps)
     torch.set_num_threads(1)
     load = f"{os.getloadavg()[0]:.2f} before"
     try:

@@ -1,7 +1,7 @@
 """Quick DiLoCo tuner: 4 simulated workers in one process, no network; held-out loss per setting.
 
 Usage: python -m tests.bench.convergence_tune [--steps 1200] [--configs 25:0.7:0.9 10:0.7:0.9 ddp single ...]
-                                                [--aggregator centered_clip|mean] [--parallel 2] [--out DIR]
+                                                [--aggregator centered_clip[:M]|mean] [--parallel 2] [--out DIR]
 
 A config is ``H:outer_lr:momentum[:warmup_rounds[:delay_steps]]``, or ``ddp`` (4 workers' gradients averaged
 every step, one AdamW) or ``single`` (one worker on all the training data). ``--steps`` is the total number of
@@ -69,7 +69,8 @@ class Workers:
     """Four Trainers on their shards, and every module's DiLoCo state for each."""
 
     def __init__(self, setting: Setting, shards: List[Path], aggregator: str) -> None:
-        self.setting, self.aggregator = setting, aggregator
+        self.setting = setting
+        self.aggregator, _, self.clip_multiplier = aggregator.partition(":")  # centered_clip:2 sets the clip radius
         self.manifest = diloco_manifest(setting.inner_steps, setting.lr, setting.momentum)
         seq = self.manifest.model.seq_len
         self.trainers = [Trainer(self.manifest, TextData(str(s), seq, seed=i), torch.device("cpu"))
@@ -89,13 +90,14 @@ class Workers:
         """Each worker's pseudo-gradients and every module's group result (4 slices, robust aggregate)."""
         deltas = [{m: s.pseudo_gradient() for m, s in states.items()} for states in self.states]
         spec = self.manifest.averaging
+        clip = float(self.clip_multiplier) if self.clip_multiplier else spec.clip_multiplier
         result: Dict[str, np.ndarray] = {}
         for module in deltas[0]:
             parts = [d[module].numpy() for d in deltas]
             pieces = []
             for j, (lo, hi) in enumerate(slice_bounds(parts[0].size, WORKERS)):
                 sliced = {str(w): p[lo:hi] for w, p in enumerate(parts)}
-                pieces.append(aggregate(sliced, str(j), method=self.aggregator, clip_multiplier=spec.clip_multiplier,
+                pieces.append(aggregate(sliced, str(j), method=self.aggregator, clip_multiplier=clip,
                                         outlier_ratio=spec.outlier_ratio).values)  # fmt: skip
             result[module] = np.concatenate(pieces)
         return result, deltas
@@ -196,7 +198,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=1200, help="total batches of 16 over all workers")
     parser.add_argument("--configs", nargs="+", default=["ddp", "25:0.7:0.9", "50:0.7:0.9", "25:1.0:0.5"])
-    parser.add_argument("--aggregator", default="centered_clip", choices=["centered_clip", "mean"])
+    parser.add_argument("--aggregator", default="centered_clip",
+                        help="centered_clip | mean | centered_clip:M (clip radius: M x median distance)")  # fmt: skip
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench-results/convergence/tune"))
     args = parser.parse_args()
