@@ -3,6 +3,7 @@
 Usage (root, from the repository root; about 20 minutes on 2 cores):
     python -m tests.bench.convergence [--steps 2400] [--inner-steps 25] [--outer-lr 0.7] [--momentum 0.9]
                                       [--overlap true|false] [--gather-seconds 10] [--aggregator mean|centered_clip]
+                                      [--clip-multiplier 1]
                                       [--result-tolerance 1000] [--mbit 20] [--wan-steps 12] [--diloco-steps N]
                                       [--diloco-only]
                                       [--out bench-results/convergence]
@@ -16,8 +17,10 @@ The same total number of training samples (``--steps`` batches of 16) in three w
 (b) 4 real nodes, ``python -m node start --experts 16 --data <its quarter>``, each in its own network namespace
     behind ``--mbit`` Mbit/s links (tests/bench/netns.py), on a benchmark manifest written to OUT/manifest.yaml that
     differs from the default only in name, ``training.inner_steps``, ``outer_optimizer`` and ``averaging`` (overlap,
-    gather_seconds, aggregator, result_tolerance: see the flags). Every node gets SIGTERM (a clean leave) once the
-    rounds the 4 nodes logged hold ``--steps`` steps in all: the same total samples as (a) and (c); how they split
+    gather_seconds, aggregator, clip_multiplier, result_tolerance: see the flags). Every node gets SIGTERM (a clean
+    leave) once the rounds the 4 nodes logged hold ``--steps`` steps in all (``--diloco-steps``, when larger, lets
+    them train on: (b) is then scored up to the shared budget, and row b+ shows when the longer run reaches (c)'s
+    final loss): the same total samples as (a) and (c); how they split
     among the nodes is the swarm's doing (a late node cuts its rounds short). Node 0 listens on a known address (key
     made here); the others start as soon as it listens (so it trains alone for a few seconds while they start, and
     they download its state, as real newcomers do). Every node checkpoints every few rounds; each checkpoint's
@@ -273,7 +276,8 @@ def table(curves: Dict[str, Curve], args: argparse.Namespace, load: str) -> str:
     reach = (longer or b).time_to(c.final)
     head = (f"{args.steps} batches of {BATCH} in total ({args.steps // WORKERS} per worker in b, c); DiLoCo H="
             f"{args.inner_steps}, outer lr {args.outer_lr:g}, momentum {args.momentum:g} (Nesterov), overlap "
-            f"{args.overlap}, gather {args.gather_seconds:g}s, aggregator {args.aggregator}, result_tolerance "
+            f"{args.overlap}, gather {args.gather_seconds:g}s, aggregator {args.aggregator} (clip "
+            f"{args.clip_multiplier:g}), result_tolerance "
             f"{args.result_tolerance:g}, "
             f"{args.mbit:g} Mbit/s links; held-out: {args.windows} fixed windows of files no worker trains on; "
             + (f"(b) kept training to {args.diloco_steps} batches in all (row b+; (b) is its curve up to the "
@@ -368,6 +372,7 @@ def main() -> int:
     parser.add_argument("--overlap", choices=["true", "false"], default="true", help="manifest averaging.overlap")
     parser.add_argument("--gather-seconds", type=float, default=10.0, help="manifest averaging.gather_seconds")
     parser.add_argument("--aggregator", choices=["mean", "centered_clip"], default="mean", help="manifest averaging")
+    parser.add_argument("--clip-multiplier", type=float, default=1.0, help="manifest averaging.clip_multiplier")
     parser.add_argument("--result-tolerance", type=float, default=1000.0, help="manifest averaging.result_tolerance")
     parser.add_argument("--diloco-steps", type=int, default=0,
                         help="(b) keeps training to this many batches (> --steps): when does it reach (c)'s loss")
@@ -393,7 +398,8 @@ def main() -> int:
             manifest = diloco_manifest(args.inner_steps, args.outer_lr, args.momentum)
             averaging = dataclasses.replace(manifest.averaging, overlap=args.overlap == "true",
                                             gather_seconds=args.gather_seconds, aggregator=args.aggregator,
-                                            result_tolerance=args.result_tolerance)  # fmt: skip
+                                            result_tolerance=args.result_tolerance,
+                                            clip_multiplier=args.clip_multiplier)  # fmt: skip
             manifest = dataclasses.replace(manifest, averaging=averaging)
             write_manifest(args.out / "manifest.yaml", manifest)
             print(f"writing to {args.out}; {corpus.describe()}", flush=True)
