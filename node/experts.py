@@ -61,24 +61,16 @@ class GroupedExperts(torch.autograd.Function):
     def backward(ctx: Any, grad_y: torch.Tensor) -> Tuple[Any, ...]:
         x, pre, hidden, *params = ctx.saved_tensors
         grad_y = grad_y.contiguous()
-        grads: List[torch.Tensor] = []
+        grads: List[Any] = [None] * len(params)  # in the order of params
         grad_hidden = torch.empty_like(pre)
         for e, (start, end) in enumerate(ctx.ranges):
-            down_w = params[PARAMS_PER_EXPERT * e + 2]
-            g = grad_y[start:end]
-            torch.mm(g, down_w, out=grad_hidden[start:end])
-            grads.append(g.t() @ hidden[start:end])  # down.weight
-            grads.append(g.sum(0))  # down.bias
+            first, g = PARAMS_PER_EXPERT * e, grad_y[start:end]
+            torch.mm(g, params[first + 2], out=grad_hidden[start:end])
+            grads[first + 2], grads[first + 3] = g.t() @ hidden[start:end], g.sum(0)  # down.weight, down.bias
         grad_pre = torch.ops.aten.gelu_backward(grad_hidden, pre)
         grad_x = torch.empty_like(x)
-        up_grads: List[torch.Tensor] = []
         for e, (start, end) in enumerate(ctx.ranges):
-            up_w = params[PARAMS_PER_EXPERT * e]
-            g = grad_pre[start:end]
-            torch.mm(g, up_w, out=grad_x[start:end])
-            up_grads.append(g.t() @ x[start:end])  # up.weight
-            up_grads.append(g.sum(0))  # up.bias
-        ordered: List[torch.Tensor] = []
-        for e in range(len(ctx.ranges)):
-            ordered += [up_grads[2 * e], up_grads[2 * e + 1], grads[2 * e], grads[2 * e + 1]]
-        return (grad_x, None, *ordered)
+            first, g = PARAMS_PER_EXPERT * e, grad_pre[start:end]
+            torch.mm(g, params[first], out=grad_x[start:end])
+            grads[first], grads[first + 1] = g.t() @ x[start:end], g.sum(0)  # up.weight, up.bias
+        return (grad_x, None, *grads)
