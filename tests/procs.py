@@ -181,12 +181,15 @@ class NodeProcess:
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
-        """SIGKILL the whole process group (a crash, power loss)."""
+        """SIGKILL the whole process group (a crash, power loss); returns once every member has exited."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait(10)
+        deadline = time.monotonic() + 5  # the signal reaches the other members asynchronously
+        while self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def leftovers(self) -> List[int]:
         """Live processes (zombies excluded) still in this process's group."""
