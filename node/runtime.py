@@ -438,7 +438,7 @@ class Node:
 
     def _evaluate(self) -> Optional[float]:
         """Score the held-out split now (None without one); the gauge and status() keep the latest score."""
-        started = time.monotonic()
+        started = self.eval_cadence.clock()
         try:
             self.last_eval_loss = self.trainer.evaluate()
         except DataError as e:  # the held-out text went away too: report it, keep the round

@@ -75,18 +75,18 @@ class EvalCadence:
 
     def __init__(self, share: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.share = share
-        self._clock = clock
+        self.clock = clock
         self._last_end: Optional[float] = None
         self._last_seconds = 0.0
 
     def due(self) -> bool:
         if self._last_end is None or self.share >= 1:
             return True
-        return (self._clock() - self._last_end) * self.share >= self._last_seconds
+        return (self.clock() - self._last_end) * self.share >= self._last_seconds
 
     def scored(self, started: float) -> None:
-        """A scoring that began at ``started`` (this cadence's clock) just ended."""
-        self._last_end = self._clock()
+        """A scoring that began at ``started`` (read from ``clock``) just ended."""
+        self._last_end = self.clock()
         self._last_seconds = self._last_end - started
 
 

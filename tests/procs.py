@@ -187,23 +187,22 @@ class NodeProcess:
         except ProcessLookupError:
             pass
         self.proc.wait(10)
-        deadline = time.monotonic() + 5  # the signal reaches the other members asynchronously
-        while self.leftovers() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self.leftovers(wait=5.0)  # the signal reaches the other members asynchronously
 
-    def leftovers(self) -> List[int]:
-        """Live processes (zombies excluded) still in this process's group."""
-        return in_process_group(self.proc.pid)
+    def leftovers(self, wait: float = 0.0) -> List[int]:
+        """Live processes (zombies excluded) still in this process's group, after up to ``wait`` s for it to empty."""
+        deadline = time.monotonic() + wait
+        leaked = in_process_group(self.proc.pid)
+        while leaked and time.monotonic() < deadline:
+            time.sleep(0.05)
+            leaked = in_process_group(self.proc.pid)
+        return leaked
 
     def cleanup(self) -> List[int]:
         """Stop everything this process started; return what had leaked before we killed it."""
         if self.proc.poll() is None:
             self.kill()
-        deadline = time.monotonic() + 5
-        leaked = self.leftovers()
-        while leaked and time.monotonic() < deadline:
-            time.sleep(0.2)
-            leaked = self.leftovers()
+        leaked = self.leftovers(wait=5.0)
         if leaked:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
