@@ -4,7 +4,7 @@ Usage (root, from the repository root; about 30 minutes on 2 cores):
     python -m tests.bench.convergence [--steps 2400] [--inner-steps 5] [--outer-lr 1.0] [--momentum 0]
                                       [--overlap true|false] [--gather-seconds 10] [--aggregator mean|centered_clip]
                                       [--clip-multiplier 3]
-                                      [--result-tolerance 3] [--mbit 20] [--wan-steps 12] [--diloco-steps 3600]
+                                      [--result-tolerance 3] [--mbit 20] [--wan-steps 12] [--diloco-steps 1.5 x steps]
                                       [--diloco-only]
                                       [--out bench-results/convergence]
 
@@ -376,8 +376,8 @@ def main() -> int:
                         help="manifest averaging.aggregator")
     parser.add_argument("--clip-multiplier", type=float, default=3.0, help="manifest averaging.clip_multiplier")
     parser.add_argument("--result-tolerance", type=float, default=3.0, help="manifest averaging.result_tolerance")
-    parser.add_argument("--diloco-steps", type=int, default=3600,
-                        help="(b) keeps training to this many batches (> --steps): when does it reach (c)'s loss")
+    parser.add_argument("--diloco-steps", type=int, default=None,
+                        help="(b) keeps training to this many batches (default 1.5 x --steps; --steps: stop there)")
     parser.add_argument("--diloco-only", action="store_true", help="run and score (b) only (for tuning)")
     parser.add_argument("--mbit", type=float, default=20.0)
     parser.add_argument("--wan-steps", type=int, default=12, help="DDP steps measured over the limited links")
@@ -387,7 +387,7 @@ def main() -> int:
     parser.add_argument("--keep-checkpoints", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench-results/convergence"))
     args = parser.parse_args()
-    args.diloco_steps = max(args.diloco_steps or args.steps, args.steps)
+    args.diloco_steps = max(args.steps * 3 // 2 if args.diloco_steps is None else args.diloco_steps, args.steps)
     torch.set_num_threads(1)
     load = f"{os.getloadavg()[0]:.2f} before"
     try:
