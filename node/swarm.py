@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import ctypes
 import logging
 import os
 import signal
 import threading
+import time
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import hivemind  # node/__init__.py has chosen hivemind's memory sharing strategy already
@@ -27,6 +27,12 @@ from node.procs import children_of
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 Handler = Callable[[str, bytes], Awaitable[bytes]]
+
+# A served stream waits this long for the next request, then closes; a caller reuses an idle
+# stream only well within that, so it never writes into a stream the other side is closing.
+STREAM_IDLE_SECONDS = 60.0
+STREAM_REUSE_SECONDS = 20.0
+STREAMS_PER_PEER = 8  # idle streams kept per (peer, handler)
 
 # A frame larger than this from a peer is refused before it is read: the largest
 # legitimate message is one slice of the largest module, far below this.
@@ -117,6 +123,7 @@ class Swarm:
         self._dht = dht
         self._loop = loop
         self._p2p = p2p
+        self._streams = StreamPool()
         self.peer_id: str = str(p2p.peer_id)
         self._closed = False
 
@@ -194,40 +201,54 @@ class Swarm:
 
     # --- request/response over p2p streams -----------------------------------------
     async def add_handler(self, name: str, handler: Handler) -> None:
-        """Serve ``name``: each stream carries one framed request and one framed response."""
+        """Serve ``name``: a stream carries framed requests, each answered by one framed response, in turn,
+        until the caller closes it or leaves it idle for ``STREAM_IDLE_SECONDS``."""
 
         async def _serve(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             peer = str(info.peer_id)
             try:
-                try:
-                    request = await _read_frame(reader)
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return  # the caller went away mid-frame
-                except ValueError as e:  # a frame we will not read: say so; the caller sees a closed stream
-                    logger.info("refused a %s request from %s: %s", name, peer[-8:], e)
-                    return
-                try:
-                    response = await handler(peer, request)
-                except Exception:  # a bug in our handler, whatever it raised: say so
-                    logger.exception("handler %s failed on a request from %s", name, peer[-8:])
-                    return
-                with contextlib.suppress(ConnectionError):  # the caller gave up waiting: it times out or retries
-                    await _write_frame(writer, response)
+                while True:
+                    try:
+                        request = await _read_frame(reader, idle_timeout=STREAM_IDLE_SECONDS)
+                    except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+                        return  # the caller closed the stream, went away mid-frame, or left it idle
+                    except ValueError as e:  # a frame we will not read: say so; the caller sees a closed stream
+                        logger.info("refused a %s request from %s: %s", name, peer[-8:], e)
+                        return
+                    try:
+                        response = await handler(peer, request)
+                    except Exception:  # a bug in our handler, whatever it raised: say so
+                        logger.exception("handler %s failed on a request from %s", name, peer[-8:])
+                        return
+                    try:
+                        await _write_frame(writer, response)
+                    except ConnectionError:  # the caller gave up waiting: it times out or retries
+                        return
             finally:
                 writer.close()
 
         await self._p2p.add_binary_stream_handler(name, _serve)
 
     async def call(self, peer_id: str, name: str, request: bytes, timeout: float) -> bytes:
-        """Send one request to ``peer_id`` and return its response; TimeoutError/ConnectionError on failure."""
+        """Send one request to ``peer_id`` and return its response; TimeoutError/ConnectionError on failure.
+
+        A stream whose exchange completed goes back to a small pool and carries a later request to the
+        same peer and handler: opening a stream costs both daemons and both peers more than a small message.
+        """
 
         async def _call() -> bytes:
-            _, reader, writer = await self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), name)
+            stream = self._streams.take(peer_id, name)
+            if stream is None:
+                _, reader, writer = await self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), name)
+                stream = _Stream(reader, writer)
             try:
-                await _write_frame(writer, request)
-                return await _read_frame(reader)
-            finally:
-                writer.close()
+                await _write_frame(stream.writer, request)
+                response = await _read_frame(stream.reader)
+            except BaseException:
+                stream.close()  # half-written or half-read: never reused
+                raise
+            self._streams.give_back(peer_id, name, stream)
+            return response
 
         try:
             return await asyncio.wait_for(_call(), timeout)
@@ -242,6 +263,9 @@ class Swarm:
                 f"cannot reach peer {peer_id[-8:]}: {str(e).splitlines()[0] if str(e) else e!r}"
             ) from None
 
+    async def _close_streams(self) -> None:
+        self._streams.close_all()
+
     # --- lifecycle -------------------------------------------------------------------
     def close(self) -> None:
         """Leave the swarm: stop our loop, the DHT process and its p2pd. Idempotent."""
@@ -249,6 +273,7 @@ class Swarm:
             return
         self._closed = True
         try:
+            self._loop.run(self._close_streams(), timeout=5)
             self._loop.run(self._p2p.shutdown(), timeout=5)
         except Exception:
             pass
@@ -271,6 +296,65 @@ def dht_kill(dht: hivemind.DHT, graceful: bool = True) -> None:
         dht.join(5)
 
 
+class _Stream:
+    """One open p2p stream of ours, as a reader/writer pair, and when it last finished an exchange."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.idle_since = time.monotonic()
+
+    def usable(self, at: float) -> bool:
+        """Not closed by the other side and not idle long enough for it to be closing it now."""
+        return at - self.idle_since < STREAM_REUSE_SECONDS and not self.reader.at_eof() and not self.writer.is_closing()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class StreamPool:
+    """Idle streams of ours, per (peer, handler), for the next request there. Loop thread only."""
+
+    def __init__(self, per_key: int = STREAMS_PER_PEER) -> None:
+        self.per_key = per_key
+        self._idle: Dict[Tuple[str, str], List[_Stream]] = {}
+
+    def take(self, peer: str, name: str) -> Optional[_Stream]:
+        self.sweep()
+        streams = self._idle.get((peer, name))
+        return streams.pop() if streams else None
+
+    def give_back(self, peer: str, name: str, stream: _Stream) -> None:
+        stream.idle_since = time.monotonic()
+        streams = self._idle.setdefault((peer, name), [])
+        if len(streams) < self.per_key:
+            streams.append(stream)
+        else:
+            stream.close()
+
+    def sweep(self) -> None:
+        """Close what the other side closed or what sat idle too long."""
+        at = time.monotonic()
+        for key, streams in list(self._idle.items()):
+            keep = [s for s in streams if s.usable(at)]
+            for stream in streams:
+                if stream not in keep:
+                    stream.close()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+
+    def __len__(self) -> int:
+        return sum(len(streams) for streams in self._idle.values())
+
+    def close_all(self) -> None:
+        for streams in self._idle.values():
+            for stream in streams:
+                stream.close()
+        self._idle.clear()
+
+
 async def _write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
     writer.write(len(data).to_bytes(8, "big"))
     view = memoryview(data)
@@ -280,8 +364,10 @@ async def _write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
     await writer.drain()
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> bytes:
-    size = int.from_bytes(await reader.readexactly(8), "big")
+async def _read_frame(reader: asyncio.StreamReader, idle_timeout: Optional[float] = None) -> bytes:
+    """One frame; with ``idle_timeout``, asyncio.TimeoutError when none begins within that many seconds."""
+    head = reader.readexactly(8)
+    size = int.from_bytes(await (asyncio.wait_for(head, idle_timeout) if idle_timeout else head), "big")
     if size > MAX_FRAME_BYTES:
         raise ValueError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES} limit")
     return await reader.readexactly(size)
