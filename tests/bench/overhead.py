@@ -13,21 +13,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 from tests.procs import REPO, NodeProcess, child_env
 
 WARMUP_STEPS = 20
 
 
-def plain_loop(steps: int, device: str) -> Dict[str, float]:
-    """The reference: the node's model, optimizer settings and data reader, in a bare loop."""
+def plain_loop(steps: int, device: str, stream: bool = False) -> Dict[str, float]:
+    """The reference: the node's model, optimizer settings and data reader, in a bare loop.
+
+    With ``stream``, runs until stopped and prints the wall time (time.time()) at the end of every step.
+    """
     import torch
 
     from node.data import TextData
@@ -41,7 +46,8 @@ def plain_loop(steps: int, device: str) -> Dict[str, float]:
                                   weight_decay=spec.weight_decay)  # fmt: skip
     batches = TextData(None, manifest.model.seq_len, seed=1).train_batches(manifest.training.batch_size)
     started = 0.0
-    for step in range(WARMUP_STEPS + steps):
+    step = 0
+    while stream or step < WARMUP_STEPS + steps:
         if step == WARMUP_STEPS:
             started = time.perf_counter()
         loss = model.loss(next(batches).to(device))
@@ -50,6 +56,9 @@ def plain_loop(steps: int, device: str) -> Dict[str, float]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
+        step += 1
+        if stream:
+            print(f"{time.time():.6f}", flush=True)
     seconds = time.perf_counter() - started
     return {"steps": steps, "seconds": seconds, "steps_per_second": steps / seconds}
 
@@ -62,10 +71,11 @@ def run_plain(steps: int, args: argparse.Namespace) -> Dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_node(args: argparse.Namespace, workdir: Path, experts: int) -> Dict[str, Any]:
+def run_node(args: argparse.Namespace, workdir: Path, experts: int, prefix: Sequence[str] = ()) -> Dict[str, Any]:
     argv = ["start", "--log-format", "json", "--experts", str(experts), "--device", args.device,
             "--max-rounds", str(args.rounds + 2)]  # fmt: skip
-    node = NodeProcess([sys.executable, "-m", "node", *argv], workdir, "overhead-node", env=child_env(**threads(args)))
+    argv = [*prefix, sys.executable, "-m", "node", *argv]
+    node = NodeProcess(argv, workdir, "overhead-node", env=child_env(**threads(args)))
     try:
         node.wait_ready(180)
         node.proc.wait(timeout=900)
@@ -77,7 +87,29 @@ def run_node(args: argparse.Namespace, workdir: Path, experts: int) -> Dict[str,
     steps = last["steps_total"] - first["steps_total"]
     inside = last["step_seconds_total"] - first["step_seconds_total"]
     return {"steps": steps, "seconds": wall, "steps_per_second": steps / wall, "compute_share": inside / wall,
-            "in_step_per_second": steps / inside}  # fmt: skip
+            "in_step_per_second": steps / inside, "window": (first["timestamp"], last["timestamp"])}  # fmt: skip
+
+
+def run_side_by_side(args: argparse.Namespace, workdir: Path, experts: int, cpus: List[str]) -> Dict[str, Any]:
+    """The node and a streaming plain loop at the same time: both see the same machine at the same moment.
+
+    ``cpus`` (plain's, node's): each pinned, with everything it starts, to its own core ([] = not pinned).
+    The plain loop's rate is taken over exactly the node's measured window (first to last full round).
+    """
+    argv = [sys.executable, "-m", "tests.bench.overhead", "--plain", "1", "--stream", "--device", args.device]
+    pin = (lambda cpu: ["taskset", "-c", cpu]) if cpus else (lambda cpu: [])
+    plain = subprocess.Popen(pin(cpus[0] if cpus else "") + argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True, cwd=REPO, env=child_env(**threads(args)), start_new_session=True)  # fmt: skip
+    try:
+        node = run_node(args, workdir, experts, pin(cpus[1] if cpus else ""))
+    finally:
+        plain.terminate()
+        out, _ = plain.communicate(timeout=60)
+    stamps = [float(line) for line in out.split()]
+    inside = [t for t in stamps if node["window"][0] <= t <= node["window"][1]]
+    seconds = node["window"][1] - node["window"][0]
+    return {"plain": {"steps": len(inside), "seconds": seconds, "steps_per_second": len(inside) / seconds},
+            "node": node}  # fmt: skip
 
 
 def threads(args: argparse.Namespace) -> Dict[str, str]:
@@ -91,10 +123,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "overhead")
+    parser.add_argument("--sequential", action="store_true",
+                        help="alternate plain loop and node instead of running them side by side")  # fmt: skip
+    parser.add_argument("--no-pin", action="store_true",
+                        help="side by side, do not pin the two to their own cores (swapped every pair)")  # fmt: skip
+    parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--plain", type=int, default=0, help=argparse.SUPPRESS)  # child mode: run the loop
     args = parser.parse_args()
     if args.plain:
-        print(json.dumps(plain_loop(args.plain, args.device)))
+        print(json.dumps(plain_loop(args.plain, args.device, args.stream)))
         return
     from protocol.manifest import load_manifest
 
@@ -102,25 +139,41 @@ def main() -> None:
     experts = manifest.model.n_layers * manifest.model.n_experts
     steps = args.rounds * manifest.training.inner_steps
     rows: List[Dict[str, Any]] = []
+    available = sorted(os.sched_getaffinity(0))
+    pinned = not args.sequential and not args.no_pin and len(available) >= 2 and shutil.which("taskset") is not None
     with tempfile.TemporaryDirectory() as tmp:
         for pair in range(args.pairs):
-            plain = run_plain(steps, args)
-            node = run_node(args, Path(tmp) / f"node{pair}", experts)
-            rows.append({"pair": pair, "plain": plain, "node": node})
+            if args.sequential:
+                plain = run_plain(steps, args)
+                node = run_node(args, Path(tmp) / f"node{pair}", experts)
+            else:
+                cpus = [str(available[pair % 2]), str(available[(pair + 1) % 2])] if pinned else []
+                both = run_side_by_side(args, Path(tmp) / f"node{pair}", experts, cpus)
+                plain, node = both["plain"], both["node"]
+            rows.append({"pair": pair, "plain": plain, "node": node, "cpus": cpus if not args.sequential else []})
             print(f"  pair {pair}: plain {plain['steps_per_second']:.2f} steps/s, node "
                   f"{node['steps_per_second']:.2f} steps/s", file=sys.stderr)  # fmt: skip
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    how = ("alternated" if args.sequential else "side by side, each pinned to its own core, cores swapped every pair"
+           if pinned else "side by side")  # fmt: skip
     lines = [f"Node overhead: default manifest, all {experts} experts hosted, {args.threads} thread(s), "
-             f"device {args.device}; commit {commit.stdout.strip()}, {time.strftime('%Y-%m-%d')}", "",
-             "| pair | plain loop steps/s | node steps/s (wall) | node / plain | node time inside steps | "
-             "node steps/s inside steps |", "|---|---|---|---|---|---|"]  # fmt: skip
+             f"device {args.device}, {how}; commit {commit.stdout.strip()}, {time.strftime('%Y-%m-%d')}", "",
+             "| pair | cores (plain, node) | plain loop steps/s | node steps/s (wall) | node / plain | "
+             "node time inside steps | node steps/s inside steps |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         p, n = r["plain"], r["node"]
-        lines.append(f"| {r['pair']} | {p['steps_per_second']:.2f} | {n['steps_per_second']:.2f} | "
+        cores = ", ".join(r["cpus"]) or "-"
+        lines.append(f"| {r['pair']} | {cores} | {p['steps_per_second']:.2f} | {n['steps_per_second']:.2f} | "
                      f"{n['steps_per_second'] / p['steps_per_second']:.3f} | {n['compute_share']:.1%} | "
                      f"{n['in_step_per_second']:.2f} |")  # fmt: skip
     ratio = statistics.median(r["node"]["steps_per_second"] / r["plain"]["steps_per_second"] for r in rows)
     lines += ["", f"Median node / plain: **{ratio:.3f}** (target ≥ 0.97)"]
+    ratios = [r["node"]["steps_per_second"] / r["plain"]["steps_per_second"] for r in rows]
+    if pinned and len(rows) >= 2:  # a core faster than the other favours whoever runs on it: average both ways
+        by_core = [statistics.mean(ratios[k::2]) for k in (0, 1)]
+        lines.append(f"Mean node / plain with the node on core {available[1]}: {by_core[0]:.3f}; on core "
+                     f"{available[0]}: {by_core[1]:.3f}; geometric mean of the two: "
+                     f"**{(by_core[0] * by_core[1]) ** 0.5:.3f}**")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
