@@ -1,12 +1,17 @@
 """Benchmark: a node's training throughput against a plain PyTorch loop on the same model and data.
 
-Usage: python -m tests.bench.overhead [--pairs 2] [--rounds 6] [--threads 1] [--device cpu] [--out DIR]
-Alternates, in one run, a plain loop (model, AdamW, gradient clipping, batches from the same text
+Usage: python -m tests.bench.overhead [--pairs 6] [--rounds 6] [--threads 1] [--device cpu] [--out DIR]
+       [--sequential | --no-pin]
+Runs, at the same time, a plain loop (model, AdamW, gradient clipping, batches from the same text
 reader; nothing else) and a real ``python -m node start`` alone, hosting every expert, on the default
-manifest and corpus; each in its own process with ``--threads`` BLAS threads. The node's steps/s is
-measured over wall time between the end of its first round and the end of its last full round, so
-evaluation after each round, the rounds themselves, metrics and logging all count against it.
-Writes results.md into ``--out`` and prints the table. Nothing passes or fails on a number.
+manifest and corpus; each in its own process with ``--threads`` BLAS threads, so both see the same
+machine at the same moment (run one after the other, the plain loop alone drifted 5-10% between
+runs). Each is pinned with everything it starts to its own core, and the cores are swapped every pair:
+the summary's geometric mean cancels one core being faster than the other. The node pays for its DHT
+process and p2pd on its own core. The node's steps/s is measured over wall time between the end of
+its first round and the end of its last full round, so evaluation, the rounds themselves, metrics and
+logging all count against it; the plain loop's over exactly that window. ``--sequential`` alternates
+them instead. Writes results.md into ``--out`` and prints the table. Nothing passes or fails on a number.
 """
 
 from __future__ import annotations
@@ -118,7 +123,7 @@ def threads(args: argparse.Namespace) -> Dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pairs", type=int, default=2, help="plain/node pairs, alternated")
+    parser.add_argument("--pairs", type=int, default=6, help="plain/node pairs (cores swapped every pair)")
     parser.add_argument("--rounds", type=int, default=6, help="node rounds measured (50 steps each by default)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
