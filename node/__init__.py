@@ -10,6 +10,7 @@ Map of this package (imports point down the list):
 - diloco      per-module global copy and outer Nesterov step
 - placement   which experts to host, from DHT replica counts
 - procs       finding processes by parent or group (/proc)
+- allocator   glibc malloc settings of `node start`: a step's freed memory is kept for the next
 - swarm       the only hivemind adapter: DHT, p2p streams, event loop thread
 - handshake   hello exchange; refuses other manifests / protocol versions
 - membership  announces this node and reads peer records

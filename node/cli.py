@@ -129,10 +129,14 @@ def _start(args: argparse.Namespace, make_node: Optional[Callable[[NodeConfig], 
     flags = {dest: getattr(args, dest) for _, dest, *_ in _START_OPTIONS}
     config = build_config(flags, config_path=args.config)  # before the heavy imports: config errors come fast
 
+    from node.allocator import keep_freed_memory
+
+    kept = keep_freed_memory()  # before torch allocates anything
     from node.logs import setup_logging
     from node.runtime import Node
 
     setup_logging(config.log_format, config.log_level)
+    logger.debug("glibc malloc keeps freed tensor memory for the next step: %s", kept)
     logger.info("effective config: %s", json.dumps(config.as_log_dict()))
     node = (make_node or Node)(config)
     _install_stop_handlers(node)

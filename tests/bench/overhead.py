@@ -33,11 +33,16 @@ from tests.procs import REPO, NodeProcess, child_env
 WARMUP_STEPS = 20
 
 
-def plain_loop(steps: int, device: str, stream: bool = False) -> Dict[str, float]:
+def plain_loop(steps: int, device: str, stream: bool = False, keep_memory: bool = False) -> Dict[str, float]:
     """The reference: the node's model, optimizer settings and data reader, in a bare loop.
 
     With ``stream``, runs until stopped and prints the wall time (time.time()) at the end of every step.
+    With ``keep_memory``, first applies the glibc malloc settings `node start` applies (node/allocator.py).
     """
+    if keep_memory:
+        from node.allocator import keep_freed_memory
+
+        keep_freed_memory()
     import torch
 
     from node.data import TextData
@@ -69,7 +74,8 @@ def plain_loop(steps: int, device: str, stream: bool = False) -> Dict[str, float
 
 
 def run_plain(steps: int, args: argparse.Namespace) -> Dict[str, float]:
-    argv = [sys.executable, "-m", "tests.bench.overhead", "--plain", str(steps), "--device", args.device]
+    argv = [sys.executable, "-m", "tests.bench.overhead", "--plain", str(steps), "--device", args.device,
+            "--plain-allocator", args.plain_allocator]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=child_env(**threads(args)), timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"plain loop failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -102,6 +108,7 @@ def run_side_by_side(args: argparse.Namespace, workdir: Path, experts: int, cpus
     The plain loop's rate is taken over exactly the node's measured window (first to last full round).
     """
     argv = [sys.executable, "-m", "tests.bench.overhead", "--plain", "1", "--stream", "--device", args.device]
+    argv += ["--plain-allocator", args.plain_allocator]
     pin = (lambda cpu: ["taskset", "-c", cpu]) if cpus else (lambda cpu: [])
     plain = subprocess.Popen(pin(cpus[0] if cpus else "") + argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              text=True, cwd=REPO, env=child_env(**threads(args)), start_new_session=True)  # fmt: skip
@@ -132,11 +139,13 @@ def main() -> None:
                         help="alternate plain loop and node instead of running them side by side")  # fmt: skip
     parser.add_argument("--no-pin", action="store_true",
                         help="side by side, do not pin the two to their own cores (swapped every pair)")  # fmt: skip
+    parser.add_argument("--plain-allocator", choices=("default", "keep"), default="default",
+                        help="keep: the plain loop gets the node's glibc malloc settings too")  # fmt: skip
     parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--plain", type=int, default=0, help=argparse.SUPPRESS)  # child mode: run the loop
     args = parser.parse_args()
     if args.plain:
-        print(json.dumps(plain_loop(args.plain, args.device, args.stream)))
+        print(json.dumps(plain_loop(args.plain, args.device, args.stream, args.plain_allocator == "keep")))
         return
     from protocol.manifest import load_manifest
 
@@ -162,7 +171,8 @@ def main() -> None:
     how = ("alternated" if args.sequential else "side by side, each pinned to its own core, cores swapped every pair"
            if pinned else "side by side")  # fmt: skip
     lines = [f"Node overhead: default manifest, all {experts} experts hosted, {args.threads} thread(s), "
-             f"device {args.device}, {how}; commit {commit.stdout.strip()}, {time.strftime('%Y-%m-%d')}", "",
+             f"device {args.device}, {how}; plain loop's malloc settings: {args.plain_allocator}; "
+             f"commit {commit.stdout.strip()}, {time.strftime('%Y-%m-%d')}", "",
              "| pair | cores (plain, node) | plain loop steps/s | node steps/s (wall) | node / plain | "
              "node time inside steps | node steps/s inside steps |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
