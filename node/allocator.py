@@ -2,7 +2,7 @@
 
 Every step allocates and frees the same activation and gradient buffers. With glibc's defaults, the
 larger ones go back to the kernel when freed (unmapped, or trimmed off the top of the heap) and come
-back as fresh pages on the next step: on the default manifest that was about 3,000 page faults per step
+back as fresh pages on the next step: on the default manifest that was about 2,400 page faults per step
 and 4–6% of the step's time in the kernel. Fixed thresholds keep those buffers in the heap instead.
 """
 
