@@ -336,9 +336,11 @@ class StreamPool:
         """Close what the other side closed or what sat idle too long."""
         at = time.monotonic()
         for key, streams in list(self._idle.items()):
-            keep = [s for s in streams if s.usable(at)]
+            keep = []
             for stream in streams:
-                if stream not in keep:
+                if stream.usable(at):
+                    keep.append(stream)
+                else:
                     stream.close()
             if keep:
                 self._idle[key] = keep

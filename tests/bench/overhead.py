@@ -109,11 +109,13 @@ def run_side_by_side(args: argparse.Namespace, workdir: Path, experts: int, cpus
     """
     argv = [sys.executable, "-m", "tests.bench.overhead", "--plain", "1", "--stream", "--device", args.device]
     argv += ["--plain-allocator", args.plain_allocator]
-    pin = (lambda cpu: ["taskset", "-c", cpu]) if cpus else (lambda cpu: [])
-    plain = subprocess.Popen(pin(cpus[0] if cpus else "") + argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True, cwd=REPO, env=child_env(**threads(args)), start_new_session=True)  # fmt: skip
+    def pin(index: int) -> List[str]:
+        return ["taskset", "-c", cpus[index]] if cpus else []
+
+    plain = subprocess.Popen(pin(0) + argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+                             env=child_env(**threads(args)), start_new_session=True)  # fmt: skip
     try:
-        node = run_node(args, workdir, experts, pin(cpus[1] if cpus else ""))
+        node = run_node(args, workdir, experts, pin(1))
     finally:
         plain.terminate()
         out, _ = plain.communicate(timeout=60)
@@ -157,14 +159,14 @@ def main() -> None:
     pinned = not args.sequential and not args.no_pin and len(available) >= 2 and shutil.which("taskset") is not None
     with tempfile.TemporaryDirectory() as tmp:
         for pair in range(args.pairs):
+            cpus = [str(available[pair % 2]), str(available[(pair + 1) % 2])] if pinned else []
             if args.sequential:
                 plain = run_plain(steps, args)
                 node = run_node(args, Path(tmp) / f"node{pair}", experts)
             else:
-                cpus = [str(available[pair % 2]), str(available[(pair + 1) % 2])] if pinned else []
                 both = run_side_by_side(args, Path(tmp) / f"node{pair}", experts, cpus)
                 plain, node = both["plain"], both["node"]
-            rows.append({"pair": pair, "plain": plain, "node": node, "cpus": cpus if not args.sequential else []})
+            rows.append({"pair": pair, "plain": plain, "node": node, "cpus": cpus})
             print(f"  pair {pair}: plain {plain['steps_per_second']:.2f} steps/s, node "
                   f"{node['steps_per_second']:.2f} steps/s", file=sys.stderr)  # fmt: skip
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
@@ -181,9 +183,8 @@ def main() -> None:
         lines.append(f"| {r['pair']} | {cores} | {p['steps_per_second']:.2f} | {n['steps_per_second']:.2f} | "
                      f"{n['steps_per_second'] / p['steps_per_second']:.3f} | {n['compute_share']:.1%} | "
                      f"{n['in_step_per_second']:.2f} |")  # fmt: skip
-    ratio = statistics.median(r["node"]["steps_per_second"] / r["plain"]["steps_per_second"] for r in rows)
-    lines += ["", f"Median node / plain: **{ratio:.3f}** (target ≥ 0.97)"]
     ratios = [r["node"]["steps_per_second"] / r["plain"]["steps_per_second"] for r in rows]
+    lines += ["", f"Median node / plain: **{statistics.median(ratios):.3f}** (target ≥ 0.97)"]
     if pinned and len(rows) >= 2:  # a core faster than the other favours whoever runs on it: average both ways
         by_core = [statistics.mean(ratios[k::2]) for k in (0, 1)]
         lines.append(f"Mean node / plain with the node on core {available[1]}: {by_core[0]:.3f}; on core "

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 
 import pytest
 
+import node.swarm as swarm_module
 from node.procs import children_of
 from node.swarm import Swarm
 
@@ -51,10 +53,6 @@ def test_a_handler_that_raises_is_logged_and_its_caller_sees_a_closed_stream(two
 
 def test_a_stream_carries_later_requests_and_is_dropped_once_the_server_closes_it(two_swarms, monkeypatch):
     """Requests to one peer reuse an idle stream; one the server closed (idle too long) is never written to."""
-    import asyncio
-
-    import node.swarm as swarm_module
-
     server, client = two_swarms
     served = []
 
