@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from node.averaging import AveragingStats
 from node.membership import SwarmView
-from node.procs import children_of
+from node.procs import descendants_of, read_stat
 from node.report import ModuleOutcome
 
 NAMESPACE = "commons"
@@ -138,8 +138,6 @@ class HelperProcessCollector(Collector):
 
     def __init__(self, root_pid: Optional[int] = None) -> None:
         self._root = root_pid or os.getpid()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self._ticks = os.sysconf("SC_CLK_TCK")
 
     def collect(self) -> Iterable[Metric]:
         rss = GaugeMetricFamily(
@@ -147,39 +145,18 @@ class HelperProcessCollector(Collector):
         )
         cpu = CounterMetricFamily(f"{NAMESPACE}_helper_cpu_seconds", "CPU time of helper processes", labels=["helper"])
         totals: Dict[str, list] = {}
-        for pid in self._descendants():
-            stat = _read_stat(pid)
+        for pid in descendants_of(self._root):
+            stat = read_stat(pid)
             if stat is None:
                 continue
-            name, utime, stime, rss_pages = stat
-            helper = "p2pd" if name == "p2pd" else "dht"
+            helper = "p2pd" if stat.name == "p2pd" else "dht"
             entry = totals.setdefault(helper, [0.0, 0.0])
-            entry[0] += rss_pages * self._page
-            entry[1] += (utime + stime) / self._ticks
+            entry[0] += stat.rss_bytes
+            entry[1] += stat.cpu_seconds
         for helper, (memory, seconds) in sorted(totals.items()):
             rss.add_metric([helper], memory)
             cpu.add_metric([helper], seconds)
         return [rss, cpu]
-
-    def _descendants(self) -> Iterable[int]:
-        stack, seen = [self._root], set()
-        while stack:
-            for child in children_of(stack.pop()):
-                if child not in seen:
-                    seen.add(child)
-                    stack.append(child)
-                    yield child
-
-
-def _read_stat(pid: int):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    name = text[text.index("(") + 1 : text.rindex(")")]
-    fields = text.rsplit(")", 1)[1].split()
-    return name, int(fields[11]), int(fields[12]), int(fields[21])  # utime, stime (ticks), rss (pages)
 
 
 class SwarmViewCollector(Collector):

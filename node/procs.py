@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator, List, Tuple
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    name: str
+    cpu_seconds: float  # user + system, since the process started
+    rss_bytes: int
 
 
 def _live_processes() -> Iterator[Tuple[int, int, int]]:
@@ -22,6 +33,32 @@ def _live_processes() -> Iterator[Tuple[int, int, int]]:
 
 def children_of(pid: int) -> List[int]:
     return [p for p, ppid, _ in _live_processes() if ppid == pid]
+
+
+def descendants_of(pid: int) -> List[int]:
+    """Children, their children and so on, found in one pass over /proc."""
+    kids: dict = {}
+    for p, ppid, _ in _live_processes():
+        kids.setdefault(ppid, []).append(p)
+    found, stack = [], [pid]
+    while stack:
+        for child in kids.get(stack.pop(), ()):
+            if child not in found:
+                found.append(child)
+                stack.append(child)
+    return found
+
+
+def read_stat(pid: int) -> Optional[ProcStat]:
+    """Name, CPU time and RSS of ``pid``; None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    name = text[text.index("(") + 1 : text.rindex(")")]
+    fields = text.rsplit(")", 1)[1].split()
+    return ProcStat(name, (int(fields[11]) + int(fields[12])) / _TICKS, int(fields[21]) * _PAGE)
 
 
 def in_process_group(pgid: int) -> List[int]:

@@ -1,0 +1,44 @@
+"""node/procs.py on real processes: a child that starts a grandchild, which burns CPU, then waits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from node.procs import ProcStat, descendants_of, read_stat
+
+BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(60)"
+CHILD = (
+    f"import subprocess, sys\np = subprocess.Popen([sys.executable, '-c', {BURN!r}])\n"
+    "print(p.pid, flush=True)\np.wait()"
+)
+
+
+def _stat(pid: int) -> ProcStat:
+    stat = read_stat(pid)
+    assert stat is not None, f"{pid} has exited"
+    return stat
+
+
+def test_descendants_and_their_cpu_time() -> None:
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    grandchild = int(child.stdout.readline())
+    try:
+        deadline = time.monotonic() + 30
+        while _stat(grandchild).cpu_seconds < 0.25 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert descendants_of(child.pid) == [grandchild]
+        mine = descendants_of(os.getpid())
+        assert child.pid in mine and grandchild in mine and mine.index(child.pid) < mine.index(grandchild)
+        burner, parent = _stat(grandchild), _stat(child.pid)
+        assert burner.name.startswith("python")
+        assert 0.25 <= burner.cpu_seconds < 5 and parent.cpu_seconds < burner.cpu_seconds
+        assert burner.rss_bytes > 1 << 20
+    finally:
+        os.kill(grandchild, 9)
+        child.wait(10)
+    assert read_stat(grandchild) is None  # reaped by the child, which has exited
+    assert not {child.pid, grandchild} & set(descendants_of(os.getpid()))
