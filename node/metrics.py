@@ -10,7 +10,7 @@ names only in the swarm view (bounded by the manifest).
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from node.averaging import AveragingStats
 from node.membership import SwarmView
-from node.procs import descendants_of, read_stat
+from node.procs import helper_totals
 from node.report import ModuleOutcome
 
 NAMESPACE = "commons"
@@ -144,18 +144,9 @@ class HelperProcessCollector(Collector):
             f"{NAMESPACE}_helper_resident_memory_bytes", "RSS of helper processes", labels=["helper"]
         )
         cpu = CounterMetricFamily(f"{NAMESPACE}_helper_cpu_seconds", "CPU time of helper processes", labels=["helper"])
-        totals: Dict[str, list] = {}
-        for pid in descendants_of(self._root):
-            stat = read_stat(pid)
-            if stat is None:
-                continue
-            helper = "p2pd" if stat.name == "p2pd" else "dht"
-            entry = totals.setdefault(helper, [0.0, 0.0])
-            entry[0] += stat.rss_bytes
-            entry[1] += stat.cpu_seconds
-        for helper, (memory, seconds) in sorted(totals.items()):
-            rss.add_metric([helper], memory)
-            cpu.add_metric([helper], seconds)
+        for helper, stat in sorted(helper_totals(self._root).items()):
+            rss.add_metric([helper], stat.rss_bytes)
+            cpu.add_metric([helper], stat.cpu_seconds)
         return [rss, cpu]
 
 

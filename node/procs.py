@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -59,6 +59,20 @@ def read_stat(pid: int) -> Optional[ProcStat]:
     name = text[text.index("(") + 1 : text.rindex(")")]
     fields = text.rsplit(")", 1)[1].split()
     return ProcStat(name, (int(fields[11]) + int(fields[12])) / _TICKS, int(fields[21]) * _PAGE)
+
+
+def helper_totals(root_pid: int) -> Dict[str, ProcStat]:
+    """CPU time and RSS of the processes under ``root_pid``, summed per helper: "p2pd" (hivemind's
+    daemon) and "dht" (the rest: hivemind's DHT process). A helper with no process is left out."""
+    totals: Dict[str, ProcStat] = {}
+    for pid in descendants_of(root_pid):
+        stat = read_stat(pid)
+        if stat is None:
+            continue
+        helper = "p2pd" if stat.name == "p2pd" else "dht"
+        seen = totals.get(helper, ProcStat(helper, 0.0, 0))
+        totals[helper] = ProcStat(helper, seen.cpu_seconds + stat.cpu_seconds, seen.rss_bytes + stat.rss_bytes)
+    return totals
 
 
 def in_process_group(pgid: int) -> List[int]:

@@ -87,6 +87,11 @@ def test_prometheus_scrapes_two_nodes_and_sees_training_progress(tmp_path, prome
         assert all(later.get(t, 0) > first[t] for t in targets), (first, later)
         up = query(base, 'up{job="commons"}')
         assert up == {t: 1.0 for t in targets}
+        for helper in ("p2pd", "dht"):  # each node's own helper processes, found under it in /proc
+            cpu = query(base, f'commons_helper_cpu_seconds_total{{helper="{helper}"}}')
+            rss = query(base, f'commons_helper_resident_memory_bytes{{helper="{helper}"}}')
+            assert set(cpu) == set(rss) == set(targets), (helper, cpu, rss)
+            assert all(0 < seconds < 600 for seconds in cpu.values()) and all(rss[t] > 4 << 20 for t in targets)
         for node in nodes:
             assert node.terminate() == 0
     finally:

@@ -39,6 +39,7 @@ import torch
 from node.averaging import Averager, _Round
 from node.diloco import ModuleState
 from node.matchmaking import Matchmaker
+from node.procs import helper_totals
 from node.rounds import leave_unstepped, majority_check
 from node.slices import owner_of
 from node.swarm import Swarm
@@ -124,6 +125,12 @@ class Attacker(Averager):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def cpu_seconds() -> dict:
+    """CPU time so far of this process ("peer") and its descendants: hivemind's DHT process and p2pd."""
+    helpers = helper_totals(os.getpid())
+    return {"peer": time.process_time(), **{name: stat.cpu_seconds for name, stat in helpers.items()}}
+
+
 class Peer:
     def __init__(self, args: argparse.Namespace) -> None:
         self.spec = dataclasses.replace(
@@ -166,7 +173,9 @@ class Peer:
     def average(self, command: dict) -> dict:
         self.averager.attack = command.get("attack", self.default_attack)
         vector = make_vector(command["round"], command["seed"], command["numel"])
+        cpu_before = cpu_seconds()
         group, result = self._round(command["round"], vector, command["expected"])
+        cpu = {name: seconds - cpu_before.get(name, 0.0) for name, seconds in cpu_seconds().items()}
         if self.out is not None:
             np.save(self.out / f"result_{command['round']}.npy", result.vector)
         return {
@@ -180,6 +189,7 @@ class Peer:
             "contributors": list(result.contributors),
             "dropped": list(result.dropped),
             "rejected": dict(self.averager.stats.parts_rejected),
+            "cpu": cpu,  # seconds over matchmaking and the all-reduce, by process: peer, dht, p2pd
         }
 
     def resync(self, command: dict) -> dict:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from node.procs import ProcStat, descendants_of, read_stat
+from node.procs import ProcStat, descendants_of, helper_totals, read_stat
 
 BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(60)"
 CHILD = (
@@ -42,3 +42,18 @@ def test_descendants_and_their_cpu_time() -> None:
         child.wait(10)
     assert read_stat(grandchild) is None  # reaped by the child, which has exited
     assert not {child.pid, grandchild} & set(descendants_of(os.getpid()))
+
+
+def test_helper_totals_sum_per_helper() -> None:
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    grandchild = int(child.stdout.readline())
+    try:
+        totals = helper_totals(child.pid)  # neither is named p2pd: both count as "dht"
+        assert set(totals) == {"dht"}
+        assert totals["dht"].rss_bytes == _stat(grandchild).rss_bytes
+        mine = helper_totals(os.getpid())["dht"]
+        assert mine.rss_bytes >= _stat(child.pid).rss_bytes + _stat(grandchild).rss_bytes
+    finally:
+        os.kill(grandchild, 9)
+        child.wait(10)
