@@ -1,5 +1,6 @@
 """What peers sent us for the all-reduces in flight: parts and results by slice, and the
-senders excluded from a (module, round). Waiters are woken on every arrival or exclusion.
+senders excluded from a (module, round). A waiter is woken by an arrival for its own slice, or
+an exclusion from its own (module, round): never by the other slices' traffic.
 """
 
 from __future__ import annotations
@@ -20,21 +21,24 @@ class Inbox:
         self.items: Dict[SliceKey, Dict[str, Tuple[float, np.ndarray]]] = {}
         self.excluded: Dict[Tuple[str, int], Set[str]] = {}
         self.born: Dict[object, float] = {}
-        self.changed = asyncio.Event()
+        self._waiting: Dict[SliceKey, asyncio.Event] = {}  # set (and dropped) when its slice changes
+        self.wakeups = 0  # times a waiter woke to look again: at most its slice's arrivals and exclusions
 
-    def _notify(self) -> None:
-        self.changed.set()
-        self.changed = asyncio.Event()
+    def _wake(self, key: SliceKey) -> None:
+        event = self._waiting.pop(key, None)
+        if event is not None:
+            event.set()
 
     def put(self, key: SliceKey, slot: str, weight: float, values: np.ndarray) -> None:
         self.items.setdefault(key, {})[slot] = (weight, values)
         self.born.setdefault(key, time.monotonic())
-        self._notify()
+        self._wake(key)
 
     def exclude(self, module: str, round_number: int, peer: str) -> None:
         self.excluded.setdefault((module, round_number), set()).add(peer)
         self.born.setdefault((module, round_number), time.monotonic())
-        self._notify()
+        for key in [k for k in self._waiting if k[:2] == (module, round_number)]:
+            self._wake(key)
 
     def is_excluded(self, module: str, round_number: int, peer: str) -> bool:
         return peer in self.excluded.get((module, round_number), ())
@@ -42,6 +46,7 @@ class Inbox:
     def pop(self, key: SliceKey) -> None:
         self.born.pop(key, None)
         self.items.pop(key, None)
+        self._waiting.pop(key, None)
 
     def expire(self, older_than_seconds: float) -> None:
         limit = time.monotonic() - older_than_seconds
@@ -65,10 +70,12 @@ class Inbox:
             remaining = deadline - time.monotonic()
             if not pending or remaining <= 0:
                 break
+            changed = self._waiting.setdefault(key, asyncio.Event())
             try:
-                await asyncio.wait_for(self.changed.wait(), remaining)
+                await asyncio.wait_for(changed.wait(), remaining)
             except asyncio.TimeoutError:
                 break
+            self.wakeups += 1
         got = self.items.get(key, {})
         delivered = {p: got[prefix + p] for p in peers if prefix + p in got}
         return delivered, not pending and len(delivered) == len(peers)
