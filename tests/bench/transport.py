@@ -2,14 +2,20 @@
 and what a Commons averaging round between two peers achieves over the same p2pd streams.
 
 Usage: python -m tests.bench.transport [--mbytes 256] [--chunk-kib 1024] [--repeats 3] [--round-mbytes 64]
+       [--round-chunks 65536 262144] [--out DIR]
 Two DHTs (two p2pd daemons) in this process's children; the sender writes ``--mbytes`` MiB in
 ``--chunk-kib`` writes through ``call_binary_stream_handler``, the receiver counts them and answers
 with one byte; the clock stops at that answer. Then the same through a TCP socket on 127.0.0.1.
 Then two real averaging peers (tests/swarm/averaging_peer.py, the node's Averager) all-reduce a
 ``--round-mbytes`` MiB float32 vector, uncompressed: each peer sends half the vector as parts and half
 as results, so the round's rate is ``--round-mbytes`` / the all-reduce time, per peer and direction,
-comparable with one stream's rate. Prints Markdown tables (medians of ``--repeats``). Nothing passes or
-fails on a number.
+comparable with one stream's rate. Rounds run with the manifest's messages (``chunk_elements``) for
+both aggregators, and with each other size in ``--round-chunks`` for ``mean``.
+
+Every row also gives the CPU time it cost: every process involved (this process or the peers, the DHT
+processes, the p2pd daemons), per MiB delivered. A round's CPU time includes its matchmaking (about
+0.05 s for both peers). Prints Markdown tables (medians of ``--repeats``). Nothing passes or fails on a
+number.
 """
 
 from __future__ import annotations
@@ -24,17 +30,43 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Tuple
+from typing import List
 
 import hivemind
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 
-from node.procs import children_of
+from node.procs import children_of, helper_totals
+from protocol.manifest import AveragingSpec
 from tests.procs import NodeProcess
 
 HANDLER = "commons-bench-transport"
+
+
+@dataclass
+class Runs:
+    """Repeated transfers: their times, and what they delivered and cost over all of them."""
+
+    seconds: List[float] = field(default_factory=list)
+    delivered: int = 0  # bytes, every direction counted
+    cpu: float = 0.0  # seconds, every process involved
+
+    def rate(self, per_run: int) -> float:
+        """MiB/s of ``per_run`` bytes (one direction of one run) at the median time."""
+        return per_run / (1 << 20) / statistics.median(self.seconds)
+
+    def cpu_per_mib(self) -> float:
+        return self.cpu / (self.delivered / (1 << 20))
+
+    def cores(self) -> float:
+        return self.cpu / sum(self.seconds)
+
+
+def cpu_here() -> float:
+    """CPU seconds so far of this process and everything under it (DHT processes, p2pd daemons)."""
+    return time.process_time() + sum(stat.cpu_seconds for stat in helper_totals(os.getpid()).values())
 
 
 async def _drain_count(reader: asyncio.StreamReader) -> int:
@@ -62,7 +94,7 @@ async def _p2p_once(sender: P2P, receiver_id: PeerID, total: int, chunk: int) ->
     return seconds
 
 
-async def p2p_runs(total: int, chunk: int, repeats: int, daemons: List[int]) -> Tuple[List[float], List[float]]:
+async def p2p_runs(total: int, chunk: int, repeats: int, daemons: List[int]) -> List[Runs]:
     """Times ``repeats`` one-way transfers, then ``repeats`` pairs of transfers in opposite directions at once
     (as in an averaging round, where every peer sends and receives); appends the two p2pd pids to ``daemons``."""
     first = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
@@ -80,13 +112,18 @@ async def p2p_runs(total: int, chunk: int, repeats: int, daemons: List[int]) -> 
         await receiver.add_binary_stream_handler(HANDLER, handle)
         await sender.add_binary_stream_handler(HANDLER, handle)
         await _p2p_once(sender, receiver.peer_id, 1 << 20, chunk)  # warm-up: connection, stream negotiation
-        one_way = [await _p2p_once(sender, receiver.peer_id, total, chunk) for _ in range(repeats)]
-        both_ways = []
+        one_way, both_ways = Runs(), Runs()
+        cpu = cpu_here()
+        for _ in range(repeats):
+            one_way.seconds.append(await _p2p_once(sender, receiver.peer_id, total, chunk))
+        one_way.delivered, one_way.cpu = repeats * total, cpu_here() - cpu
+        cpu = cpu_here()
         for _ in range(repeats):
             pair = await asyncio.gather(_p2p_once(sender, receiver.peer_id, total, chunk),
                                         _p2p_once(receiver, sender.peer_id, total, chunk))  # fmt: skip
-            both_ways.append(max(pair))
-        return one_way, both_ways
+            both_ways.seconds.append(max(pair))
+        both_ways.delivered, both_ways.cpu = 2 * repeats * total, cpu_here() - cpu
+        return [one_way, both_ways]
     finally:
         second.shutdown()
         first.shutdown()
@@ -126,37 +163,55 @@ def tcp_once(total: int, chunk: int) -> float:
     return seconds
 
 
-def commons_rounds(mbytes: int, aggregator: str, repeats: int, workdir: str) -> List[float]:
+def tcp_runs(total: int, chunk: int, repeats: int) -> Runs:
+    tcp_once(1 << 20, chunk)  # warm-up
+    runs, cpu = Runs(), time.process_time()
+    runs.seconds = [tcp_once(total, chunk) for _ in range(repeats)]
+    runs.delivered, runs.cpu = repeats * total, time.process_time() - cpu
+    return runs
+
+
+def commons_rounds(mbytes: int, aggregator: str, repeats: int, workdir: str, chunk_elements: int) -> Runs:
     """All-reduce seconds (group formed → averaged vector) of two averaging peers on loopback."""
     numel = (mbytes << 20) // 4
     peers: List[NodeProcess] = []
+    runs = Runs()
     try:
         for index in range(2):
             argv = [sys.executable, "-m", "tests.swarm.averaging_peer", "--aggregator", aggregator]
+            argv += ["--chunk-elements", str(chunk_elements)]
             argv += ["--initial-peers", peers[0].maddr] if peers else []
-            peers.append(NodeProcess(argv, Path(workdir) / f"{aggregator}{index}", f"peer{index}", interactive=True))
+            name = f"{aggregator}{chunk_elements}-{index}"
+            peers.append(NodeProcess(argv, Path(workdir) / name, f"peer{index}", interactive=True))
             peers[-1].wait_ready(60)
         ids = [p.ready["peer_id"] for p in peers]  # type: ignore[index]
-        seconds = []
         for rnd in range(repeats + 1):  # the first round warms up streams and deadlines
             for seed, peer in enumerate(peers):
                 peer.send({"cmd": "average", "round": rnd, "numel": numel, "seed": seed, "expected": ids})
             replies = [peer.next_event(120) for peer in peers]
             if any(r.get("fraction") != 1.0 or r.get("group_size") != 2 for r in replies):
                 raise RuntimeError(f"round {rnd} was not a full round of two: {replies}")
-            seconds.append(max(float(r["seconds"]) for r in replies))
+            if rnd:
+                runs.seconds.append(max(float(r["seconds"]) for r in replies))
+                runs.cpu += sum(sum(r["cpu"].values()) for r in replies)
+                runs.delivered += 2 * (mbytes << 20)  # each peer sends the vector's size: parts, then results
         for peer in peers:
             peer.send({"cmd": "quit"})
-        return seconds[1:]
+        return runs
     finally:
         for peer in peers:
             peer.cleanup()
 
 
-def row(name: str, total: int, samples: List[float], reference: Callable[[], float]) -> str:
-    median = statistics.median(samples)
-    rate = total / (1 << 20) / median
-    return f"| {name} | {total >> 20} | {median:.3f} | {rate:.0f} | {rate / reference():.2f} |"
+def row(name: str, per_run: int, runs: Runs, *references: float) -> str:
+    """A table row: name, MiB, median seconds, MiB/s per direction, its ratio to each reference rate,
+    CPU per MiB delivered and cores busy."""
+    rate = runs.rate(per_run)
+    ratios = "".join(f" {rate / reference:.2f} |" for reference in references)
+    return (
+        f"| {name} | {per_run >> 20} | {statistics.median(runs.seconds):.3f} | {rate:.0f} |{ratios}"
+        f" {1000 * runs.cpu_per_mib():.1f} | {runs.cores():.2f} |"
+    )
 
 
 def main() -> None:
@@ -165,6 +220,8 @@ def main() -> None:
     parser.add_argument("--chunk-kib", type=int, default=1024, help="size of each write")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--round-mbytes", type=int, default=64, help="MiB of float32 in the averaging rounds")
+    parser.add_argument("--round-chunks", type=int, nargs="*", default=[4 * AveragingSpec.chunk_elements],
+                        help="other message sizes (float32 values) to run rounds with, aggregator mean")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write results.md here")
     args = parser.parse_args()
     total, chunk = args.mbytes << 20, args.chunk_kib << 10
@@ -174,28 +231,33 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    tcp_once(1 << 20, chunk)  # warm-up
-    tcp = [tcp_once(total, chunk) for _ in range(args.repeats)]
-    tcp_rate = total / (1 << 20) / statistics.median(tcp)
-    lines = [f"Loopback, {args.mbytes} MiB in {args.chunk_kib} KiB writes, median of {args.repeats}:", "",
-             "| transport | MiB | seconds | MiB/s (per direction) | vs TCP |", "|---|---|---|---|---|",
-             row("hivemind p2pd binary stream", total, p2p, lambda: tcp_rate),
-             row("hivemind p2pd, two streams in opposite directions at once", total, p2p_both, lambda: tcp_rate),
-             row("TCP socket 127.0.0.1", total, tcp, lambda: tcp_rate)]  # fmt: skip
+    tcp = tcp_runs(total, chunk, args.repeats)
+    tcp_rate = tcp.rate(total)
+    lines = [f"Loopback, {args.mbytes} MiB in {args.chunk_kib} KiB writes, median of {args.repeats}; CPU: every "
+             "process involved, per MiB delivered (both directions counted), and cores busy on average:", "",
+             "| transport | MiB | seconds | MiB/s (per direction) | vs TCP | CPU ms per MiB | cores busy |",
+             "|---|---|---|---|---|---|---|",
+             row("hivemind p2pd binary stream", total, p2p, tcp_rate),
+             row("hivemind p2pd, two streams in opposite directions at once", total, p2p_both, tcp_rate),
+             row("TCP socket 127.0.0.1", total, tcp, tcp_rate)]  # fmt: skip
     print("\n".join(lines), flush=True)
-    stream_rate = total / (1 << 20) / statistics.median(p2p)
-    both_rate = total / (1 << 20) / statistics.median(p2p_both)
+    stream_rate, both_rate = p2p.rate(total), p2p_both.rate(total)
     round_bytes = args.round_mbytes << 20
     lines += ["", f"Commons averaging round, 2 peers on loopback, {args.round_mbytes} MiB float32, uncompressed; per "
               f"peer and direction {args.round_mbytes} MiB (half as parts, half as results); median of "
-              f"{args.repeats}:", "", "| aggregator | seconds | MiB/s per peer and direction | vs one p2pd stream | "
-              "vs p2pd both ways at once |", "|---|---|---|---|---|"]  # fmt: skip
+              f"{args.repeats}:", "", "| aggregator, message | MiB | seconds | MiB/s per peer and direction | "
+              "vs one p2pd stream | vs p2pd both ways at once | CPU ms per MiB | cores busy |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    print("\n".join(lines[-4:]), flush=True)
+    default = AveragingSpec.chunk_elements
+    settings = [("mean", default), ("centered_clip", default)]
+    settings += [("mean", chunk_elements) for chunk_elements in args.round_chunks if chunk_elements != default]
     with tempfile.TemporaryDirectory() as tmp:
-        for aggregator in ("mean", "centered_clip"):
-            seconds = commons_rounds(args.round_mbytes, aggregator, args.repeats, tmp)
-            rate = args.round_mbytes / statistics.median(seconds)
-            lines.append(row(aggregator, round_bytes, seconds, lambda: stream_rate).replace(f"| {args.round_mbytes} |",
-                         "|", 1) + f" {rate / both_rate:.2f} |")  # fmt: skip
+        for aggregator, chunk_elements in settings:
+            runs = commons_rounds(args.round_mbytes, aggregator, args.repeats, tmp, chunk_elements)
+            name = f"{aggregator}, {chunk_elements * 4 >> 10} KiB messages"
+            name += " (manifest default)" if chunk_elements == default else ""
+            lines.append(row(name, round_bytes, runs, stream_rate, both_rate))
             print(lines[-1], flush=True)
     deadline = time.monotonic() + 10
     while any(os.path.exists(f"/proc/{pid}") for pid in daemons) and time.monotonic() < deadline:
