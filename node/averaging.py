@@ -2,7 +2,11 @@
 
 The vector is cut into chunks, and each chunk into one slice per member (sorted peer order):
 slice *i* is reduced by member ``i mod n``. A slice, one message, carries about the bytes of
-``chunk_elements`` float32 values (fp16 slices hold twice as many values, int8 four times). Every member
+``chunk_elements`` float32 values (fp16 slices hold twice as many values, int8 four times), or of
+more in a group whose members all ask for more: each asks for what its last round moved in
+``MESSAGE_SECONDS``, and the group takes the smallest ask, at most 4 times the manifest's size
+(node/matchmaking.py). Fast links thus send fewer, larger messages, each of which costs CPU time on
+both sides and in both daemons whatever its size, while slow links keep the manifest's. Every member
 sends each reducer its slices ("parts") in order, a few on the wire at once; the reducer
 combines a slice's parts as soon as they are in, with the robust aggregator
 (node/robust.py), and sends the result back while later chunks still travel, so reducing
@@ -63,6 +67,10 @@ CLOCK_SLACK_SECONDS = 0.0
 BENIGN = ("round_over", "not_hosted", "too_late")
 STREAM_ATTEMPTS = 3  # tries of one message whose stream closed under us
 SEND_WINDOW = 2  # our messages on the wire at once per peer (measured: 2 beat 4 and 8 over 100 Mbit/s)
+# A member asks for messages that its last round's rate moves in this long. At 100 Mbit/s that is
+# below the manifest's 256 KB, which measured best there; at 1 Gbit/s and on loopback it is the
+# largest allowed, 1 MiB (tests/bench/RESULTS.md, item 6).
+MESSAGE_SECONDS = 0.02
 
 
 @dataclass
@@ -141,6 +149,7 @@ class Averager(ResultCheck):
         self._stale: Dict[Tuple[str, str], float] = {}  # (module, sender) -> when a part for a past round came
         self.stats = AveragingStats()
         self._unreachable: Dict[str, float] = {}  # peer -> wall time we last failed to connect to it
+        self._message_asks: Dict[str, int] = {}  # module -> message bytes to ask for, from its last full round
         self.handler_name = f"commons/{swarm_id}/avg"
 
     async def start(self) -> None:
@@ -149,6 +158,11 @@ class Averager(ResultCheck):
     @property
     def me(self) -> str:
         return self._swarm.peer_id
+
+    def message_ask(self, module: str) -> Optional[int]:
+        """The message size (bytes) to ask for in ``module``'s next group: what our last full round of
+        it moved per direction in MESSAGE_SECONDS; None before one."""
+        return self._message_asks.get(module)
 
     # --- receiving -----------------------------------------------------------------
     async def _handle(self, remote_peer: str, frame: bytes) -> bytes:
@@ -245,7 +259,8 @@ class Averager(ResultCheck):
         dtype = self._spec.compression if compress else "none"
         dtype = {"none": "float32", "fp16": "float16"}.get(dtype, dtype)
         regions = list(regions or [vector.size])
-        bounds = region_bounds(regions, len(group.members), slice_values(self._spec.chunk_elements, dtype))
+        chunk_elements = (group.message_bytes or self._spec.message_bytes) // 4
+        bounds = region_bounds(regions, len(group.members), slice_values(chunk_elements, dtype))
         sent = self._encode_own(group.module, vector, bounds, dtype)
         deadline = started + self._spec.round_timeout_seconds
         state = _Round(group, bounds, regions, sent, dtype, deadline, verify=verify)
@@ -271,7 +286,12 @@ class Averager(ResultCheck):
         contributors = tuple(sorted(state.contributors | {me}))
         dropped = tuple(sorted(set(group.members) - set(contributors)))
         unaveraged = tuple(b for b, ok in zip(bounds, state.averaged, strict=True) if not ok)
-        return AllReduceResult(state.result, fraction, contributors, time.monotonic() - started, dropped, unaveraged)
+        seconds = time.monotonic() - started
+        if fraction == 1.0 and not dropped and seconds > 0:  # a partial round's rate says little about the links
+            size = len(group.members)
+            per_direction = state.nbytes * 2 * (size - 1) / size / seconds
+            self._message_asks[group.module] = int(per_direction * MESSAGE_SECONDS)
+        return AllReduceResult(state.result, fraction, contributors, seconds, dropped, unaveraged)
 
     def _refuse_early_strangers(self, group: Group) -> None:
         """Members whose parts for this round arrived, before it started, under another group id,

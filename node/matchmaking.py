@@ -14,6 +14,10 @@ posted, in this window or another one (a host that posted in another window will
 not join ours, so waiting for it only keeps the two windows apart). Peers with
 differing expectations may then disagree, which the all-reduce detects by group id
 and turns into a partial round, never into mixed-up sums.
+
+A record also asks for a size of averaging messages (node/averaging.py: what the peer's last
+round moved in a short time). The group takes the smallest ask, within 1 to ``MAX_MESSAGE_GROWTH``
+times the manifest's size: one slow member keeps the manifest's messages for everyone.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 0.5  # DHT stores finish within milliseconds on a LAN; this covers clock jitter too
 MAX_WINDOW_FACTOR = 4.0  # the longest window a record may ask for, in gather_seconds
+MAX_MESSAGE_GROWTH = 4  # a group's averaging messages are at most this many times the manifest's size
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class Group:
     params_hashes: Tuple[str, ...]
     group_id: str
     posted_at: Tuple[float, ...] = ()  # when each member said it was ready (swarm clock)
+    message_bytes: int = 0  # bytes per averaging message the members agreed on; 0: the manifest's size
 
     @property
     def needs_resync(self) -> bool:
@@ -52,12 +58,31 @@ class Group:
         return self.members.index(peer_id)
 
 
-def make_group(module: str, round_number: int, records: Dict[str, ReadyRecord]) -> Group:
+def agreed_message_bytes(records: Iterable[ReadyRecord], smallest: int) -> int:
+    """The size of a group's averaging messages: the smallest any member asks for, each ask taken
+    within [``smallest``, MAX_MESSAGE_GROWTH x ``smallest``]. ``smallest`` is the manifest's size; a
+    member that asks nothing (an older peer) counts as asking for it, so it keeps the layout it knows."""
+    asks = [min(max(r.message_bytes or smallest, smallest), MAX_MESSAGE_GROWTH * smallest) for r in records]
+    return min(asks, default=smallest)
+
+
+def make_group(
+    module: str, round_number: int, records: Dict[str, ReadyRecord], smallest_message: int = 0
+) -> Group:
+    """The group of ``records``; with ``smallest_message`` (the manifest's message size in bytes),
+    also the message size its members agreed on (``agreed_message_bytes``)."""
     members = tuple(sorted(records))
     hashes = tuple(records[m].params_hash for m in members)
-    digest = hashlib.sha256(f"{module}|{round_number}|{'|'.join(members)}|{'|'.join(hashes)}".encode()).hexdigest()
+    message = agreed_message_bytes(records.values(), smallest_message) if smallest_message else 0
+    message = message if message > smallest_message else 0
+    # A grown message size is part of the group's identity: members that read different asks form
+    # different groups (a partial round) instead of cutting the vector differently. The manifest's
+    # size leaves the id as older peers compute it.
+    grown = f"|{message}" if message else ""
+    key = f"{module}|{round_number}|{'|'.join(members)}|{'|'.join(hashes)}{grown}"
+    digest = hashlib.sha256(key.encode()).hexdigest()
     posted = tuple(records[m].posted_at for m in members)
-    return Group(module, round_number, members, hashes, digest[:16], posted)
+    return Group(module, round_number, members, hashes, digest[:16], posted, message)
 
 
 def window_length(opener: ReadyRecord, gather_seconds: float) -> float:
@@ -85,11 +110,14 @@ def window_of(
 class Matchmaker:
     """Posts readiness and waits for the group; one per node, used for every module."""
 
-    def __init__(self, swarm, swarm_id: str, gather_seconds: float, clock=None) -> None:
+    def __init__(self, swarm, swarm_id: str, gather_seconds: float, clock=None, smallest_message: int = 0) -> None:
+        """``smallest_message``: the manifest's averaging message size in bytes (0: groups keep it, whatever
+        their members ask)."""
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._gather = gather_seconds
         self._clock = clock or swarm_clock
+        self._smallest_message = smallest_message
 
     async def read_ready(self, module: str, round_number: int) -> Dict[str, ReadyRecord]:
         raw = await self._swarm.get_subkeys(ready_key(self._swarm_id, module, round_number))
@@ -110,12 +138,17 @@ class Matchmaker:
         expected_peers: Iterable[str],
         expiration_seconds: float,
         window_seconds: Optional[float] = None,
+        message_bytes: Optional[int] = None,
     ) -> Group:
         """Post our ReadyRecord and return our window's group (possibly just ourselves).
-        ``window_seconds``: the window we ask for if ours is the first post (see module doc)."""
+        ``window_seconds``: the window we ask for if ours is the first post (see module doc);
+        ``message_bytes``: the averaging message size we ask for (``agreed_message_bytes``)."""
         me = self._swarm.peer_id
         posted_at = self._clock()
-        record = ReadyRecord(posted_at=posted_at, params_hash=params_hash, numel=numel, window_seconds=window_seconds)
+        record = ReadyRecord(
+            posted_at=posted_at, params_hash=params_hash, numel=numel, window_seconds=window_seconds,
+            message_bytes=message_bytes,
+        )  # fmt: skip
         key = ready_key(self._swarm_id, module, round_number)
         await self._swarm.store(key, me, record.dict(), posted_at + expiration_seconds)
         expected: Set[str] = set(expected_peers) | {me}
@@ -127,7 +160,7 @@ class Matchmaker:
             # A host that posted in another window will not join ours: stop waiting for it.
             missing = expected - set(records)
             if not missing or self._clock() >= closes_at + SETTLE_SECONDS:
-                return make_group(module, round_number, window)
+                return make_group(module, round_number, window, self._smallest_message)
             await asyncio.sleep(min(0.2, max(0.01, closes_at + SETTLE_SECONDS - self._clock())))
 
 

@@ -91,8 +91,9 @@ class RoundAverager:
             outcome = ModuleOutcome(name, 1, 0.0, False, 0.0, classify(1, 0.0, 0), numel=state.numel)
             return Averaged(outcome, delta.copy(), False)
         group = await self._matchmaker.form_group(
-            name, round_number, item.params_hash, state.numel, others, self._spec.round_timeout_seconds, window_seconds
-        )
+            name, round_number, item.params_hash, state.numel, others, self._spec.round_timeout_seconds,
+            window_seconds, self._averager.message_ask(name),
+        )  # fmt: skip
         resync = group.needs_resync
         if resync:  # members hold different global copies: average those too, uncompressed
             vector = state.payload(True, item.delta)

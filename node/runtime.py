@@ -132,7 +132,9 @@ class Node:
         swarm_id = self.swarm_id
         averaging = self.manifest.averaging
         self.greeter = Greeter(self.swarm, swarm_id, self.manifest.name)
-        self.matchmaker = Matchmaker(self.swarm, swarm_id, averaging.gather_seconds)
+        self.matchmaker = Matchmaker(
+            self.swarm, swarm_id, averaging.gather_seconds, smallest_message=averaging.message_bytes
+        )
         self.averager = Averager(self.swarm, swarm_id, hosted=lambda: set(self.states), spec=averaging)
         self.membership = Membership(self.swarm, swarm_id, self._describe_self, now)
         self.round_averager = RoundAverager(self.peer_id, self.matchmaker, self.averager, self.membership, averaging)

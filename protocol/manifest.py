@@ -129,6 +129,12 @@ class AveragingSpec:
     deadline_multiplier: float = 3.0
     chunk_elements: int = 65_536
 
+    @property
+    def message_bytes(self) -> int:
+        """Bytes of one averaging message (a slice): ``chunk_elements`` float32 values. Groups on fast
+        links agree on larger ones (node/matchmaking.py)."""
+        return 4 * self.chunk_elements
+
     def __post_init__(self) -> None:
         _check(self.compression in COMPRESSIONS, f"averaging.compression must be one of {', '.join(COMPRESSIONS)}")
         _check(self.aggregator in AGGREGATORS, f"averaging.aggregator must be one of {', '.join(AGGREGATORS)}")

@@ -2,15 +2,16 @@
 and what a Commons averaging round between two peers achieves over the same p2pd streams.
 
 Usage: python -m tests.bench.transport [--mbytes 256] [--chunk-kib 1024] [--repeats 3] [--round-mbytes 64]
-       [--round-chunks 65536 262144] [--out DIR]
+       [--out DIR]
 Two DHTs (two p2pd daemons) in this process's children; the sender writes ``--mbytes`` MiB in
 ``--chunk-kib`` writes through ``call_binary_stream_handler``, the receiver counts them and answers
 with one byte; the clock stops at that answer. Then the same through a TCP socket on 127.0.0.1.
 Then two real averaging peers (tests/swarm/averaging_peer.py, the node's Averager) all-reduce a
 ``--round-mbytes`` MiB float32 vector, uncompressed: each peer sends half the vector as parts and half
 as results, so the round's rate is ``--round-mbytes`` / the all-reduce time, per peer and direction,
-comparable with one stream's rate. Rounds run with the manifest's messages (``chunk_elements``) for
-both aggregators, and with each other size in ``--round-chunks`` for ``mean``.
+comparable with one stream's rate. The peers post the message size their last round asks for, as
+nodes do, so after the first (warm-up) round a group sends larger messages than the manifest's
+(node/matchmaking.py); ``mean`` also runs with the asks off, the manifest's messages throughout.
 
 Every row also gives the CPU time it cost: every process involved (this process or the peers, the DHT
 processes, the p2pd daemons), per MiB delivered. A round's CPU time includes its matchmaking (about
@@ -39,7 +40,6 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 
 from node.procs import children_of, helper_totals
-from protocol.manifest import AveragingSpec
 from tests.procs import NodeProcess
 
 HANDLER = "commons-bench-transport"
@@ -52,6 +52,8 @@ class Runs:
     seconds: List[float] = field(default_factory=list)
     delivered: int = 0  # bytes, every direction counted
     cpu: float = 0.0  # seconds, every process involved
+    messages: List[int] = field(default_factory=list)  # a round's message size (bytes) its group agreed on
+    own_start: List[float] = field(default_factory=list)  # a round's slowest peer, timed from its own start
 
     def rate(self, per_run: int) -> float:
         """MiB/s of ``per_run`` bytes (one direction of one run) at the median time."""
@@ -171,17 +173,20 @@ def tcp_runs(total: int, chunk: int, repeats: int) -> Runs:
     return runs
 
 
-def commons_rounds(mbytes: int, aggregator: str, repeats: int, workdir: str, chunk_elements: int) -> Runs:
-    """All-reduce seconds (group formed → averaged vector) of two averaging peers on loopback."""
+def commons_rounds(mbytes: int, aggregator: str, repeats: int, workdir: str, asks: bool = True) -> Runs:
+    """All-reduce seconds of two averaging peers on loopback, from the moment the later one formed the
+    group to the last averaged vector (and, in ``own_start``, the slower peer from its own start: that
+    adds the time it waited for the other to form the group); without
+    ``asks``, the peers ask for no message size and keep the manifest's."""
     numel = (mbytes << 20) // 4
     peers: List[NodeProcess] = []
     runs = Runs()
     try:
         for index in range(2):
             argv = [sys.executable, "-m", "tests.swarm.averaging_peer", "--aggregator", aggregator]
-            argv += ["--chunk-elements", str(chunk_elements)]
+            argv += [] if asks else ["--message-ask", "0"]
             argv += ["--initial-peers", peers[0].maddr] if peers else []
-            name = f"{aggregator}{chunk_elements}-{index}"
+            name = f"{aggregator}{'' if asks else '-fixed'}-{index}"
             peers.append(NodeProcess(argv, Path(workdir) / name, f"peer{index}", interactive=True))
             peers[-1].wait_ready(60)
         ids = [p.ready["peer_id"] for p in peers]  # type: ignore[index]
@@ -191,10 +196,14 @@ def commons_rounds(mbytes: int, aggregator: str, repeats: int, workdir: str, chu
             replies = [peer.next_event(120) for peer in peers]
             if any(r.get("fraction") != 1.0 or r.get("group_size") != 2 for r in replies):
                 raise RuntimeError(f"round {rnd} was not a full round of two: {replies}")
-            if rnd:
-                runs.seconds.append(max(float(r["seconds"]) for r in replies))
+            if rnd:  # from the last member's start, as in tests/bench/wan_averaging.py (one clock: one host)
+                ended = [float(r["ended_at"]) for r in replies]
+                started = max(e - float(r["seconds"]) for e, r in zip(ended, replies, strict=True))
+                runs.seconds.append(max(ended) - started)
+                runs.own_start.append(max(float(r["seconds"]) for r in replies))
                 runs.cpu += sum(sum(r["cpu"].values()) for r in replies)
                 runs.delivered += 2 * (mbytes << 20)  # each peer sends the vector's size: parts, then results
+                runs.messages.append(replies[0]["message_bytes"])
         for peer in peers:
             peer.send({"cmd": "quit"})
         return runs
@@ -203,14 +212,15 @@ def commons_rounds(mbytes: int, aggregator: str, repeats: int, workdir: str, chu
             peer.cleanup()
 
 
-def row(name: str, per_run: int, runs: Runs, *references: float) -> str:
+def row(name: str, per_run: int, runs: Runs, *references: float, cores: bool = True) -> str:
     """A table row: name, MiB, median seconds, MiB/s per direction, its ratio to each reference rate,
-    CPU per MiB delivered and cores busy."""
+    CPU per MiB delivered and (``cores``) cores busy."""
     rate = runs.rate(per_run)
     ratios = "".join(f" {rate / reference:.2f} |" for reference in references)
+    busy = f" {runs.cores():.2f} |" if cores else ""
     return (
         f"| {name} | {per_run >> 20} | {statistics.median(runs.seconds):.3f} | {rate:.0f} |{ratios}"
-        f" {1000 * runs.cpu_per_mib():.1f} | {runs.cores():.2f} |"
+        f" {1000 * runs.cpu_per_mib():.1f} |{busy}"
     )
 
 
@@ -220,8 +230,6 @@ def main() -> None:
     parser.add_argument("--chunk-kib", type=int, default=1024, help="size of each write")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--round-mbytes", type=int, default=64, help="MiB of float32 in the averaging rounds")
-    parser.add_argument("--round-chunks", type=int, nargs="*", default=[4 * AveragingSpec.chunk_elements],
-                        help="other message sizes (float32 values) to run rounds with, aggregator mean")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write results.md here")
     args = parser.parse_args()
     total, chunk = args.mbytes << 20, args.chunk_kib << 10
@@ -245,19 +253,18 @@ def main() -> None:
     round_bytes = args.round_mbytes << 20
     lines += ["", f"Commons averaging round, 2 peers on loopback, {args.round_mbytes} MiB float32, uncompressed; per "
               f"peer and direction {args.round_mbytes} MiB (half as parts, half as results); median of "
-              f"{args.repeats}:", "", "| aggregator, message | MiB | seconds | MiB/s per peer and direction | "
-              "vs one p2pd stream | vs p2pd both ways at once | CPU ms per MiB | cores busy |",
+              f"{args.repeats}; seconds from the moment the later peer formed the group:", "",
+              "| aggregator, messages | MiB | seconds | MiB/s per peer and direction | vs one p2pd stream | "
+              "vs p2pd both ways at once | CPU ms per MiB | slower peer from its own start, s |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     print("\n".join(lines[-4:]), flush=True)
-    default = AveragingSpec.chunk_elements
-    settings = [("mean", default), ("centered_clip", default)]
-    settings += [("mean", chunk_elements) for chunk_elements in args.round_chunks if chunk_elements != default]
     with tempfile.TemporaryDirectory() as tmp:
-        for aggregator, chunk_elements in settings:
-            runs = commons_rounds(args.round_mbytes, aggregator, args.repeats, tmp, chunk_elements)
-            name = f"{aggregator}, {chunk_elements * 4 >> 10} KiB messages"
-            name += " (manifest default)" if chunk_elements == default else ""
-            lines.append(row(name, round_bytes, runs, stream_rate, both_rate))
+        for aggregator, asks in (("mean", True), ("centered_clip", True), ("mean", False)):
+            runs = commons_rounds(args.round_mbytes, aggregator, args.repeats, tmp, asks)
+            sizes = "/".join(f"{size >> 10}" for size in sorted(set(runs.messages)))
+            name = f"{aggregator}, {sizes} KiB messages" + (" (agreed)" if asks else " (the manifest's, asks off)")
+            own_start = statistics.median(runs.own_start)
+            lines.append(row(name, round_bytes, runs, stream_rate, both_rate, cores=False) + f" {own_start:.3f} |")
             print(lines[-1], flush=True)
     deadline = time.monotonic() + 10
     while any(os.path.exists(f"/proc/{pid}") for pid in daemons) and time.monotonic() < deadline:

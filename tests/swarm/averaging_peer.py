@@ -2,11 +2,11 @@
 
 Usage: python -m tests.swarm.averaging_peer --host-maddrs MADDR [--initial-peers MADDR ...]
        [--compression none|fp16|int8] [--aggregator centered_clip|mean] [--attack MODE] [--out DIR]
-       [--part-timeout SECONDS] [--log-level LEVEL]
+       [--part-timeout SECONDS] [--message-ask BYTES] [--log-level LEVEL]
 
 Prints JSON lines: first {"event": "ready", "peer_id", "maddrs"}, then one reply per command.
 Commands (one JSON object per line on stdin):
-  {"cmd": "average", "round": R, "numel": N, "seed": S, "expected": [...], "attack": MODE?}
+  {"cmd": "average", "round": R, "numel": N, "seed": S, "expected": [...], "attack": MODE?, "message_ask": B?}
       averages make_vector(R, S, N) with the group; replies {"event": "averaged", ...}; with --out,
       the result is saved as DIR/result_<R>.npy
   {"cmd": "train", "rounds": R, "inner_steps": H, "seed": S, "expected": [...], "attack": MODE?,
@@ -144,18 +144,32 @@ class Peer:
         self.swarm = Swarm.open(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs)
         self.averager = Attacker(self.swarm, SWARM_ID, hosted=lambda: {"trunk"}, spec=self.spec)
         self.default_attack = args.attack
-        self.matchmaker = Matchmaker(self.swarm, SWARM_ID, self.spec.gather_seconds)
+        self.default_ask: Optional[int] = args.message_ask
+        self.matchmaker = Matchmaker(
+            self.swarm, SWARM_ID, self.spec.gather_seconds, smallest_message=self.spec.message_bytes
+        )
         self.swarm.run(self.averager.start())
         self.out = Path(args.out) if args.out else None
 
-    def _round(self, round_number: int, vector: np.ndarray, expected: List[str], state: Optional[ModuleState] = None):
+    def _ask(self, command: dict) -> Optional[int]:
+        """The message size to post: the command's or --message-ask (0: ask nothing, as an older peer),
+        else what the Averager measured, as a node posts."""
+        ask = command.get("message_ask", self.default_ask)
+        return self.averager.message_ask("trunk") if ask is None else (ask or None)
+
+    def _round(
+        self, round_number: int, vector: np.ndarray, expected: List[str], state: Optional[ModuleState] = None,
+        ask: Optional[int] = None,
+    ):  # fmt: skip
         """Form the group and all-reduce, as a node does; with ``state``, re-sync diverged global copies."""
 
         async def run():
             others = [p for p in expected if p != self.swarm.peer_id]
             params_hash = state.params_hash() if state is not None else "0" * 32
             expiry = self.spec.round_timeout_seconds
-            group = await self.matchmaker.form_group("trunk", round_number, params_hash, vector.size, others, expiry)
+            group = await self.matchmaker.form_group(
+                "trunk", round_number, params_hash, vector.size, others, expiry, message_bytes=ask
+            )
             if state is not None and group.needs_resync:
                 payload = state.payload(True, torch.from_numpy(vector))
                 verify = majority_check(group.params_hashes, vector.size, self.averager._spec.aggregator)
@@ -174,7 +188,8 @@ class Peer:
         self.averager.attack = command.get("attack", self.default_attack)
         vector = make_vector(command["round"], command["seed"], command["numel"])
         cpu_before = cpu_seconds()
-        group, result = self._round(command["round"], vector, command["expected"])
+        ask = self._ask(command)
+        group, result = self._round(command["round"], vector, command["expected"], ask=ask)
         cpu = {name: seconds - cpu_before.get(name, 0.0) for name, seconds in cpu_seconds().items()}
         if self.out is not None:
             np.save(self.out / f"result_{command['round']}.npy", result.vector)
@@ -186,6 +201,8 @@ class Peer:
             "fraction": result.averaged_fraction,
             "group_size": len(group.members),
             "group_id": group.group_id,
+            "asked": ask,  # the message size this peer posted
+            "message_bytes": group.message_bytes or self.spec.message_bytes,  # what the group agreed on
             "contributors": list(result.contributors),
             "dropped": list(result.dropped),
             "rejected": dict(self.averager.stats.parts_rejected),
@@ -206,7 +223,7 @@ class Peer:
             state.global_flat[lo:hi] = torch.from_numpy(make_vector(round_number, 100 + command["seed"], hi - lo))
         state.load_global()
         delta = 0.01 * make_vector(round_number, command["seed"], numel)
-        group, result = self._round(round_number, delta, command["expected"], state)
+        group, result = self._round(round_number, delta, command["expected"], state, self._ask(command))
         state.apply(result.vector, resync=result.vector.size != delta.size)
         return {"event": "resynced", "round": round_number, "fraction": result.averaged_fraction,
                 "group_size": len(group.members), "resync": group.needs_resync, "hash": state.params_hash(),
@@ -271,6 +288,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--chunk-elements", type=int, default=SPEC.chunk_elements, help="values per chunk")
     parser.add_argument("--part-timeout", type=float, default=SPEC.part_timeout_seconds, help="slow links: longer")
+    parser.add_argument("--message-ask", type=int, default=None, help="message bytes to post (0: none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")

@@ -24,7 +24,8 @@ from tests.swarm.averaging_peer import SPEC, make_vector
 pytestmark = pytest.mark.swarm
 NUMEL = 40_000
 CHUNK = 2_500  # 4 chunks of 4 slices in a group of 4: the pipelined path big modules take
-CHUNKED = ["--chunk-elements", str(CHUNK)]
+# The layout the tests compute must be the group's: the manifest's message size, whatever the rate.
+CHUNKED = ["--chunk-elements", str(CHUNK), "--message-ask", "0"]
 
 
 class AveragingSwarm:
@@ -68,11 +69,13 @@ class AveragingSwarm:
         return {p.name: p.cleanup() for p in self.peers}
 
 
-def honest_aggregate(round_number: int, honest: List[int], group_size: int = 4) -> np.ndarray:
+def honest_aggregate(
+    round_number: int, honest: List[int], group_size: int = 4, numel: int = NUMEL, chunk: int = CHUNK
+) -> np.ndarray:
     """What the reducers compute from the honest parts: each slice of the group's layout on its own."""
-    parts = [make_vector(round_number, i, NUMEL) for i in honest]
-    out = np.empty(NUMEL, dtype=np.float32)
-    for lo, hi in chunked_bounds(NUMEL, group_size, CHUNK):
+    parts = [make_vector(round_number, i, numel) for i in honest]
+    out = np.empty(numel, dtype=np.float32)
+    for lo, hi in chunked_bounds(numel, group_size, chunk):
         slices = {str(i): part[lo:hi] for i, part in zip(honest, parts, strict=True)}
         out[lo:hi] = aggregate(slices, str(honest[0]), method="centered_clip", clip_multiplier=SPEC.clip_multiplier,
                                outlier_ratio=SPEC.outlier_ratio).values  # fmt: skip
@@ -248,6 +251,46 @@ def test_convergence_under_attack_stays_within_5_percent_of_a_clean_run(tmp_path
         # The same attack against the plain mean is not survivable: this test can fail.
         unprotected = train(300, {attacker: "sign_flip"}, aggregator="mean")
         assert unprotected > 2 * clean, (unprotected, clean)
+    finally:
+        leaks = swarm.close()
+        assert not any(leaks.values()), f"processes leaked: {leaks}"
+
+
+def test_groups_on_fast_links_agree_on_larger_messages_and_an_older_peer_keeps_the_manifests(tmp_path):
+    """Each peer asks for the message size its last round moved in MESSAGE_SECONDS; a group uses the
+    smallest ask, within 1-4x the manifest's. On loopback every ask exceeds the manifest's 16 KB."""
+    numel, chunk = 1 << 20, 4096
+    smallest = 4 * chunk
+    swarm = AveragingSwarm(tmp_path, 3, ["--chunk-elements", str(chunk)])
+    try:
+
+        def average(round_number: int, asks: Dict[int, int]) -> List[dict]:
+            command = {"cmd": "average", "round": round_number, "numel": numel, "expected": swarm.ids}
+            for index, peer in enumerate(swarm.peers):
+                peer.send({**command, "seed": index, **({"message_ask": asks[index]} if index in asks else {})})
+            replies = [peer.next_event(90) for peer in swarm.peers]
+            assert all(r["fraction"] == 1.0 and r["group_size"] == 3 for r in replies), replies
+            assert len({r["group_id"] for r in replies}) == 1, replies
+            layout = {r["message_bytes"] for r in replies}
+            assert len(layout) == 1, replies
+            results = [swarm.result(i, round_number) for i in range(3)]
+            for result in results[1:]:
+                np.testing.assert_array_equal(result, results[0])
+            expected = honest_aggregate(round_number, [0, 1, 2], 3, numel, layout.pop() // 4)
+            np.testing.assert_allclose(results[0], expected, rtol=0, atol=1e-4)
+            return replies
+
+        first = average(0, {})  # nobody has measured a round yet
+        assert all(r["asked"] is None and r["message_bytes"] == smallest for r in first), first
+        grown = average(1, {})
+        asks = [min(max(r["asked"], smallest), 4 * smallest) for r in grown]
+        assert all(r["asked"] > smallest for r in grown), grown
+        assert grown[0]["message_bytes"] == min(asks) > smallest
+        older = average(2, {0: 0})  # peer 0 posts no ask, as a peer from before asks
+        assert older[0]["asked"] is None and all(r["message_bytes"] == smallest for r in older), older
+        greedy = average(3, {0: 10**12})  # a huge ask is capped, and the others' asks still count
+        asks = [min(max(r["asked"], smallest), 4 * smallest) for r in greedy]
+        assert greedy[0]["message_bytes"] == min(asks) and max(asks) == 4 * smallest, greedy
     finally:
         leaks = swarm.close()
         assert not any(leaks.values()), f"processes leaked: {leaks}"

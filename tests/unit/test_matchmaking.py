@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Dict
 
-from node.matchmaking import MAX_WINDOW_FACTOR, Group, make_group, window_of
+from node.matchmaking import MAX_MESSAGE_GROWTH, MAX_WINDOW_FACTOR, Group, agreed_message_bytes, make_group, window_of
 from protocol.records import ReadyRecord
 
 HASH_A = "a" * 32
@@ -12,8 +13,10 @@ HASH_B = "b" * 32
 GATHER = 3.0
 
 
-def _rec(posted_at: float, params_hash: str = HASH_A, numel: int = 10, window=None) -> ReadyRecord:
-    return ReadyRecord(posted_at=float(posted_at), params_hash=params_hash, numel=numel, window_seconds=window)
+def _rec(posted_at: float, params_hash: str = HASH_A, numel: int = 10, window=None, ask=None) -> ReadyRecord:
+    return ReadyRecord(
+        posted_at=float(posted_at), params_hash=params_hash, numel=numel, window_seconds=window, message_bytes=ask
+    )
 
 
 # Two bursts of posts: p1..p3 within 3 s of p1, then p4..p5 after that window closed, then a late p6.
@@ -116,3 +119,33 @@ def test_needs_resync_iff_hashes_differ() -> None:
     group = make_group("trunk", 0, differ)
     assert group.needs_resync
     assert group.params_hashes == (HASH_A, HASH_B, HASH_A)
+
+
+SMALLEST = 262_144  # the manifest's message size in these tests
+
+
+def test_a_group_takes_its_smallest_message_ask_within_bounds() -> None:
+    def agreed(*asks) -> int:
+        return agreed_message_bytes([_rec(1.0, ask=a) for a in asks], SMALLEST)
+
+    assert agreed(600_000, 900_000, 700_000) == 600_000
+    assert agreed(600_000, None) == SMALLEST  # an older peer asks nothing: it only knows the manifest's size
+    assert agreed(600_000, 1000) == SMALLEST  # below the manifest's size: the manifest's
+    assert agreed(0, -5) == SMALLEST
+    assert agreed(10**15, 10**12) == MAX_MESSAGE_GROWTH * SMALLEST  # a huge ask is capped
+    assert agreed() == SMALLEST
+
+
+def test_a_grown_message_size_is_part_of_the_group_and_its_id() -> None:
+    asks = {"p1": _rec(1.0, ask=500_000), "p2": _rec(1.1, ask=800_000)}
+    none = {"p1": _rec(1.0), "p2": _rec(1.1)}
+    grown = make_group("trunk", 3, asks, SMALLEST)
+    assert grown.message_bytes == 500_000
+    # With no grown size, the id is the one older peers compute, and the group says "the manifest's".
+    legacy = hashlib.sha256(f"trunk|3|p1|p2|{HASH_A}|{HASH_A}".encode()).hexdigest()[:16]
+    for plain in (make_group("trunk", 3, none, SMALLEST), make_group("trunk", 3, asks), make_group("trunk", 3, none)):
+        assert plain.message_bytes == 0 and plain.group_id == legacy
+    assert grown.group_id != legacy
+    # Members that read different asks form different groups, not one group cut two ways.
+    other = make_group("trunk", 3, dict(asks, p1=_rec(1.0, ask=600_000)), SMALLEST)
+    assert other.message_bytes == 600_000 and other.group_id not in (grown.group_id, legacy)

@@ -121,7 +121,8 @@ def test_peer_record_wrong_types(field: str, bad: object) -> None:
 
 @pytest.mark.parametrize(
     "field, bad",
-    [("posted_at", "1.0"), ("posted_at", 17), ("numel", "12"), ("numel", 12.0), ("params_hash", 123)],
+    [("posted_at", "1.0"), ("posted_at", 17), ("numel", "12"), ("numel", 12.0), ("params_hash", 123),
+     ("message_bytes", "262144"), ("message_bytes", 2.5e5)],  # fmt: skip
 )
 def test_ready_record_wrong_types(field: str, bad: object) -> None:
     assert field in _rejected(ReadyRecord, _ready(**{field: bad}))
