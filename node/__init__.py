@@ -9,12 +9,12 @@ Map of this package (imports point down the list):
 - training    inner AdamW steps and evaluation
 - diloco      per-module global copy and outer Nesterov step
 - placement   which experts to host, from DHT replica counts
-- procs       finding processes by parent or group (/proc)
+- procs       processes by parent or group, their descendants, CPU time and RSS (/proc)
 - allocator   glibc malloc settings of `node start`: a step's freed memory is kept for the next
 - swarm       the only hivemind adapter: DHT, p2p streams, event loop thread
 - handshake   hello exchange; refuses other manifests / protocol versions
 - membership  announces this node and reads peer records
-- matchmaking forms an averaging group per module and round
+- matchmaking forms an averaging group per module and round, and its message size
 - deadlines   how long to wait for peers, learned from earlier rounds
 - robust      robust aggregation of a slice (outlier screen, CenteredClip); the reducer check
 - inbox       parts and results received, senders excluded per round

@@ -89,6 +89,8 @@ def run_peers(net: TestNetwork, result: Result, argv: Callable[[int, Optional[st
                 extra["fraction"] = min(float(r["fraction"]) for r in replies)
             if all("dropped" in r for r in replies):
                 extra["dropped"] = max(len(r["dropped"]) for r in replies)
+            if all("message_bytes" in r for r in replies):  # Commons: the message size the group agreed on
+                extra["message KiB"] = min(int(r["message_bytes"]) for r in replies) >> 10
             print(f"  {result.system} {result.compression} round {rnd}{' (warm-up)' if rnd == 0 else ''}: all-reduce "
                   f"{seconds:.2f}s, whole call {wall:.2f}s, groups {group_sizes(replies)} {extra or ''}", flush=True)
             if rnd > 0:
