@@ -2,11 +2,8 @@
 
 The vector is cut into chunks, and each chunk into one slice per member (sorted peer order):
 slice *i* is reduced by member ``i mod n``. A slice, one message, carries about the bytes of
-``chunk_elements`` float32 values (fp16 slices hold twice as many values, int8 four times), or of
-more in a group whose members all ask for more: each asks for what its last round moved in
-``MESSAGE_SECONDS``, and the group takes the smallest ask, at most 4 times the manifest's size
-(node/matchmaking.py). Fast links thus send fewer, larger messages, each of which costs CPU time on
-both sides and in both daemons whatever its size, while slow links keep the manifest's. Every member
+``chunk_elements`` float32 values (fp16 slices hold twice as many values, int8 four times), or up to 4×
+more on fast links, where each message's fixed CPU cost counts (``message_ask``, node/matchmaking.py). Every member
 sends each reducer its slices ("parts") in order, a few on the wire at once; the reducer
 combines a slice's parts as soon as they are in, with the robust aggregator
 (node/robust.py), and sends the result back while later chunks still travel, so reducing
@@ -67,9 +64,8 @@ CLOCK_SLACK_SECONDS = 0.0
 BENIGN = ("round_over", "not_hosted", "too_late")
 STREAM_ATTEMPTS = 3  # tries of one message whose stream closed under us
 SEND_WINDOW = 2  # our messages on the wire at once per peer (measured: 2 beat 4 and 8 over 100 Mbit/s)
-# A member asks for messages that its last round's rate moves in this long. At 100 Mbit/s that is
-# below the manifest's 256 KB, which measured best there; at 1 Gbit/s and on loopback it is the
-# largest allowed, 1 MiB (tests/bench/RESULTS.md, item 6).
+# Message size to ask for: what the last round's rate moves in this long. Under the manifest's 256 KB at
+# 100 Mbit/s (best there), the 1 MiB cap at 1 Gbit/s and on loopback (tests/bench/RESULTS.md, item 6).
 MESSAGE_SECONDS = 0.02
 
 
@@ -160,8 +156,8 @@ class Averager(ResultCheck):
         return self._swarm.peer_id
 
     def message_ask(self, module: str) -> Optional[int]:
-        """The message size (bytes) to ask for in ``module``'s next group: what our last full round of
-        it moved per direction in MESSAGE_SECONDS; None before one."""
+        """The message size (bytes) to ask for in ``module``'s next group: MESSAGE_SECONDS of our last full
+        round's rate; None before one."""
         return self._message_asks.get(module)
 
     # --- receiving -----------------------------------------------------------------
@@ -287,10 +283,8 @@ class Averager(ResultCheck):
         dropped = tuple(sorted(set(group.members) - set(contributors)))
         unaveraged = tuple(b for b, ok in zip(bounds, state.averaged, strict=True) if not ok)
         seconds = time.monotonic() - started
-        if fraction == 1.0 and not dropped and seconds > 0:  # a partial round's rate says little about the links
-            size = len(group.members)
-            per_direction = state.nbytes * 2 * (size - 1) / size / seconds
-            self._message_asks[group.module] = int(per_direction * MESSAGE_SECONDS)
+        if fraction == 1.0 and not dropped and seconds > 0:  # rate per direction; a partial round's says little
+            self._message_asks[group.module] = int(state.nbytes * 2 * (size - 1) / size / seconds * MESSAGE_SECONDS)
         return AllReduceResult(state.result, fraction, contributors, seconds, dropped, unaveraged)
 
     def _refuse_early_strangers(self, group: Group) -> None:
