@@ -176,8 +176,8 @@ def tcp_runs(total: int, chunk: int, repeats: int) -> Runs:
 def commons_rounds(mbytes: int, aggregator: str, repeats: int, workdir: str, asks: bool = True) -> Runs:
     """All-reduce seconds of two averaging peers on loopback, from the moment the later one formed the
     group to the last averaged vector (and, in ``own_start``, the slower peer from its own start: that
-    adds the time it waited for the other to form the group); without
-    ``asks``, the peers ask for no message size and keep the manifest's."""
+    adds the time it waited for the other to form the group). Without ``asks``, the peers ask for no
+    message size and keep the manifest's."""
     numel = (mbytes << 20) // 4
     peers: List[NodeProcess] = []
     runs = Runs()
