@@ -36,16 +36,15 @@ def children_of(pid: int) -> List[int]:
 
 
 def descendants_of(pid: int) -> List[int]:
-    """Children, their children and so on, found in one pass over /proc."""
-    kids: dict = {}
+    """Children, their children and so on (parents before their children), from one pass over /proc."""
+    kids: Dict[int, List[int]] = {}
     for p, ppid, _ in _live_processes():
         kids.setdefault(ppid, []).append(p)
     found, stack = [], [pid]
-    while stack:
-        for child in kids.get(stack.pop(), ()):
-            if child not in found:
-                found.append(child)
-                stack.append(child)
+    while stack:  # every process has one parent: no process is reached twice
+        children = kids.get(stack.pop(), [])
+        found += children
+        stack += children
     return found
 
 

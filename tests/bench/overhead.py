@@ -73,9 +73,14 @@ def plain_loop(steps: int, device: str, stream: bool = False, keep_memory: bool 
     return {"steps": steps, "seconds": seconds, "steps_per_second": steps / seconds}
 
 
+def plain_argv(args: argparse.Namespace, steps: int, stream: bool = False) -> List[str]:
+    """This module in child mode: the plain loop for ``steps`` steps, or (``stream``) until stopped."""
+    argv = [sys.executable, "-m", "tests.bench.overhead", "--plain", str(steps), "--device", args.device]
+    return argv + ["--plain-allocator", args.plain_allocator] + (["--stream"] if stream else [])
+
+
 def run_plain(steps: int, args: argparse.Namespace) -> Dict[str, float]:
-    argv = [sys.executable, "-m", "tests.bench.overhead", "--plain", str(steps), "--device", args.device,
-            "--plain-allocator", args.plain_allocator]  # fmt: skip
+    argv = plain_argv(args, steps)
     done = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=child_env(**threads(args)), timeout=900)
     if done.returncode != 0:
         raise RuntimeError(f"plain loop failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -107,8 +112,8 @@ def run_side_by_side(args: argparse.Namespace, workdir: Path, experts: int, cpus
     ``cpus`` (plain's, node's): each pinned, with everything it starts, to its own core ([] = not pinned).
     The plain loop's rate is taken over exactly the node's measured window (first to last full round).
     """
-    argv = [sys.executable, "-m", "tests.bench.overhead", "--plain", "1", "--stream", "--device", args.device]
-    argv += ["--plain-allocator", args.plain_allocator]
+    argv = plain_argv(args, 1, stream=True)
+
     def pin(index: int) -> List[str]:
         return ["taskset", "-c", cpus[index]] if cpus else []
 
