@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from node.procs import in_process_group
+from node.ops.procs import in_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 

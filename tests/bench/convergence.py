@@ -57,7 +57,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from node.checkpoint import CheckpointStore
+from node.ops.checkpoint import CheckpointStore
 from protocol.manifest import load_manifest
 from tests.bench.convergence_data import (
     build_model,

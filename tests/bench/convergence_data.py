@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from node.model import MoETransformer
+from node.training.model import MoETransformer
 from protocol.manifest import Manifest, load_manifest, parse_manifest
 
 HELDOUT_EVERY = 10

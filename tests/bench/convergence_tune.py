@@ -29,11 +29,11 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from node.data import TextData
-from node.diloco import ModuleState
-from node.robust import aggregate
-from node.slices import slice_bounds
-from node.training import Trainer
+from node.averaging.robust import aggregate
+from node.averaging.slices import slice_bounds
+from node.training.data import TextData
+from node.training.diloco import ModuleState
+from node.training.trainer import Trainer
 from tests.bench.convergence_data import build_model, diloco_manifest, evaluate, heldout_batches, split_corpus
 
 WORKERS = 4

@@ -23,8 +23,8 @@ from typing import Callable, List
 
 import torch
 
-from node.data import TextData
-from node.training import Trainer
+from node.training.data import TextData
+from node.training.trainer import Trainer
 from protocol.manifest import load_manifest
 from tests.bench.convergence_data import build_model
 

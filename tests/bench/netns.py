@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Dict, List, Optional, Sequence, Type
 
-from node.procs import in_process_group
+from node.ops.procs import in_process_group
 
 PREFIX = "cmn"
 

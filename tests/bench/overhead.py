@@ -40,13 +40,13 @@ def plain_loop(steps: int, device: str, stream: bool = False, keep_memory: bool 
     With ``keep_memory``, first applies the glibc malloc settings `node start` applies (node/allocator.py).
     """
     if keep_memory:
-        from node.allocator import keep_freed_memory
+        from node.ops.allocator import keep_freed_memory
 
         keep_freed_memory()
     import torch
 
-    from node.data import TextData
-    from node.model import MoETransformer
+    from node.training.data import TextData
+    from node.training.model import MoETransformer
     from protocol.manifest import load_manifest
 
     manifest = load_manifest(None)

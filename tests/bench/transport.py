@@ -39,7 +39,7 @@ import hivemind
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 
-from node.procs import children_of, helper_totals
+from node.ops.procs import children_of, helper_totals
 from tests.procs import NodeProcess
 
 HANDLER = "commons-bench-transport"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from node.procs import children_of
+from node.ops.procs import children_of
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "examples" / "quickstart.ipynb"
 

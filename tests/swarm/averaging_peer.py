@@ -36,13 +36,13 @@ import msgpack
 import numpy as np
 import torch
 
-from node.averaging import Averager, _Round
-from node.diloco import ModuleState
-from node.matchmaking import Matchmaker
-from node.procs import helper_totals
-from node.rounds import leave_unstepped, majority_check
-from node.slices import owner_of
-from node.swarm import Swarm
+from node.averaging.averager import Averager, _Round
+from node.averaging.matchmaking import Matchmaker
+from node.averaging.slices import owner_of
+from node.net.hivemind import Swarm
+from node.ops.procs import helper_totals
+from node.runtime.rounds import leave_unstepped, majority_check
+from node.training.diloco import ModuleState
 from protocol.manifest import AveragingSpec, OuterOptimizerSpec
 from protocol.wire import tensor_payload
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from node import cli
-from node.runtime import Node
-from node.statesync import StateServer
+from node.faces import cli
+from node.runtime.node import Node
+from node.swarm.statesync import StateServer
 from protocol.wire import decode, encode
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from node import CommonsNode, StateError
-from node.procs import children_of
+from node.ops.procs import children_of
 from protocol.manifest import Manifest, load_manifest
 from tests.procs import NodeProcess, write_text_corpus, write_tiny_manifest
 

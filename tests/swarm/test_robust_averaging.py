@@ -16,8 +16,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 
-from node.robust import aggregate
-from node.slices import chunked_bounds, owner_of, region_bounds
+from node.averaging.robust import aggregate
+from node.averaging.slices import chunked_bounds, owner_of, region_bounds
 from tests.procs import NodeProcess
 from tests.swarm.averaging_peer import SPEC, make_vector
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-import node.swarm as swarm_module
-from node.procs import children_of
-from node.swarm import Swarm
+import node.net.hivemind as swarm_module
+from node.net.hivemind import Swarm
+from node.ops.procs import children_of
 
 pytestmark = pytest.mark.swarm
 
@@ -42,7 +42,7 @@ def test_a_handler_that_raises_is_logged_and_its_caller_sees_a_closed_stream(two
     server.run(server.add_handler("commons/test/echo", handler), timeout=10)
     answer = client.run(client.call(server.peer_id, "commons/test/echo", b"hello", timeout=10), timeout=15)
     assert answer == client.peer_id.encode() + b":hello"
-    with caplog.at_level(logging.INFO, logger="node.swarm"):
+    with caplog.at_level(logging.INFO, logger="node.net.hivemind"):
         with pytest.raises(ConnectionError, match="closed"):
             client.run(client.call(server.peer_id, "commons/test/echo", b"bug", timeout=10), timeout=15)
     assert any("handler commons/test/echo failed" in r.getMessage() and r.exc_info for r in caplog.records)

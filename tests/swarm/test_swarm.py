@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from node.model import MoETransformer
+from node.training.model import MoETransformer
 from protocol.manifest import load_manifest
 from tests.procs import NodeProcess, child_env, write_text_corpus, write_tiny_manifest
 

@@ -18,11 +18,11 @@ pytestmark = pytest.mark.skipif(
 STEPS = """
 import resource, sys
 if sys.argv[1] == "keep":
-    from node.allocator import keep_freed_memory
+    from node.ops.allocator import keep_freed_memory
     assert keep_freed_memory()
 import torch
-from node.data import TextData
-from node.model import MoETransformer
+from node.training.data import TextData
+from node.training.model import MoETransformer
 from protocol.manifest import load_manifest
 manifest = load_manifest(None)
 model = MoETransformer(manifest.model, seed=manifest.seed)

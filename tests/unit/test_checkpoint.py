@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.checkpoint import CheckpointStore, Snapshot, write_generation
 from node.errors import ConfigError
-from node.metrics import NodeMetrics
+from node.ops.checkpoint import CheckpointStore, Snapshot, write_generation
+from node.ops.metrics import NodeMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,7 +79,7 @@ def test_a_checkpoint_of_another_swarm_is_refused(tmp_path):
 
 WRITER = """
 import sys, torch
-from node.checkpoint import CheckpointStore, Snapshot
+from node.ops.checkpoint import CheckpointStore, Snapshot
 store = CheckpointStore(sys.argv[1], keep=3)
 r = int(sys.argv[2])
 while True:

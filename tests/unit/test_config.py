@@ -8,8 +8,8 @@ from typing import Optional
 
 import pytest
 
-from node.config import NodeConfig, build_config, read_env
 from node.errors import ConfigError
+from node.runtime.config import NodeConfig, build_config, read_env
 
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWKVT8rzJo9rUEyVZAWiqSjRoDDhEU738oJjeskTykUhvz"
 PEER2 = "/ip4/10.0.0.2/tcp/4000/p2p/12D3KooWKVT8rzJo9rUEyVZAWiqSjRoDDhEU738oJjeskTykUhvz"

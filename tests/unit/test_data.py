@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.data import DataError, TextData
+from node.training.data import DataError, TextData
 
 SEQ = 16
 WIN = SEQ + 1
@@ -124,7 +124,7 @@ def test_file_becoming_unreadable_mid_run_raises(tmp_path: Path, monkeypatch: py
     def denied(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("node.data.open", denied, raising=False)
+    monkeypatch.setattr("node.training.data.open", denied, raising=False)
     with pytest.raises(DataError, match="became unreadable"):
         for _ in range(10_000):
             next(batches)

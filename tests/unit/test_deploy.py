@@ -10,9 +10,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
-from node.averaging import AveragingStats
-from node.membership import SwarmView
-from node.metrics import AveragerCollector, HelperProcessCollector, NodeMetrics, SwarmViewCollector
+from node.averaging.averager import AveragingStats
+from node.ops.metrics import AveragerCollector, HelperProcessCollector, NodeMetrics, SwarmViewCollector
+from node.swarm.membership import SwarmView
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from node.diloco import ModuleState
-from node.slices import MAX_SLICES, backup_of, chunked_bounds, owner_of, slice_bounds, slice_values
+from node.averaging.slices import MAX_SLICES, backup_of, chunked_bounds, owner_of, slice_bounds, slice_values
+from node.training.diloco import ModuleState
 from protocol.manifest import OuterOptimizerSpec
 from protocol.wire import payload_bytes
 

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from node.inbox import Inbox
+from node.averaging.inbox import Inbox
 
 A, B, C = "peer-a", "peer-b", "peer-c"
 

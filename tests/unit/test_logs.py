@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from node.logs import setup_logging
+from node.ops.logs import setup_logging
 
 
 @pytest.fixture(autouse=True)

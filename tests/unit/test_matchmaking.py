@@ -5,7 +5,14 @@ from __future__ import annotations
 import hashlib
 from typing import Dict
 
-from node.matchmaking import MAX_MESSAGE_GROWTH, MAX_WINDOW_FACTOR, Group, agreed_message_bytes, make_group, window_of
+from node.averaging.matchmaking import (
+    MAX_MESSAGE_GROWTH,
+    MAX_WINDOW_FACTOR,
+    Group,
+    agreed_message_bytes,
+    make_group,
+    window_of,
+)
 from protocol.records import ReadyRecord
 
 HASH_A = "a" * 32

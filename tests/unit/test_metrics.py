@@ -13,11 +13,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.averaging import Averager, AveragingStats
-from node.endpoints import Endpoints, Health
-from node.membership import SwarmView
-from node.metrics import AveragerCollector, HelperProcessCollector, NodeMetrics, SwarmViewCollector
-from node.report import ModuleOutcome
+from node.averaging.averager import Averager, AveragingStats
+from node.ops.endpoints import Endpoints, Health
+from node.ops.metrics import AveragerCollector, HelperProcessCollector, NodeMetrics, SwarmViewCollector
+from node.runtime.report import ModuleOutcome
+from node.swarm.membership import SwarmView
 from protocol.manifest import AveragingSpec
 from protocol.records import PeerRecord
 from tests.procs import http_get

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.experts import GroupedExperts, row_ranges
-from node.model import Expert, MoETransformer
+from node.training.experts import GroupedExperts, row_ranges
+from node.training.model import Expert, MoETransformer
 from protocol.manifest import ModelSpec
 
 SPEC = ModelSpec(seq_len=32, d_model=32, n_layers=2, n_heads=4, n_experts=4, top_k=2, expert_hidden=64)

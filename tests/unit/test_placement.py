@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from node.placement import choose_experts, layer_of, rebalance, replica_counts
+from node.swarm.placement import choose_experts, layer_of, rebalance, replica_counts
 from protocol.manifest import ModelSpec
 
 EXPERTS = list(ModelSpec(n_layers=2, n_experts=4).module_names()[1:])  # expert.0.0 .. expert.1.3

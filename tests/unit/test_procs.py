@@ -10,7 +10,7 @@ from typing import Iterator, Tuple
 
 import pytest
 
-from node.procs import ProcStat, descendants_of, helper_totals, read_stat
+from node.ops.procs import ProcStat, descendants_of, helper_totals, read_stat
 
 BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(60)"
 CHILD = (

@@ -9,10 +9,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from node.averaging import AveragingStats, _Round
-from node.matchmaking import Group
-from node.resultcheck import ResultCheck
-from node.slices import owner_of, region_bounds
+from node.averaging.averager import AveragingStats, _Round
+from node.averaging.matchmaking import Group
+from node.averaging.resultcheck import ResultCheck
+from node.averaging.slices import owner_of, region_bounds
 from protocol.manifest import AveragingSpec
 
 NUMEL = 3000

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from node.deadlines import Deadlines
-from node.robust import (
+from node.averaging.deadlines import Deadlines
+from node.averaging.robust import (
     aggregate,
     centered_clip,
     coordinate_median,

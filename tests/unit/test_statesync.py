@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from node.diloco import ModuleState
-from node.statesync import StateDownloader, _hash
+from node.swarm.statesync import StateDownloader, _hash
+from node.training.diloco import ModuleState
 from protocol.manifest import OuterOptimizerSpec
 from protocol.wire import StateReply
 

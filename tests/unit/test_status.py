@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from node.membership import SwarmView
-from node.status import format_table, swarm_status
+from node.faces.status import format_table, swarm_status
+from node.swarm.membership import SwarmView
 from protocol.records import PeerRecord
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import List
 
-from node.training import EvalCadence
+from node.training.trainer import EvalCadence
 
 
 def _cadence(share: float) -> "tuple[EvalCadence, List[float]]":

@@ -18,11 +18,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from node.averaging import AllReduceResult, Averager
-from node.diloco import ModuleState, state_hash
-from node.matchmaking import Matchmaker
-from node.membership import Membership
-from node.report import ModuleOutcome, classify
+from node.averaging import AllReduceResult, Averager, Matchmaker
+from node.runtime.report import ModuleOutcome, classify
+from node.swarm import Membership
+from node.training import ModuleState, state_hash
 from protocol.manifest import AveragingSpec
 
 

@@ -22,7 +22,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.errors import PeerUnreachable
-from node.procs import children_of
+from node.ops import children_of
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)

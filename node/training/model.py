@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from node.experts import GroupedExperts
+from node.training.experts import GroupedExperts
 from protocol.manifest import ModelSpec
 
 AUX_LOSS_COEF = 0.01

@@ -19,10 +19,9 @@ import multiaddr
 import yaml
 
 from node.errors import ConfigError
+from node.ops import DEFAULT_METRICS_ADDR, validate_host_port
 
 ENV_PREFIX = "COMMONS_"
-# Loopback only unless asked; 9100 would collide with node_exporter on the same host.
-DEFAULT_METRICS_ADDR = "127.0.0.1:9347"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -48,13 +47,6 @@ def validate_peer_maddr(text: str, what: str) -> str:
             f"{what}: {text!r} has no /p2p/<peer id> part; copy the whole multiaddr a running node printed"
         )
     return text
-
-
-def validate_host_port(text: str, what: str) -> Tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{what}: {text!r} must be HOST:PORT, e.g. 127.0.0.1:9100")
-    return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True)

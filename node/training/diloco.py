@@ -10,11 +10,12 @@ copies and momentum buffers, after which all members hold bit-identical state.
 from __future__ import annotations
 
 import hashlib
-from typing import List, Optional
+from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 
+from node.ops import CheckpointError
 from protocol.manifest import OuterOptimizerSpec
 
 
@@ -85,3 +86,42 @@ class ModuleState:
                 count = p.numel()
                 p.copy_(values[offset : offset + count].view_as(p).to(p.device, p.dtype))
                 offset += count
+
+
+def capture_modules(states: Dict[str, ModuleState], optimizer: torch.optim.Optimizer) -> Dict[str, torch.Tensor]:
+    """Tensors of every hosted module: global copy, outer momentum, and the inner AdamW state."""
+    tensors: Dict[str, torch.Tensor] = {}
+    for name, state in states.items():
+        tensors[f"global/{name}"] = state.global_flat
+        tensors[f"momentum/{name}"] = state.momentum
+        for index, param in enumerate(state.params):
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"adam/{name}/{index}/{key}"] = value
+    return tensors
+
+
+def restore_modules(
+    tensors: Mapping[str, torch.Tensor], states: Dict[str, ModuleState], optimizer: torch.optim.Optimizer
+) -> List[str]:
+    """Load what a checkpoint's tensors (``capture_modules``) hold for our modules; return the modules
+    restored. A shape that does not fit the model raises CheckpointError."""
+    restored = []
+    for name, state in states.items():
+        global_flat = tensors.get(f"global/{name}")
+        momentum = tensors.get(f"momentum/{name}")
+        if global_flat is None or momentum is None:
+            continue
+        if global_flat.shape != state.global_flat.shape or momentum.shape != state.momentum.shape:
+            raise CheckpointError(f"module {name} has shape {tuple(global_flat.shape)}, the model needs "
+                                  f"{tuple(state.global_flat.shape)}")  # fmt: skip
+        state.global_flat = global_flat.to(torch.float32).clone()
+        state.momentum = momentum.to(torch.float32).clone()
+        state.load_global()
+        for index, param in enumerate(state.params):
+            prefix = f"adam/{name}/{index}/"
+            entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if entry and all(v.shape == param.shape for k, v in entry.items() if k != "step"):
+                optimizer.state[param] = {k: v.to(param.device) for k, v in entry.items()}
+        restored.append(name)
+    return restored

@@ -23,7 +23,20 @@ from typing import Callable, Dict, Optional, Tuple
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from node.errors import ConfigError
+
 logger = logging.getLogger(__name__)
+
+# Loopback only unless asked; 9100 would collide with node_exporter on the same host.
+DEFAULT_METRICS_ADDR = "127.0.0.1:9347"
+
+
+def validate_host_port(text: str, what: str) -> Tuple[str, int]:
+    """``HOST:PORT`` (an IPv6 host in brackets) as (host, port); ConfigError naming ``what`` otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: {text!r} must be HOST:PORT, e.g. 127.0.0.1:9100")
+    return host.strip("[]"), int(port)
 
 
 @dataclass
@@ -108,9 +121,6 @@ def _json(ok: bool, details: Dict[str, object]) -> Tuple[int, str, bytes]:
 def open_endpoints(address: str, registry: CollectorRegistry, swarm: CollectorRegistry, health: Health) -> Endpoints:
     """Serve on ``address`` (HOST:PORT). If the default address is taken (a second node on this
     host), serve on a free port instead and say so; a taken address the user chose is an error."""
-    from node.config import DEFAULT_METRICS_ADDR, validate_host_port
-    from node.errors import ConfigError
-
     host, port = validate_host_port(address, "--metrics-addr")
     try:
         return Endpoints(host, port, registry, swarm, health)

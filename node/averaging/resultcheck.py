@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Dict, List, Tuple
 
 import numpy as np
 
-from node.robust import lower_median, region_spans, relative_distance
-from node.slices import owner_of
+from node.averaging.robust import lower_median, region_spans, relative_distance
+from node.averaging.slices import owner_of
 
 if TYPE_CHECKING:
-    from node.averaging import AveragingStats, _Round
+    from node.averaging.averager import AveragingStats, _Round
     from protocol.manifest import AveragingSpec
 
 logger = logging.getLogger("node.averaging")

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from node.diloco import ModuleState, state_hash
+from node.training import ModuleState, state_hash
 from protocol.wire import StateReply, StateRequest, WireError, decode, encode
 
 logger = logging.getLogger(__name__)

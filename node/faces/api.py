@@ -23,10 +23,9 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from node.config import build_config
 from node.errors import CommonsError
-from node.runtime import Node
-from node.status import swarm_status
+from node.faces.status import swarm_status
+from node.runtime import Node, build_config
 from node.training import ModelFactory
 
 

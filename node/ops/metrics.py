@@ -5,27 +5,71 @@ others is read at scrape time by collectors: the Averager's byte and rejection c
 the swarm view, and the resident memory / CPU of the helper processes (hivemind's DHT
 process and p2pd). Labels are low-cardinality by construction: no peer ids, module
 names only in the swarm view (bounded by the manifest).
+
+This module knows nothing of averaging or training: what it reads from them is described by the
+small protocols below (``AveragingCounters``, ``PeerTable``, ``RoundOutcome``), so operations sit
+below the engines in the import order.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from node.averaging import AveragingStats
-from node.membership import SwarmView
-from node.procs import helper_totals
-from node.report import ModuleOutcome
+from node.ops.procs import helper_totals
+from protocol.records import PeerRecord
 
 NAMESPACE = "commons"
 ROUND_RESULTS = ("ok", "partial", "failed")
 MODULE_KINDS = ("trunk", "expert")
 # Averaging rounds take from milliseconds (loopback) to minutes (slow links, big modules).
 ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class AveragingCounters(Protocol):
+    """The averaging engine's counters (node.averaging.AveragingStats)."""
+
+    @property
+    def bytes_sent(self) -> int: ...
+
+    @property
+    def bytes_received(self) -> int: ...
+
+    @property
+    def parts_rejected(self) -> Mapping[str, int]: ...
+
+
+class PeerTable(Protocol):
+    """The live peer records of a swarm view (node.swarm.SwarmView)."""
+
+    @property
+    def peers(self) -> Mapping[str, PeerRecord]: ...
+
+
+class RoundOutcome(Protocol):
+    """How one module's averaging round went (node.runtime.ModuleOutcome)."""
+
+    @property
+    def module(self) -> str: ...
+
+    @property
+    def result(self) -> str: ...
+
+    @property
+    def seconds(self) -> float: ...
+
+    @property
+    def dropped(self) -> int: ...
+
+    @property
+    def averaged_fraction(self) -> float: ...
+
+    @property
+    def numel(self) -> int: ...
 
 
 def module_kind(module: str) -> str:
@@ -101,7 +145,7 @@ class NodeMetrics:
         if loss is not None:
             self.loss.set(loss)
 
-    def observe_round(self, outcomes: Sequence[ModuleOutcome]) -> None:
+    def observe_round(self, outcomes: Sequence[RoundOutcome]) -> None:
         total = sum(o.numel for o in outcomes) or 1
         for outcome in outcomes:
             self.rounds.labels(module_kind(outcome.module), outcome.result).inc()
@@ -116,19 +160,19 @@ class NodeMetrics:
 class AveragerCollector(Collector):
     """Reads the Averager's counters at scrape time (they are mutated on the swarm loop)."""
 
-    def __init__(self, stats: Callable[[], Optional[AveragingStats]]) -> None:
+    def __init__(self, stats: Callable[[], Optional[AveragingCounters]]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterable[Metric]:
-        stats = self._stats() or AveragingStats()
+        stats = self._stats()
         sent = CounterMetricFamily(f"{NAMESPACE}_network_sent_bytes", "Bytes sent in averaging messages")
-        sent.add_metric([], stats.bytes_sent)
+        sent.add_metric([], stats.bytes_sent if stats else 0)
         received = CounterMetricFamily(f"{NAMESPACE}_network_received_bytes", "Bytes received in averaging messages")
-        received.add_metric([], stats.bytes_received)
+        received.add_metric([], stats.bytes_received if stats else 0)
         rejected = CounterMetricFamily(
             f"{NAMESPACE}_averaging_rejected_parts", "Parts refused from peers, by reason", labels=["reason"]
         )
-        for reason, count in sorted(stats.parts_rejected.items()):
+        for reason, count in sorted(stats.parts_rejected.items() if stats else ()):
             rejected.add_metric([reason], count)
         return [sent, received, rejected]
 
@@ -153,13 +197,13 @@ class HelperProcessCollector(Collector):
 class SwarmViewCollector(Collector):
     """The swarm as this node sees it in the DHT: one scrape target can describe the whole swarm."""
 
-    def __init__(self, view: Callable[[], Optional[SwarmView]], modules: Iterable[str]) -> None:
+    def __init__(self, view: Callable[[], Optional[PeerTable]], modules: Iterable[str]) -> None:
         self._view = view
         self._modules = list(modules)  # bounded by the manifest
 
     def collect(self) -> Iterable[Metric]:
-        view = self._view() or SwarmView()
-        records = list(view.peers.values())
+        view = self._view()
+        records = list(view.peers.values()) if view is not None else []
         prefix = f"{NAMESPACE}_swarm_view"
         peers = GaugeMetricFamily(f"{prefix}_peers", "Peers with a live record in the DHT")
         peers.add_metric([], len(records))

@@ -19,22 +19,46 @@ from typing import Callable, ContextManager, Dict, List, Optional, TextIO
 from prometheus_client import CollectorRegistry
 
 from node import __version__
-from node.averaging import Averager
-from node.checkpoint import CheckpointStore, Snapshot, capture_modules, restore_modules, write_generation
-from node.config import NodeConfig
-from node.data import DataError, TextData
-from node.diloco import ModuleState
-from node.endpoints import Endpoints, Health, open_endpoints
-from node.handshake import Greeter, check_bootstrap_peers
-from node.matchmaking import Matchmaker
-from node.membership import Membership, SwarmView
-from node.metrics import AveragerCollector, HelperProcessCollector, NodeMetrics, SwarmViewCollector
-from node.placement import choose_experts, rebalance, replica_counts
-from node.report import ModuleOutcome, log_round, round_summary
-from node.rounds import PendingRound, RoundAverager, apply, prepare
-from node.statesync import StateServer, download_modules
-from node.swarm import Swarm, now
-from node.training import EvalCadence, ModelFactory, Trainer, architecture_swarm_id, resolve_device
+from node.averaging import Averager, Matchmaker
+from node.net import Swarm, now
+from node.ops import (
+    AveragerCollector,
+    CheckpointStore,
+    Endpoints,
+    Health,
+    HelperProcessCollector,
+    NodeMetrics,
+    Snapshot,
+    SwarmViewCollector,
+    open_endpoints,
+    write_generation,
+)
+from node.runtime.config import NodeConfig
+from node.runtime.report import ModuleOutcome, log_round, round_summary
+from node.runtime.rounds import PendingRound, RoundAverager, apply, prepare
+from node.swarm import (
+    Greeter,
+    Membership,
+    StateServer,
+    SwarmView,
+    check_bootstrap_peers,
+    choose_experts,
+    download_modules,
+    rebalance,
+    replica_counts,
+)
+from node.training import (
+    DataError,
+    EvalCadence,
+    ModelFactory,
+    ModuleState,
+    TextData,
+    Trainer,
+    architecture_swarm_id,
+    capture_modules,
+    resolve_device,
+    restore_modules,
+)
 from protocol.manifest import Manifest, load_manifest
 from protocol.records import PeerRecord
 
@@ -163,7 +187,7 @@ class Node:
             self.rounds_done = restored.rounds_done
             self.trainer.local_steps = restored.local_steps
             self._host([e for e in restored.hosted if e in all_experts][: self.config.experts])
-            modules = restore_modules(restored, self.states, self.trainer.optimizer)
+            modules = restore_modules(restored.tensors, self.states, self.trainer.optimizer)
             logger.info(
                 "resumed from checkpoint generation %d: round %d, %d local steps, modules %s",
                 restored.generation,

@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Protocol, 
 
 import torch
 
-from node.data import TextData
-from node.model import MoETransformer
+from node.training.data import TextData
+from node.training.model import MoETransformer
 from protocol.manifest import Manifest
 
 

@@ -14,8 +14,8 @@ import sys
 from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple
 
 from node import __version__
-from node.config import DEVICES, ENV_PREFIX, LOG_FORMATS, LOG_LEVELS, NodeConfig, build_config
 from node.errors import EXIT_CODES, CommonsError, ConfigError
+from node.runtime import DEVICES, ENV_PREFIX, LOG_FORMATS, LOG_LEVELS, NodeConfig, build_config
 from protocol.manifest import ManifestError
 
 logger = logging.getLogger("node")
@@ -129,10 +129,10 @@ def _start(args: argparse.Namespace, make_node: Optional[Callable[[NodeConfig], 
     flags = {dest: getattr(args, dest) for _, dest, *_ in _START_OPTIONS}
     config = build_config(flags, config_path=args.config)  # before the heavy imports: config errors come fast
 
-    from node.allocator import keep_freed_memory
+    from node.ops import keep_freed_memory
 
     kept = keep_freed_memory()  # before torch allocates anything
-    from node.logs import setup_logging
+    from node.ops import setup_logging
     from node.runtime import Node
 
     setup_logging(config.log_format, config.log_level)
@@ -162,9 +162,9 @@ def _install_stop_handlers(node: Any) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from node.config import validate_peer_maddr
-    from node.logs import setup_logging
-    from node.status import format_prometheus, format_table, read_swarm, swarm_status
+    from node.faces.status import format_prometheus, format_table, read_swarm, swarm_status
+    from node.ops import setup_logging
+    from node.runtime import validate_peer_maddr
 
     peers: List[str] = [validate_peer_maddr(a, "--initial-peers") for a in args.initial_peers]
     setup_logging("text", "warning")

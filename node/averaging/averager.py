@@ -32,13 +32,13 @@ from typing import Callable, Dict, List, Literal, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
-from node.deadlines import Deadlines
-from node.inbox import Inbox, SliceKey
-from node.matchmaking import Group
-from node.resultcheck import ResultCheck
-from node.robust import aggregate
-from node.slices import backup_of, owner_of, region_bounds, slice_values
-from node.swarm import now as wall_clock
+from node.averaging.deadlines import Deadlines
+from node.averaging.inbox import Inbox, SliceKey
+from node.averaging.matchmaking import Group
+from node.averaging.resultcheck import ResultCheck
+from node.averaging.robust import aggregate
+from node.averaging.slices import backup_of, owner_of, region_bounds, slice_values
+from node.net import now as wall_clock
 from protocol.manifest import AveragingSpec
 from protocol.wire import (
     Ack,

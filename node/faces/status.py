@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any, Dict, List, Sequence, Tuple
 
 from node.errors import PeerUnreachable, SwarmMismatch
-from node.handshake import ask, peer_id_of
-from node.membership import SwarmView, read_peers
-from node.swarm import Swarm
+from node.net import Swarm
+from node.swarm import SwarmView, ask, peer_id_of, read_peers
 from protocol.wire import WireError
 
 
@@ -84,7 +83,7 @@ def format_prometheus(view: SwarmView) -> str:
     from prometheus_client import CollectorRegistry
     from prometheus_client.exposition import generate_latest
 
-    from node.metrics import SwarmViewCollector
+    from node.ops import SwarmViewCollector
 
     modules = sorted({m for record in view.peers.values() for m in record.modules}, key=_module_order)
     registry = CollectorRegistry()

@@ -165,6 +165,6 @@ class Matchmaker:
 
 
 def swarm_clock() -> float:
-    from node.swarm import now
+    from node.net import now
 
     return now()

@@ -28,8 +28,7 @@ from safetensors.torch import save as save_tensors
 from node.errors import ConfigError
 
 if TYPE_CHECKING:
-    from node.diloco import ModuleState
-    from node.metrics import NodeMetrics
+    from node.ops.metrics import NodeMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -177,44 +176,6 @@ class CheckpointStore:
                 path.unlink(missing_ok=True)  # a tensor file whose JSON never got written
         for path in self.directory.glob(".ckpt-*.tmp"):
             path.unlink(missing_ok=True)
-
-
-def capture_modules(states: Dict[str, "ModuleState"], optimizer: torch.optim.Optimizer) -> Dict[str, torch.Tensor]:
-    """Tensors of every hosted module: global copy, outer momentum, and the inner AdamW state."""
-    tensors: Dict[str, torch.Tensor] = {}
-    for name, state in states.items():
-        tensors[f"global/{name}"] = state.global_flat
-        tensors[f"momentum/{name}"] = state.momentum
-        for index, param in enumerate(state.params):
-            for key, value in optimizer.state.get(param, {}).items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"adam/{name}/{index}/{key}"] = value
-    return tensors
-
-
-def restore_modules(
-    snapshot: Snapshot, states: Dict[str, "ModuleState"], optimizer: torch.optim.Optimizer
-) -> List[str]:
-    """Load what the snapshot has for our modules; return the modules restored. Shapes are checked."""
-    restored = []
-    for name, state in states.items():
-        global_flat = snapshot.tensors.get(f"global/{name}")
-        momentum = snapshot.tensors.get(f"momentum/{name}")
-        if global_flat is None or momentum is None:
-            continue
-        if global_flat.shape != state.global_flat.shape or momentum.shape != state.momentum.shape:
-            raise CheckpointError(f"module {name} has shape {tuple(global_flat.shape)}, the model needs "
-                                  f"{tuple(state.global_flat.shape)}")  # fmt: skip
-        state.global_flat = global_flat.to(torch.float32).clone()
-        state.momentum = momentum.to(torch.float32).clone()
-        state.load_global()
-        for index, param in enumerate(state.params):
-            prefix = f"adam/{name}/{index}/"
-            entry = {k[len(prefix) :]: v for k, v in snapshot.tensors.items() if k.startswith(prefix)}
-            if entry and all(v.shape == param.shape for k, v in entry.items() if k != "step"):
-                optimizer.state[param] = {k: v.to(param.device) for k, v in entry.items()}
-        restored.append(name)
-    return restored
 
 
 def write_generation(store: CheckpointStore, snapshot: Snapshot, metrics: "NodeMetrics") -> bool:

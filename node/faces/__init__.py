@@ -1,0 +1,17 @@
+"""The doors users come through, on top of everything else.
+
+- cli     the `node` command: `node start`, `node status`
+- status  `node status`: the swarm as seen from the DHT, as a table, JSON or Prometheus text
+- api     CommonsNode: the Python API for notebooks and scripts
+"""
+
+from typing import TYPE_CHECKING
+
+from node._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
+    from node.faces.api import CommonsNode as CommonsNode
+    from node.faces.api import StateError as StateError
+    from node.faces.cli import main as main
+else:
+    __getattr__, __all__ = lazy_exports(__name__, __file__)

@@ -1,0 +1,23 @@
+"""One node's life: its config, joining, the round loop, leaving.
+
+- config   the typed config tree behind flags, COMMONS_* variables and config files
+- report   a module's round outcome, round summaries and their log lines
+- rounds   one outer round of every hosted module, overlapped with training or not
+- node     the Node: join, train rounds, average, leave
+"""
+
+from typing import TYPE_CHECKING
+
+from node._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
+    from node.runtime.config import DEVICES as DEVICES
+    from node.runtime.config import ENV_PREFIX as ENV_PREFIX
+    from node.runtime.config import LOG_FORMATS as LOG_FORMATS
+    from node.runtime.config import LOG_LEVELS as LOG_LEVELS
+    from node.runtime.config import NodeConfig as NodeConfig
+    from node.runtime.config import build_config as build_config
+    from node.runtime.config import validate_peer_maddr as validate_peer_maddr
+    from node.runtime.node import Node as Node
+else:
+    __getattr__, __all__ = lazy_exports(__name__, __file__)

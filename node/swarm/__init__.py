@@ -1,0 +1,27 @@
+"""The swarm as each peer sees it: who is in it, who may train with us, who hosts what, state for newcomers.
+
+- hello       the hello exchange; refuses other manifests / protocol versions
+- membership  announces this node and reads every peer's record (SwarmView)
+- placement   which experts to host, from the replica counts in peer records
+- statesync   serving module state to newcomers, downloading it from several donors
+"""
+
+from typing import TYPE_CHECKING
+
+from node._lazy import lazy_exports
+
+if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
+    from node.swarm.hello import Greeter as Greeter
+    from node.swarm.hello import ask as ask
+    from node.swarm.hello import check_bootstrap_peers as check_bootstrap_peers
+    from node.swarm.hello import peer_id_of as peer_id_of
+    from node.swarm.membership import Membership as Membership
+    from node.swarm.membership import SwarmView as SwarmView
+    from node.swarm.membership import read_peers as read_peers
+    from node.swarm.placement import choose_experts as choose_experts
+    from node.swarm.placement import rebalance as rebalance
+    from node.swarm.placement import replica_counts as replica_counts
+    from node.swarm.statesync import StateServer as StateServer
+    from node.swarm.statesync import download_modules as download_modules
+else:
+    __getattr__, __all__ = lazy_exports(__name__, __file__)
