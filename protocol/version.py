@@ -1,3 +1,6 @@
-"""Wire protocol version: bump on any change to what crosses the DHT or the wire."""
+"""Wire protocol version: bump on any change to what crosses the DHT or the wire.
 
-PROTOCOL_VERSION = 1
+2: averaging acknowledgements carry a refusal code (protocol/wire.py: Refusal).
+"""
+
+PROTOCOL_VERSION = 2

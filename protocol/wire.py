@@ -1,9 +1,12 @@
 """Messages exchanged over p2p streams: a small msgpack header, optionally a raw tensor payload.
 
-Frame layout: 4-byte big-endian header length, msgpack header, payload bytes (the rest).
+Frame layout (protocol/frames.py): 4-byte big-endian header length, msgpack header, payload bytes.
 Headers are validated against strict schemas (unknown fields refused); a tensor payload
 must match the header's dtype and element count exactly, and hold only finite values,
 before anyone uses it.
+
+A refused message is answered with an ``Ack`` that carries a ``Refusal`` code: what the sender
+acts on. The text beside it is for logs only.
 
 Tensor encodings: ``float32`` and ``float16`` are little-endian values; ``int8`` is
 blockwise absmax quantization: one little-endian float32 scale per block of
@@ -12,16 +15,26 @@ blockwise absmax quantization: one little-endian float32 scale per block of
 
 from __future__ import annotations
 
-from typing import Dict, Literal, Optional, Tuple, Type, Union
+from enum import Enum
+from typing import Any, Dict, Literal, Optional, Tuple, Type, Union
 
 import msgpack
 import numpy as np
-from pydantic.v1 import BaseModel, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, conint, constr
+from pydantic.v1 import (
+    BaseModel,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    conint,
+    constr,
+    root_validator,
+)
 
+from protocol.frames import FrameError, message_frame, split_message
 from protocol.records import MODULE_PATTERN
 from protocol.version import PROTOCOL_VERSION
 
-MAX_HEADER_BYTES = 4096
 DTYPES = {"float32": np.float32, "float16": np.float16}
 WIRE_DTYPES = ("float32", "float16", "int8")
 INT8_BLOCK = 1024
@@ -105,10 +118,46 @@ class StateReply(BaseModel):
     count: conint(ge=0, strict=True) = 0  # type: ignore[valid-type]
 
 
+class Refusal(str, Enum):
+    """Why a peer refused an averaging message; the sender acts on the code, never on the text."""
+
+    MALFORMED = "malformed"  # not a valid part or result (schema, size, dtype, non-finite values)
+    WRONG_SWARM = "wrong_swarm"  # the receiver trains another manifest
+    SPOOFED_SENDER = "spoofed_sender"  # the header names another peer than the stream's
+    NOT_HOSTED = "not_hosted"  # the receiver does not host that module (placement changed)
+    ROUND_OVER = "round_over"  # the receiver already finished that round
+    WRONG_ROUND = "wrong_round"  # a member of the receiver's group sent a part for a round that is over
+    BAD_WEIGHT = "bad_weight"  # a part must weigh 1; a result, the count of parts it combines
+    WRONG_GROUP = "wrong_group"  # the receiver formed another group, or the sender or slice is not in it
+    TOO_LATE = "too_late"  # the receiver stopped waiting for that result
+    WRONG_SIZE = "wrong_size"  # the slice has another number of elements in the receiver's layout
+
+    @property
+    def benign(self) -> bool:
+        """Says nothing bad about the sender (placement changed, or it is late): it is not excluded."""
+        return self in (Refusal.ROUND_OVER, Refusal.NOT_HOSTED, Refusal.TOO_LATE)
+
+
 class Ack(BaseModel):
+    """The answer to a part or result: taken, or refused with a code (``reason``: text for logs)."""
+
+    class Config:
+        extra = "forbid"
+
     type: Literal["ack"] = "ack"
     ok: StrictBool
-    reason: StrictStr = ""
+    code: Optional[Refusal] = None
+    reason: constr(max_length=512, strict=True) = ""  # type: ignore[valid-type]
+
+    @root_validator(skip_on_failure=True)
+    def _code_iff_refused(cls, values: Dict[str, Any]) -> Dict[str, Any]:
+        if values["ok"] == (values.get("code") is not None):
+            raise ValueError("a refusal carries a code, an acceptance none")
+        return values
+
+    @classmethod
+    def refuse(cls, code: Refusal, reason: str) -> "Ack":
+        return cls(ok=False, code=code, reason=reason[:512])
 
 
 Message = Union[Hello, HelloReply, TensorPart, StateRequest, StateReply, Ack]
@@ -124,19 +173,18 @@ _TYPES: Dict[str, Type[Message]] = {
 
 
 def encode(message: Message, payload: bytes = b"") -> bytes:
-    header = msgpack.packb(message.dict(), use_bin_type=True)
-    return len(header).to_bytes(4, "big") + header + payload
+    fields = {k: (v.value if isinstance(v, Enum) else v) for k, v in message.dict().items()}
+    return message_frame(msgpack.packb(fields, use_bin_type=True), payload)
 
 
 def decode(frame: bytes) -> Tuple[Message, memoryview]:
     """Split and validate a frame; raise WireError with a one-line reason."""
-    if len(frame) < 4:
-        raise WireError("frame shorter than its length prefix")
-    size = int.from_bytes(frame[:4], "big")
-    if size > MAX_HEADER_BYTES or 4 + size > len(frame):
-        raise WireError(f"header length {size} is out of bounds")
     try:
-        raw = msgpack.unpackb(frame[4 : 4 + size], raw=False, strict_map_key=True)
+        header, payload = split_message(frame)
+    except FrameError as e:
+        raise WireError(str(e)) from None
+    try:
+        raw = msgpack.unpackb(header, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises many types for garbage
         raise WireError(f"header is not msgpack: {type(e).__name__}") from None
     kind = raw.get("type") if isinstance(raw, dict) else None
@@ -147,7 +195,7 @@ def decode(frame: bytes) -> Tuple[Message, memoryview]:
     except ValidationError as e:
         first = e.errors()[0]
         raise WireError(f"{raw['type']}.{'.'.join(map(str, first['loc']))}: {first['msg']}", raw) from None
-    return message, memoryview(frame)[4 + size :]
+    return message, payload
 
 
 def tensor_payload(array: np.ndarray, dtype: str = "") -> bytes:

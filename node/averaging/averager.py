@@ -38,10 +38,12 @@ from node.averaging.matchmaking import Group
 from node.averaging.resultcheck import ResultCheck
 from node.averaging.robust import aggregate
 from node.averaging.slices import backup_of, owner_of, region_bounds, slice_values
-from node.net import now as wall_clock
+from node.net import SwarmPort
+from protocol import handlers
 from protocol.manifest import AveragingSpec
 from protocol.wire import (
     Ack,
+    Refusal,
     TensorPart,
     WireError,
     decode,
@@ -60,8 +62,6 @@ PartKind = Literal["part", "result"]
 # a part for the earlier round that arrives after the post is a lie about its round. Hosts'
 # clocks would have to disagree by more than that gap to blame an honest peer.
 CLOCK_SLACK_SECONDS = 0.0
-# Refusals that say nothing bad about the sender (placement changed, it is late): no exclusion.
-BENIGN = ("round_over", "not_hosted", "too_late")
 STREAM_ATTEMPTS = 3  # tries of one message whose stream closed under us
 SEND_WINDOW = 2  # our messages on the wire at once per peer (measured: 2 beat 4 and 8 over 100 Mbit/s)
 # Message size to ask for: what the last round's rate moves in this long. Under the manifest's 256 KB at
@@ -132,7 +132,7 @@ class _Round:
 class Averager(ResultCheck):
     """Serves part/result messages and runs all-reduces; one per node, for every module."""
 
-    def __init__(self, swarm, swarm_id: str, *, hosted: Callable[[], Set[str]], spec: AveragingSpec) -> None:
+    def __init__(self, swarm: SwarmPort, swarm_id: str, *, hosted: Callable[[], Set[str]], spec: AveragingSpec) -> None:
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._hosted = hosted
@@ -146,10 +146,10 @@ class Averager(ResultCheck):
         self.stats = AveragingStats()
         self._unreachable: Dict[str, float] = {}  # peer -> wall time we last failed to connect to it
         self._message_asks: Dict[str, int] = {}  # module -> message bytes to ask for, from its last full round
-        self.handler_name = f"commons/{swarm_id}/avg"
+        self.handler_name = handlers.averaging(swarm_id)
 
     async def start(self) -> None:
-        await self._swarm.add_handler(self.handler_name, self._handle)
+        await self._swarm.serve(self.handler_name, self._handle)
 
     @property
     def me(self) -> str:
@@ -174,14 +174,14 @@ class Averager(ResultCheck):
             self.stats.reject("malformed")
             claimed = message.dict() if message is not None else (e.header or {})
             self._exclude(remote_peer, claimed.get("module"), claimed.get("round"))
-            return encode(Ack(ok=False, reason=f"malformed: {e}"))
-        reason = self._refusal(message, remote_peer, values)
-        if reason:
-            kind = reason.split(":")[0]
-            self.stats.reject(kind)
-            if kind not in BENIGN:
+            return encode(Ack.refuse(Refusal.MALFORMED, str(e)))
+        refusal = self._refusal(message, remote_peer, values)
+        if refusal is not None:
+            code, reason = refusal
+            self.stats.reject(code.value)
+            if not code.benign:
                 self._exclude(remote_peer, message.module, message.round)
-            return encode(Ack(ok=False, reason=reason))
+            return encode(Ack.refuse(code, reason))
         key = (message.module, message.round, message.group_id, message.slice_index, message.attempt)
         slot = remote_peer if message.type == "part" else f"result:{remote_peer}"
         self._inbox.put(key, slot, message.weight, values)
@@ -196,36 +196,36 @@ class Averager(ResultCheck):
             if peer in state.group.members and (not isinstance(module, str) or module == active_module):
                 self._inbox.exclude(active_module, active_round, peer)
 
-    def _refusal(self, message: TensorPart, remote_peer: str, values: np.ndarray) -> str:
+    def _refusal(self, message: TensorPart, remote_peer: str, values: np.ndarray) -> Optional[Tuple[Refusal, str]]:
         if message.swarm_id != self._swarm_id:
-            return "wrong_swarm: this peer trains another manifest"
+            return Refusal.WRONG_SWARM, "this peer trains another manifest"
         if message.sender != remote_peer:
-            return "spoofed_sender: header sender differs from the stream's peer"
+            return Refusal.SPOOFED_SENDER, "header sender differs from the stream's peer"
         if message.module not in self._hosted():
-            return f"not_hosted: this peer does not host {message.module}"
+            return Refusal.NOT_HOSTED, f"this peer does not host {message.module}"
         state = self._active.get((message.module, message.round))
         if message.round <= self._finished.get(message.module, -1) and state is None:
             if any(m == message.module and remote_peer in s.group.members for (m, _), s in self._active.items()):
-                return "wrong_round: a member of our group sent a part for a round that is over"
+                return Refusal.WRONG_ROUND, "a member of our group sent a part for a round that is over"
             if message.type == "part":  # judged when our next round starts (see _refuse_early_strangers)
-                self._stale[(message.module, remote_peer)] = wall_clock()
-            return "round_over: this peer already finished that round"
+                self._stale[(message.module, remote_peer)] = self._swarm.now()
+            return Refusal.ROUND_OVER, "this peer already finished that round"
         if message.type == "part" and message.weight != 1.0:
-            return "bad_weight: a part must carry weight 1 (members count equally)"
+            return Refusal.BAD_WEIGHT, "a part must carry weight 1 (members count equally)"
         if message.type == "result" and not (1.0 <= message.weight <= 4096 and float(message.weight).is_integer()):
-            return "bad_weight: a result's weight is the count of parts it combines"
+            return Refusal.BAD_WEIGHT, "a result's weight is the count of parts it combines"
         if state is None:
-            return ""  # early: checked again when our round starts
+            return None  # early: checked again when our round starts
         if state.group.group_id != message.group_id:
-            return "wrong_group: this peer formed a different group for that round"
+            return Refusal.WRONG_GROUP, "this peer formed a different group for that round"
         if remote_peer not in state.group.members or message.slice_index >= len(state.bounds):
-            return "wrong_group: sender or slice is not in our group"
+            return Refusal.WRONG_GROUP, "sender or slice is not in our group"
         if message.type == "result" and message.attempt in state.settled:
-            return "too_late: this peer stopped waiting for that result"
+            return Refusal.TOO_LATE, "this peer stopped waiting for that result"
         lo, hi = state.bounds[message.slice_index]
         if values.size != hi - lo:
-            return f"wrong_size: slice {message.slice_index} has {hi - lo} elements, got {values.size}"
-        return ""
+            return Refusal.WRONG_SIZE, f"slice {message.slice_index} has {hi - lo} elements, got {values.size}"
+        return None
 
     def presumed_dead(self, peer: str, record_stored_at: float) -> bool:
         """We failed to connect to ``peer`` after its latest record was stored: don't wait for it."""
@@ -448,17 +448,20 @@ class Averager(ResultCheck):
             self.stats.bytes_sent += len(frame)
             ack, _ = decode(reply)
         except ConnectionError as e:
-            self._unreachable[peer] = wall_clock()
+            self._unreachable[peer] = self._swarm.now()
             self._inbox.exclude(group.module, group.round, peer)
             logger.info("cannot reach %s: %s", peer[-8:], e)
             return False
         except (TimeoutError, WireError) as e:
             logger.debug("%s to %s failed: %s", kind, peer[-8:], e)
             return False
-        if not isinstance(ack, Ack) or not ack.ok:
-            reason = getattr(ack, "reason", "?")
-            logger.info("peer %s refused our %s for %s: %s", peer[-8:], kind, group.module, reason)
-            if not str(reason).startswith(BENIGN):  # e.g. it is done with the round: what it sent still counts
+        if not isinstance(ack, Ack):
+            logger.info("peer %s answered our %s for %s with a %s", peer[-8:], kind, group.module, ack.type)
+            self._inbox.exclude(group.module, group.round, peer)
+            return False
+        if not ack.ok:
+            logger.info("peer %s refused our %s for %s: %s (%s)", peer[-8:], kind, group.module, ack.code, ack.reason)
+            if ack.code is None or not ack.code.benign:  # e.g. it is done with the round: what it sent still counts
                 self._inbox.exclude(group.module, group.round, peer)  # it will not reduce with us
             return False
         return True

@@ -26,8 +26,9 @@ import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, Optional, Set, Tuple
 
+from node.net import SwarmPort
 from protocol.records import ReadyRecord, RecordError, parse_record, ready_key
 
 logger = logging.getLogger(__name__)
@@ -110,17 +111,24 @@ def window_of(
 class Matchmaker:
     """Posts readiness and waits for the group; one per node, used for every module."""
 
-    def __init__(self, swarm, swarm_id: str, gather_seconds: float, clock=None, smallest_message: int = 0) -> None:
+    def __init__(
+        self,
+        swarm: SwarmPort,
+        swarm_id: str,
+        gather_seconds: float,
+        clock: Optional[Callable[[], float]] = None,
+        smallest_message: int = 0,
+    ) -> None:
         """``smallest_message``: the manifest's averaging message size in bytes (0: groups keep it, whatever
         their members ask)."""
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._gather = gather_seconds
-        self._clock = clock or swarm_clock
+        self._clock = clock or swarm.now
         self._smallest_message = smallest_message
 
     async def read_ready(self, module: str, round_number: int) -> Dict[str, ReadyRecord]:
-        raw = await self._swarm.get_subkeys(ready_key(self._swarm_id, module, round_number))
+        raw = await self._swarm.read(ready_key(self._swarm_id, module, round_number))
         records: Dict[str, ReadyRecord] = {}
         for peer, (value, _) in raw.items():
             try:
@@ -163,8 +171,3 @@ class Matchmaker:
                 return make_group(module, round_number, window, self._smallest_message)
             await asyncio.sleep(min(0.2, max(0.01, closes_at + SETTLE_SECONDS - self._clock())))
 
-
-def swarm_clock() -> float:
-    from node.net import now
-
-    return now()

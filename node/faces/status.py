@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Sequence, Tuple
 
 from node.errors import PeerUnreachable, SwarmMismatch
-from node.net import Swarm
+from node.net import HivemindSwarm
 from node.swarm import SwarmView, ask, peer_id_of, read_peers
 from protocol.wire import WireError
 
@@ -43,7 +43,7 @@ def _module_order(module: str) -> tuple:
 
 def read_swarm(initial_peers: Sequence[str], timeout: float = 20.0, swarm_id: str = "") -> Tuple[str, SwarmView]:
     """Ask the first bootstrap peer that answers for its swarm id, then read that swarm's records."""
-    swarm = Swarm.open(initial_peers=initial_peers, client_mode=True, startup_timeout=timeout)
+    swarm = HivemindSwarm.open(initial_peers=initial_peers, client_mode=True, startup_timeout=timeout)
     try:
         errors = []
         for maddr in initial_peers:

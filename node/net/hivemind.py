@@ -1,8 +1,9 @@
-"""The one door to hivemind: DHT, p2p streams and the event loop they run on.
+"""The one door to hivemind: its DHT and p2p streams as a SwarmPort (node/net/port.py).
 
 Nothing else in `node/` imports hivemind. Multiaddrs go in and come out as strings;
-hivemind's exceptions become ours (`PeerUnreachable`). Every coroutine here runs on the
-Swarm's own event loop thread, so callers on the training thread never block it.
+hivemind's exceptions become ours (`PeerUnreachable`, ConnectionError, TimeoutError). Every
+coroutine here runs on the swarm's own event loop thread (node/net/loop.py), so callers on the
+training thread never block it.
 """
 
 from __future__ import annotations
@@ -13,79 +14,28 @@ import ctypes
 import logging
 import os
 import signal
-import threading
-import time
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Awaitable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import hivemind  # node/__init__.py has chosen hivemind's memory sharing strategy already
 from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.errors import PeerUnreachable
+from node.net.loop import LoopThread
+from node.net.port import Handler
+from node.net.streams import STREAM_IDLE_SECONDS, Stream, StreamPool, read_frame, write_frame
 from node.ops import children_of
+from protocol.frames import FrameError
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
-Handler = Callable[[str, bytes], Awaitable[bytes]]
 
-# A served stream waits this long for the next request, then closes; a caller reuses an idle
-# stream only well within that, so it never writes into a stream the other side is closing.
-STREAM_IDLE_SECONDS = 60.0
-STREAM_REUSE_SECONDS = 20.0
-STREAMS_PER_PEER = 8  # idle streams kept per (peer, handler)
-
-# A frame larger than this from a peer is refused before it is read: the largest
-# legitimate message is one slice of the largest module, far below this.
-MAX_FRAME_BYTES = 1 << 30
 _PR_SET_PDEATHSIG = 1
 
 
 def now() -> float:
     """The clock every DHT record is stamped with (wall time, shared with hivemind)."""
     return get_dht_time()
-
-
-class LoopThread:
-    """An asyncio (uvloop) event loop on a daemon thread, owned by the Swarm."""
-
-    def __init__(self, name: str = "commons-swarm") -> None:
-        self.loop = _new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def submit(self, coro: Awaitable[T]) -> "concurrent.futures.Future[T]":
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
-
-    def run(self, coro: Awaitable[T], timeout: Optional[float] = None) -> T:
-        return self.submit(coro).result(timeout)
-
-    def stop(self) -> None:
-        async def _cancel_all() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        if self.loop.is_running():
-            try:
-                self.run(_cancel_all(), timeout=5)
-            except (concurrent.futures.TimeoutError, RuntimeError):
-                pass
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=5)
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:  # uvloop is a hard dependency, but a plain loop still works
-        return asyncio.new_event_loop()
 
 
 class _GuardedDHT(hivemind.DHT):
@@ -116,16 +66,23 @@ def _terminate_children_and_exit(*_: Any) -> None:
     os._exit(0)
 
 
-class Swarm:
-    """A joined DHT plus a p2p handle for our own stream protocols."""
+class HivemindSwarm:
+    """A joined DHT plus a p2p handle for our own stream protocols: the real SwarmPort, and its lifecycle."""
 
     def __init__(self, dht: hivemind.DHT, loop: LoopThread, p2p: Any) -> None:
         self._dht = dht
         self._loop = loop
         self._p2p = p2p
         self._streams = StreamPool()
-        self.peer_id: str = str(p2p.peer_id)
+        self._peer_id = str(p2p.peer_id)
         self._closed = False
+
+    @property
+    def peer_id(self) -> str:
+        return self._peer_id
+
+    def now(self) -> float:
+        return now()
 
     @classmethod
     def open(
@@ -137,7 +94,7 @@ class Swarm:
         identity_path: Optional[str] = None,
         client_mode: bool = False,
         startup_timeout: float = 20.0,
-    ) -> "Swarm":
+    ) -> "HivemindSwarm":
         """Start the DHT (and its p2pd) and join through ``initial_peers``; raise PeerUnreachable."""
         kwargs: Dict[str, Any] = dict(
             initial_peers=list(initial_peers),
@@ -182,11 +139,11 @@ class Swarm:
         return [str(m) for m in self._dht.get_visible_maddrs(latest=True)]
 
     # --- DHT records ----------------------------------------------------------------
-    async def store(self, key: str, subkey: str, value: dict, expiration_time: float) -> bool:
+    async def store(self, key: str, subkey: str, value: Any, expiration_time: float) -> bool:
         result = await self._dht.store(key, value, expiration_time, subkey=subkey, return_future=True)
         return bool(result)
 
-    async def get_subkeys(self, key: str) -> Dict[str, Tuple[Any, float]]:
+    async def read(self, key: str) -> Dict[str, Tuple[Any, float]]:
         """All live subkey values under ``key``, as {subkey: (value, expiration_time)}."""
         found = await self._dht.get(key, latest=True, return_future=True)
         if found is None or not isinstance(found.value, dict):
@@ -200,7 +157,7 @@ class Swarm:
         return out
 
     # --- request/response over p2p streams -----------------------------------------
-    async def add_handler(self, name: str, handler: Handler) -> None:
+    async def serve(self, name: str, handler: Handler) -> None:
         """Serve ``name``: a stream carries framed requests, each answered by one framed response, in turn,
         until the caller closes it or leaves it idle for ``STREAM_IDLE_SECONDS``."""
 
@@ -209,10 +166,10 @@ class Swarm:
             try:
                 while True:
                     try:
-                        request = await _read_frame(reader, idle_timeout=STREAM_IDLE_SECONDS)
+                        request = await read_frame(reader, idle_timeout=STREAM_IDLE_SECONDS)
                     except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
                         return  # the caller closed the stream, went away mid-frame, or left it idle
-                    except ValueError as e:  # a frame we will not read: say so; the caller sees a closed stream
+                    except FrameError as e:  # a frame we will not read: say so; the caller sees a closed stream
                         logger.info("refused a %s request from %s: %s", name, peer[-8:], e)
                         return
                     try:
@@ -221,7 +178,7 @@ class Swarm:
                         logger.exception("handler %s failed on a request from %s", name, peer[-8:])
                         return
                     try:
-                        await _write_frame(writer, response)
+                        await write_frame(writer, response)
                     except ConnectionError:  # the caller gave up waiting: it times out or retries
                         return
             finally:
@@ -240,10 +197,10 @@ class Swarm:
             stream = self._streams.take(peer_id, name)
             if stream is None:
                 _, reader, writer = await self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), name)
-                stream = _Stream(reader, writer)
+                stream = Stream(reader, writer)
             try:
-                await _write_frame(stream.writer, request)
-                response = await _read_frame(stream.reader)
+                await write_frame(stream.writer, request)
+                response = await read_frame(stream.reader)
             except BaseException:
                 stream.close()  # half-written or half-read: never reused
                 raise
@@ -296,85 +253,6 @@ def dht_kill(dht: hivemind.DHT, graceful: bool = True) -> None:
         dht.join(5)
 
 
-class _Stream:
-    """One open p2p stream of ours, as a reader/writer pair, and when it last finished an exchange."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.idle_since = time.monotonic()
-
-    def usable(self, at: float) -> bool:
-        """Not closed by the other side and not idle long enough for it to be closing it now."""
-        return at - self.idle_since < STREAM_REUSE_SECONDS and not self.reader.at_eof() and not self.writer.is_closing()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class StreamPool:
-    """Idle streams of ours, per (peer, handler), for the next request there. Loop thread only."""
-
-    def __init__(self, per_key: int = STREAMS_PER_PEER) -> None:
-        self.per_key = per_key
-        self._idle: Dict[Tuple[str, str], List[_Stream]] = {}
-
-    def take(self, peer: str, name: str) -> Optional[_Stream]:
-        self.sweep()
-        streams = self._idle.get((peer, name))
-        return streams.pop() if streams else None
-
-    def give_back(self, peer: str, name: str, stream: _Stream) -> None:
-        stream.idle_since = time.monotonic()
-        streams = self._idle.setdefault((peer, name), [])
-        if len(streams) < self.per_key:
-            streams.append(stream)
-        else:
-            stream.close()
-
-    def sweep(self) -> None:
-        """Close what the other side closed or what sat idle too long."""
-        at = time.monotonic()
-        for key, streams in list(self._idle.items()):
-            keep = []
-            for stream in streams:
-                if stream.usable(at):
-                    keep.append(stream)
-                else:
-                    stream.close()
-            if keep:
-                self._idle[key] = keep
-            else:
-                del self._idle[key]
-
-    def __len__(self) -> int:
-        return sum(len(streams) for streams in self._idle.values())
-
-    def close_all(self) -> None:
-        for streams in self._idle.values():
-            for stream in streams:
-                stream.close()
-        self._idle.clear()
-
-
-async def _write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
-    writer.write(len(data).to_bytes(8, "big"))
-    view = memoryview(data)
-    for offset in range(0, len(view), 1 << 20):
-        writer.write(view[offset : offset + (1 << 20)])
-        await writer.drain()
-    await writer.drain()
-
-
-async def _read_frame(reader: asyncio.StreamReader, idle_timeout: Optional[float] = None) -> bytes:
-    """One frame; with ``idle_timeout``, asyncio.TimeoutError when none begins within that many seconds."""
-    head = reader.readexactly(8)
-    size = int.from_bytes(await (asyncio.wait_for(head, idle_timeout) if idle_timeout else head), "big")
-    if size > MAX_FRAME_BYTES:
-        raise ValueError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES} limit")
-    return await reader.readexactly(size)
-
-
 def _explain_start_failure(error: BaseException, initial_peers: Sequence[str]) -> str:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     if "bootstrap" in text or initial_peers:
@@ -383,6 +261,3 @@ def _explain_start_failure(error: BaseException, initial_peers: Sequence[str]) -
             "is running and the multiaddr is the one it printed"
         )
     return f"the p2p daemon failed to start: {text}; check --host-maddrs and that the port is free"
-
-
-__all__ = ["Swarm", "LoopThread", "now", "MAX_FRAME_BYTES"]

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from node import __version__
 from node.averaging import Averager, Matchmaker
-from node.net import Swarm, now
+from node.net import HivemindSwarm
 from node.ops import (
     AveragerCollector,
     CheckpointStore,
@@ -96,7 +96,7 @@ class Node:
         self._pending: Optional[PendingRound] = None  # a round on the network (overlap mode)
         self.last_eval_loss: Optional[float] = None  # the latest score, kept between scored rounds
         self.eval_cadence = EvalCadence(config.eval_share)
-        self.swarm: Optional[Swarm] = None
+        self.swarm: Optional[HivemindSwarm] = None
         self.states: Dict[str, ModuleState] = {}
         self.hosted: List[str] = []
         self._maddrs: List[str] = []
@@ -123,7 +123,7 @@ class Node:
         logger.info("data: %s (sampling seed %d)", data.describe(), data_seed)
         # The DHT process is forked here, before torch builds the model and starts its
         # thread pools: forking a process with live OpenMP threads is not safe.
-        self.swarm = Swarm.open(
+        self.swarm = HivemindSwarm.open(
             initial_peers=self.config.initial_peers,
             host_maddrs=self.config.host_maddrs,
             announce_maddrs=self.config.announce_maddrs,
@@ -160,7 +160,7 @@ class Node:
             self.swarm, swarm_id, averaging.gather_seconds, smallest_message=averaging.message_bytes
         )
         self.averager = Averager(self.swarm, swarm_id, hosted=lambda: set(self.states), spec=averaging)
-        self.membership = Membership(self.swarm, swarm_id, self._describe_self, now)
+        self.membership = Membership(self.swarm, swarm_id, self._describe_self)
         self.round_averager = RoundAverager(self.peer_id, self.matchmaker, self.averager, self.membership, averaging)
         self.swarm.run(self.greeter.start())
         self.swarm.run(self.averager.start())
@@ -209,7 +209,7 @@ class Node:
         view = self.membership.view
         donors = {m: view.hosts_of(m, exclude=self.peer_id) for m in self.states}
         timeout = self.manifest.averaging.part_timeout_seconds
-        adopted = download_modules(self.swarm, self.swarm_id, self.states, donors, timeout)
+        adopted = download_modules(self.swarm, self.swarm_id, self.states, donors, timeout, self.swarm.run)
         if adopted:
             self.outer_round = max(self.outer_round, *adopted.values())
         elif not any(donors.values()):

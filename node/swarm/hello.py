@@ -6,12 +6,13 @@ import logging
 from typing import Optional, Sequence
 
 from node.errors import PeerUnreachable, SwarmMismatch
+from node.net import SwarmPort
+from protocol import handlers
 from protocol.version import PROTOCOL_VERSION
 from protocol.wire import Hello, HelloReply, WireError, decode, encode
 
 logger = logging.getLogger(__name__)
 
-HELLO_HANDLER = "commons/hello"  # not namespaced: peers of any swarm must be able to ask
 
 
 def peer_id_of(maddr: str) -> str:
@@ -21,13 +22,13 @@ def peer_id_of(maddr: str) -> str:
 class Greeter:
     """Answers hellos for this node and checks the bootstrap peers' answers."""
 
-    def __init__(self, swarm, swarm_id: str, manifest_name: str) -> None:
+    def __init__(self, swarm: SwarmPort, swarm_id: str, manifest_name: str) -> None:
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._manifest_name = manifest_name
 
     async def start(self) -> None:
-        await self._swarm.add_handler(HELLO_HANDLER, self._handle)
+        await self._swarm.serve(handlers.HELLO, self._handle)
 
     def _verdict(self, swarm_id: str, protocol_version: int) -> str:
         if protocol_version != PROTOCOL_VERSION:
@@ -58,9 +59,9 @@ class Greeter:
         return encode(reply)
 
 
-async def ask(swarm, peer_id: str, swarm_id: str, timeout: float) -> HelloReply:
+async def ask(swarm: SwarmPort, peer_id: str, swarm_id: str, timeout: float) -> HelloReply:
     """Send a hello; swarm_id "" asks without committing to a swarm (used by `node status`)."""
-    frame = await swarm.call(peer_id, HELLO_HANDLER, encode(Hello(swarm_id=swarm_id, peer_id=swarm.peer_id)), timeout)
+    frame = await swarm.call(peer_id, handlers.HELLO, encode(Hello(swarm_id=swarm_id, peer_id=swarm.peer_id)), timeout)
     reply, _ = decode(frame)
     if not isinstance(reply, HelloReply):
         raise WireError("expected hello_reply")
@@ -68,7 +69,7 @@ async def ask(swarm, peer_id: str, swarm_id: str, timeout: float) -> HelloReply:
 
 
 async def check_bootstrap_peers(
-    swarm, swarm_id: str, manifest_name: str, initial_peers: Sequence[str], timeout: float
+    swarm: SwarmPort, swarm_id: str, manifest_name: str, initial_peers: Sequence[str], timeout: float
 ) -> None:
     """Raise SwarmMismatch when the bootstrap peers train something else, PeerUnreachable when none answers."""
     mismatch: Optional[str] = None

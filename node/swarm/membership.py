@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+from node.net import SwarmPort
 from protocol.records import PeerRecord, RecordError, parse_record, peers_key, ready_key
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ class SwarmView:
         return max((r.outer_round for p, r in self.peers.items() if p != exclude), default=0)
 
 
-async def read_peers(swarm, swarm_id: str) -> SwarmView:
-    raw = await swarm.get_subkeys(peers_key(swarm_id))
+async def read_peers(swarm: SwarmPort, swarm_id: str) -> SwarmView:
+    raw = await swarm.read(peers_key(swarm_id))
     view = SwarmView()
     for peer, (value, expiration) in raw.items():
         try:
@@ -73,11 +74,18 @@ async def read_peers(swarm, swarm_id: str) -> SwarmView:
 class Membership:
     """Owns the announce/refresh task; ``view`` and ``ready_round`` are read by the trainer."""
 
-    def __init__(self, swarm, swarm_id: str, describe_self: Callable[[], PeerRecord], clock: Callable[[], float]):
+    def __init__(
+        self,
+        swarm: SwarmPort,
+        swarm_id: str,
+        describe_self: Callable[[], PeerRecord],
+        clock: Optional[Callable[[], float]] = None,
+    ) -> None:
+        """``clock``: what records are stamped with (default: the swarm's ``now``)."""
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._describe_self = describe_self
-        self._clock = clock
+        self._clock = clock or swarm.now
         self.view = SwarmView()
         self.watch_round: int = 0
         self.others_ready_round: int = -1  # highest round for which another peer posted trunk readiness
@@ -97,7 +105,7 @@ class Membership:
         view.seen_at[me.peer_id] = self._clock()
         self.view = view
         round_number = self.watch_round
-        posted = await self._swarm.get_subkeys(ready_key(self._swarm_id, "trunk", round_number))
+        posted = await self._swarm.read(ready_key(self._swarm_id, "trunk", round_number))
         if any(peer != self._swarm.peer_id for peer in posted):
             self.others_ready_round = max(self.others_ready_round, round_number)
         return view

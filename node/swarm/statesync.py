@@ -19,12 +19,14 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from node.net import SwarmPort
 from node.training import ModuleState, state_hash
+from protocol import handlers
 from protocol.wire import StateReply, StateRequest, WireError, decode, encode
 
 logger = logging.getLogger(__name__)
@@ -45,16 +47,20 @@ class StateServer:
     """Answers state requests from the modules ``states()`` returns (read on the swarm loop)."""
 
     def __init__(
-        self, swarm, swarm_id: str, states: Callable[[], Dict[str, ModuleState]], round_now: Callable[[], int]
-    ):
+        self,
+        swarm: SwarmPort,
+        swarm_id: str,
+        states: Callable[[], Dict[str, ModuleState]],
+        round_now: Callable[[], int],
+    ) -> None:
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._states = states
         self._round_now = round_now
-        self.handler_name = f"commons/{swarm_id}/state"
+        self.handler_name = handlers.state(swarm_id)
 
     async def start(self) -> None:
-        await self._swarm.add_handler(self.handler_name, self._handle)
+        await self._swarm.serve(self.handler_name, self._handle)
 
     async def _handle(self, remote_peer: str, frame: bytes) -> bytes:
         try:
@@ -81,12 +87,14 @@ class StateServer:
 class StateDownloader:
     """Fetches modules from donors; ``on_progress(elements)`` drives a progress bar."""
 
-    def __init__(self, swarm, swarm_id: str, timeout: float, on_progress: Optional[Callable[[int], None]] = None):
+    def __init__(
+        self, swarm: SwarmPort, swarm_id: str, timeout: float, on_progress: Optional[Callable[[int], None]] = None
+    ) -> None:
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._timeout = timeout
         self._on_progress = on_progress or (lambda n: None)
-        self._handler = f"commons/{swarm_id}/state"
+        self._handler = handlers.state(swarm_id)
         self.rejected: Dict[str, int] = {}
 
     async def digests(self, module: str, donors: Sequence[str]) -> List[Digest]:
@@ -216,9 +224,15 @@ async def catch_up(
 
 
 def download_modules(
-    swarm, swarm_id: str, states: Dict[str, ModuleState], donors: Dict[str, List[str]], timeout: float
+    swarm: SwarmPort,
+    swarm_id: str,
+    states: Dict[str, ModuleState],
+    donors: Dict[str, List[str]],
+    timeout: float,
+    run: Callable[[Awaitable[Dict[str, int]]], Dict[str, int]],
 ) -> Dict[str, int]:
-    """Blocking: download every module that has donors, with a progress bar; log what happened."""
+    """Blocking: download every module that has donors, with a progress bar; log what happened.
+    ``run`` runs a coroutine on the swarm's event loop and waits for it."""
     from tqdm.auto import tqdm
 
     total = sum(2 * states[m].numel for m, peers in donors.items() if peers)
@@ -227,7 +241,7 @@ def download_modules(
     started = time.perf_counter()
     with tqdm(total=total * 4, unit="B", unit_scale=True, desc="downloading state", leave=False) as bar:
         downloader = StateDownloader(swarm, swarm_id, timeout, on_progress=lambda n: bar.update(4 * n))
-        adopted = swarm.run(catch_up(downloader, states, lambda m: donors[m]))
+        adopted = run(catch_up(downloader, states, lambda m: donors[m]))
     seconds = time.perf_counter() - started
     size = sum(8 * states[m].numel for m in adopted)
     logger.info(

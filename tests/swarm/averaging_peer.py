@@ -39,7 +39,7 @@ import torch
 from node.averaging.averager import Averager, _Round
 from node.averaging.matchmaking import Matchmaker
 from node.averaging.slices import owner_of
-from node.net.hivemind import Swarm
+from node.net import HivemindSwarm as Swarm
 from node.ops.procs import helper_totals
 from node.runtime.rounds import leave_unstepped, majority_check
 from node.training.diloco import ModuleState

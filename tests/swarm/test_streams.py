@@ -10,7 +10,8 @@ import time
 import pytest
 
 import node.net.hivemind as swarm_module
-from node.net.hivemind import Swarm
+import node.net.streams as streams_module
+from node.net import HivemindSwarm as Swarm
 from node.ops.procs import children_of
 
 pytestmark = pytest.mark.swarm
@@ -39,7 +40,7 @@ def test_a_handler_that_raises_is_logged_and_its_caller_sees_a_closed_stream(two
             raise ValueError("a bug in the handler")
         return peer.encode() + b":" + request
 
-    server.run(server.add_handler("commons/test/echo", handler), timeout=10)
+    server.run(server.serve("commons/test/echo", handler), timeout=10)
     answer = client.run(client.call(server.peer_id, "commons/test/echo", b"hello", timeout=10), timeout=15)
     assert answer == client.peer_id.encode() + b":hello"
     with caplog.at_level(logging.INFO, logger="node.net.hivemind"):
@@ -60,7 +61,7 @@ def test_a_stream_carries_later_requests_and_is_dropped_once_the_server_closes_i
         served.append(request)
         return request[::-1]
 
-    server.run(server.add_handler("commons/test/rev", handler), timeout=10)
+    server.run(server.serve("commons/test/rev", handler), timeout=10)
 
     def call(request: bytes) -> bytes:
         return client.run(client.call(server.peer_id, "commons/test/rev", request, timeout=10), timeout=15)
@@ -76,7 +77,7 @@ def test_a_stream_carries_later_requests_and_is_dropped_once_the_server_closes_i
 
     answers = client.run(concurrently(), timeout=30)
     assert answers == [bytes([i]) * 1000 for i in range(12)]
-    assert len(client._streams) <= swarm_module.STREAMS_PER_PEER
+    assert len(client._streams) <= streams_module.STREAMS_PER_PEER
 
     # The server closes streams left idle; the caller notices and opens a fresh one.
     monkeypatch.setattr(swarm_module, "STREAM_IDLE_SECONDS", 0.5)

@@ -111,7 +111,7 @@ def test_counters_move_with_a_step_a_round_and_a_rejected_part():
 
     # A real Averager refusing a garbage frame moves the rejected-parts counter.
     reply = asyncio.run(averager._handle("some-peer", b"\x00\x00\x00\x05garbage"))
-    assert b"malformed" in reply
+    assert b"malformed" in reply  # the refusal code
     assert sample(registry, "commons_averaging_rejected_parts_total", reason="malformed") == 1
     assert sample(registry, "commons_network_received_bytes_total") > 0
 

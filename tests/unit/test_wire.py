@@ -6,12 +6,13 @@ import msgpack
 import numpy as np
 import pytest
 
+from protocol.frames import MAX_HEADER_BYTES
 from protocol.version import PROTOCOL_VERSION
 from protocol.wire import (
-    MAX_HEADER_BYTES,
     Ack,
     Hello,
     HelloReply,
+    Refusal,
     TensorPart,
     WireError,
     decode,
@@ -67,7 +68,7 @@ def _part_header(**overrides) -> dict:
         HelloReply(swarm_id=SWARM, manifest_name="commons-default", accepted=True),
         HelloReply(swarm_id=SWARM, manifest_name="other", accepted=False, reason="different swarm"),
         Ack(ok=True),
-        Ack(ok=False, reason="bad_weight"),
+        Ack(ok=False, code=Refusal.BAD_WEIGHT, reason="a part must carry weight 1"),
     ],
 )
 def test_round_trip_without_payload(message) -> None:
