@@ -2,7 +2,7 @@
 
 Each reduced slice is compared with the member's own part, region by region (pseudo-gradient,
 and on a re-sync parameters and momentum): the relative distance must stay within
-``result_tolerance`` times a reference the reducer cannot move (the largest distance on the
+``tolerance`` times a reference the reducer cannot move (the largest distance on the
 slices this member reduced itself, or the lower median over the round's slices where the result
 differs from our part at all; robust.py). Slices where every member sent the same values (bytes
 no peer's data touches, or a re-sync's parameters where the copies agree) come back equal to our
@@ -18,25 +18,24 @@ On a re-sync the parameter and momentum regions are not alike from slice to slic
 partial round a member's copy differs from the others' only where that round failed. A result
 there is far from our copy for an honest reason, so instead of refusing it the member holds it
 back, and applies all held-back results together if the whole re-synced state then hashes to
-the state most of the group holds (``verify``, from node/rounds.py): with CenteredClip, a group
-where most members hold one state gets exactly that state back. Otherwise they are refused. With
-no majority state (every member's copy differs) there is nothing to verify against: there a result
-is refused only if it is farther from our copy than ``result_tolerance`` times our copy's norm.
+the state most of the group holds (the run's ``verify``, from node/runtime/rounds.py): with
+CenteredClip, a group where most members hold one state gets exactly that state back. Otherwise
+they are refused. With no majority state (every member's copy differs) there is nothing to verify
+against: there a result is refused only if it is farther from our copy than ``tolerance`` times
+our copy's norm.
+
+``check_results`` is a pure function of arrays; node/averaging/run.py applies its verdicts.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
 from node.averaging.robust import lower_median, region_spans, relative_distance
-from node.averaging.slices import owner_of
-
-if TYPE_CHECKING:
-    from node.averaging.averager import AveragingStats, _Round
-    from protocol.manifest import AveragingSpec
 
 logger = logging.getLogger("node.averaging")
 
@@ -44,93 +43,66 @@ MIN_CHECK_ELEMENTS = 16
 RELATIVE_FLOOR = 1e-6  # float32 rounding of a mean: below this two values are the same
 # A re-sync's parameters and momentum with no majority state to verify against: how far apart honest
 # copies are depends on where each member missed rounds, not on the other slices, so a result may move
-# our copy by up to ``result_tolerance`` x its own norm there (a sign flip x10 lands at 11).
+# our copy by up to ``tolerance`` x its own norm there (a sign flip x10 lands at 11).
 UNVERIFIED_STATE_FLOOR = 1.0
 
 
-class ResultCheck:
-    """Mixed into the Averager: judges the results of one attempt of an all-reduce."""
+@dataclass(frozen=True)
+class Verdicts:
+    """What to do with each result of one attempt, by slice index."""
 
-    stats: "AveragingStats"
-    _spec: "AveragingSpec"
+    accepted: Tuple[int, ...] = ()  # apply now
+    held: Tuple[int, ...] = ()  # a re-sync's state far from our copy: apply if the whole verifies
+    refused: Dict[int, Tuple[float, float]] = field(default_factory=dict)  # slice -> (distance, limit)
+    wrong_size: Tuple[int, ...] = ()  # not the slice's length in our layout
 
-    def _accept_checked(
-        self, state: _Round, results: Dict[int, Tuple[float, np.ndarray]], reducer_of, peer_id: str
-    ) -> None:
-        """Apply each result that passes the check against our own part, ``peer_id``'s (see node/robust.py)."""
-        size = len(state.group.members)
-        if size < 3:
-            results = self._right_sized(state, results)
-            for i, (weight, values) in results.items():
-                self._apply(state, i, weight, values, reducer_of[i])
-            return
-        me = state.group.index_of(peer_id)
-        mine = {i for i in range(len(state.bounds)) if owner_of(i, size) == me and state.averaged[i]}
-        ratios: Dict[int, List[Tuple[int, float]]] = {}  # region -> [(slice, ratio)]
-        checked = self._right_sized(state, {i: r for i, r in results.items() if i not in mine})
-        for i in [*sorted(mine), *sorted(checked)]:
-            lo, hi = state.bounds[i]
-            values = state.result[lo:hi] if i in mine else checked[i][1]
-            for region, a, b in region_spans(lo, hi, state.regions):
-                if b - a >= MIN_CHECK_ELEMENTS:
-                    distance = relative_distance(values[a - lo : b - lo], state.sent[a:b])
-                    ratios.setdefault(region, []).append((i, distance))
-        limits = {}
+
+def check_results(
+    results: Mapping[int, np.ndarray],
+    own: np.ndarray,
+    bounds: Sequence[Tuple[int, int]],
+    regions: Sequence[int],
+    *,
+    group_size: int,
+    reduced: Mapping[int, np.ndarray],
+    tolerance: float,
+    verifiable: bool,
+) -> Verdicts:
+    """Judge the reducers' ``results`` (slice -> values) against ``own`` (our vector as receivers decode it).
+
+    ``reduced``: the slices this member reduced itself with at least one other part, and their values
+    (the reference the other reducers cannot move). ``verifiable``: a re-sync with a majority state to
+    verify held-back results against."""
+    right = {i: v for i, v in results.items() if v.size == bounds[i][1] - bounds[i][0]}
+    wrong_size = tuple(sorted(set(results) - set(right)))
+    if group_size < 3:  # no third opinion: see the module docstring
+        return Verdicts(accepted=tuple(sorted(right)), wrong_size=wrong_size)
+    checked = {i: v for i, v in right.items() if i not in reduced}
+    ratios: Dict[int, List[Tuple[int, float]]] = {}  # region -> [(slice, ratio)]
+    for i, values in [*sorted(reduced.items()), *sorted(checked.items())]:
+        lo, hi = bounds[i]
+        for region, a, b in region_spans(lo, hi, regions):
+            if b - a >= MIN_CHECK_ELEMENTS:
+                ratios.setdefault(region, []).append((i, relative_distance(values[a - lo : b - lo], own[a:b])))
+    limits = {}
+    for region, entries in ratios.items():
+        mine = [r for i, r in entries if i in reduced]
+        moved = [r for _, r in entries if r > RELATIVE_FLOOR]  # see the module docstring
+        reference = max(mine + [lower_median(moved)])
+        floor = UNVERIFIED_STATE_FLOOR if region > 0 and not verifiable else RELATIVE_FLOOR
+        limits[region] = tolerance * max(reference, floor)
+    if logger.isEnabledFor(logging.DEBUG):  # for tuning
         for region, entries in ratios.items():
-            own = [r for i, r in entries if i in mine]
-            moved = [r for _, r in entries if r > RELATIVE_FLOOR]  # see the module docstring
-            reference = max(own + [lower_median(moved)])
-            floor = UNVERIFIED_STATE_FLOOR if region > 0 and state.verify is None else RELATIVE_FLOOR
-            limits[region] = self._spec.result_tolerance * max(reference, floor)
-        for region, entries in ratios.items() if logger.isEnabledFor(logging.DEBUG) else ():  # for tuning
             worst = max(((r / limits[region], i) for i, r in entries if i in checked), default=None)
             if worst is not None:
-                logger.debug("%s round %d region %d: results checked, the farthest at %.2f of its limit (slice %d)",
-                             state.group.module, state.group.round, region, *worst)  # fmt: skip
-        for i in sorted(checked):
-            bad = [
-                (region, r) for region, entries in ratios.items() for j, r in entries if j == i and r > limits[region]
-            ]
-            weight, values = checked[i]
-            if bad and state.verify is not None and all(region > 0 for region, _ in bad):
-                state.pending[i] = (weight, values, reducer_of[i])  # a re-sync's state: see _settle_pending
-                continue
-            if bad:
-                self.stats.reject("bad_result")
-                logger.warning(
-                    "refused %s's result for slice %d of %s: %.3g from our part, limit %.3g",
-                    reducer_of[i][-8:], i, state.group.module, bad[0][1], limits[bad[0][0]],
-                )  # fmt: skip
-                continue
-            self._apply(state, i, weight, values, reducer_of[i])
-
-    def _right_sized(
-        self, state: _Round, results: Dict[int, Tuple[float, np.ndarray]]
-    ) -> Dict[int, Tuple[float, np.ndarray]]:
-        ok = {i: r for i, r in results.items() if r[1].size == state.bounds[i][1] - state.bounds[i][0]}
-        self.stats.reject("wrong_size", len(results) - len(ok))
-        return ok
-
-    @staticmethod
-    def _apply(state: _Round, index: int, weight: float, values: np.ndarray, reducer: str) -> None:
-        state.result[slice(*state.bounds[index])] = values
-        state.averaged[index] = weight > 1
-        state.contributors.add(reducer)
-
-    def _settle_pending(self, state: _Round) -> None:
-        """Apply the held-back re-sync results if the vector with them passes ``verify``; else refuse them."""
-        if not state.pending:
-            return
-        candidate = state.result.copy()
-        for i, (_, values, _) in state.pending.items():
-            candidate[slice(*state.bounds[i])] = values
-        verified = bool(state.verify and state.verify(candidate))
-        for i, (weight, values, reducer) in state.pending.items():
-            if verified:
-                self._apply(state, i, weight, values, reducer)
-            else:
-                self.stats.reject("bad_result")
-        if not verified:
-            logger.warning("refused %d re-sync result(s) for %s: far from our state, and the whole is not the "
-                           "majority's state", len(state.pending), state.group.module)  # fmt: skip
-        state.pending.clear()
+                logger.debug("region %d: results checked, the farthest at %.2f of its limit (slice %d)", region, *worst)
+    accepted, held, refused = [], [], {}
+    for i in sorted(checked):
+        bad = [(region, r) for region, entries in ratios.items() for j, r in entries if j == i and r > limits[region]]
+        if bad and verifiable and all(region > 0 for region, _ in bad):
+            held.append(i)
+        elif bad:
+            refused[i] = (bad[0][1], limits[bad[0][0]])
+        else:
+            accepted.append(i)
+    return Verdicts(tuple(accepted), tuple(held), refused, wrong_size)

@@ -14,117 +14,36 @@ Commands (one JSON object per line on stdin):
   {"cmd": "resync", "round": R, "numel": N, "seed": S, "expected": [...], "diverge": [[lo, hi], ...]}
       one re-sync round (see Peer.resync); replies {"event": "resynced", "hash", "fraction", ...}
   {"cmd": "quit"}
-An attacker is this same program running modified averaging code (``Attacker`` below):
+An attacker is this same program running modified averaging code (tests/attacks.py: ``Attacker``):
 see ATTACKS. The production Averager, Matchmaker and Swarm are used unchanged otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import List, Optional
 
-import msgpack
 import numpy as np
 import torch
 
-from node.averaging.averager import Averager, _Round
 from node.averaging.matchmaking import Matchmaker
-from node.averaging.slices import owner_of
 from node.net import HivemindSwarm as Swarm
 from node.ops.procs import helper_totals
 from node.runtime.rounds import leave_unstepped, majority_check
 from node.training.diloco import ModuleState
 from protocol.manifest import AveragingSpec, OuterOptimizerSpec
-from protocol.wire import tensor_payload
+from tests.attacks import ATTACKS, Attacker, make_vector
 
 SWARM_ID = "a" * 16
 SPEC = AveragingSpec(gather_seconds=1.0, part_timeout_seconds=5.0, round_timeout_seconds=30.0)
-ATTACKS = (
-    "none nan inf scale_1e30 sign_flip_100 weight_huge weight_negative wrong_length wrong_dtype "
-    "broadcast wrong_round wrong_group lying_reducer crash_after_parts sign_flip noise slow_reducer"
-).split()
 TASK_DIM = 256
-
-
-def make_vector(round_number: int, seed: int, numel: int) -> np.ndarray:
-    """A pseudo-gradient-like vector: a component shared by all peers in a round plus this peer's own."""
-    shared = np.random.default_rng([round_number, 1]).standard_normal(numel, dtype=np.float32)
-    own = np.random.default_rng([round_number, 2, seed]).standard_normal(numel, dtype=np.float32)
-    return shared + 0.5 * own
-
-
-class Attacker(Averager):
-    """The production Averager with one thing changed per attack mode."""
-
-    attack = "none"
-
-    def _frame(self, kind, state: _Round, index, weight, values, attempt):
-        mode = self.attack
-        if kind == "result":
-            if mode == "lying_reducer":
-                values = values * -10.0
-            return super()._frame(kind, state, index, weight, values, attempt)
-        values = values.copy()
-        if mode in ("nan", "inf"):
-            values[values.size // 2] = np.nan if mode == "nan" else np.inf
-        elif mode == "scale_1e30":
-            values *= 1e30
-        elif mode == "sign_flip_100":
-            values *= -100.0
-        elif mode == "sign_flip":
-            values *= -4.0
-        elif mode == "noise":
-            rng = np.random.default_rng()
-            values = (10 * np.linalg.norm(values) / np.sqrt(values.size)) * rng.standard_normal(values.size)
-            values = values.astype(np.float32)
-        elif mode == "wrong_length":
-            values = values[:-1]
-        elif mode == "broadcast":
-            values = values[:1]
-        frame = super()._frame(kind, state, index, weight, values, attempt)
-        if mode in ("weight_huge", "weight_negative", "wrong_dtype", "wrong_round", "wrong_group"):
-            size = int.from_bytes(frame[:4], "big")
-            header = msgpack.unpackb(frame[4 : 4 + size])
-            payload = frame[4 + size :]
-            if mode == "weight_huge":
-                header["weight"] = 1e9
-            elif mode == "weight_negative":
-                header["weight"] = -3.0
-            elif mode == "wrong_dtype":
-                header["dtype"], payload = "float64", tensor_payload(values.astype(np.float64))
-            elif mode == "wrong_round":
-                header["round"] = max(0, header["round"] - 1)
-            else:
-                header["group_id"] = "0" * 16
-            packed = msgpack.packb(header, use_bin_type=True)
-            frame = len(packed).to_bytes(4, "big") + packed + payload
-        return frame
-
-    async def _send(self, peer, kind, state, index, weight, values, attempt, stop=None):
-        if kind == "result" and self.attack == "slow_reducer":  # past every member's results deadline
-            await asyncio.sleep(2 * self._spec.part_timeout_seconds)
-        return await super()._send(peer, kind, state, index, weight, values, attempt, stop)
-
-    async def _exchange(self, state, attempt, slices):
-        if self.attack != "crash_after_parts":
-            return await super()._exchange(state, attempt, slices)
-        group = state.group
-        for index, bounds in enumerate(state.bounds):
-            peer = group.members[owner_of(index, len(group.members))]
-            if peer != self.me:
-                await self._send(peer, "part", state, index, 1.0, state.sent[slice(*bounds)], 0)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def cpu_seconds() -> dict:
     """CPU time so far of this process ("peer") and its descendants: hivemind's DHT process and p2pd."""
     helpers = helper_totals(os.getpid())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from node.averaging import Averager
 from node.averaging.deadlines import Deadlines
 from node.averaging.robust import (
     aggregate,
@@ -15,6 +16,7 @@ from node.averaging.robust import (
     relative_distance,
     screen_outliers,
 )
+from protocol.manifest import AveragingSpec
 from protocol.wire import (
     INT8_BLOCK,
     TensorPart,
@@ -140,14 +142,19 @@ def test_int8_payload_decodes_and_is_validated():
 
 def test_deadlines_start_at_the_cap_then_follow_what_was_observed():
     deadlines = Deadlines(cap=15.0, multiplier=3.0)
-    assert deadlines.timeout("trunk", "parts") == 15.0
-    deadlines.observe("trunk", "parts", 0.1)
-    assert deadlines.timeout("trunk", "parts") == 1.0  # the floor
-    deadlines.observe("trunk", "parts", 2.0)
-    assert deadlines.timeout("trunk", "parts") == pytest.approx(6.5)
-    deadlines.observe("trunk", "parts", 100.0)
-    assert deadlines.timeout("trunk", "parts") == 15.0  # never past the manifest's cap
-    assert deadlines.timeout("expert.0.0", "parts") == 15.0  # per module
+    assert deadlines.timeout("parts") == 15.0
+    deadlines.observe("parts", 0.1)
+    assert deadlines.timeout("parts") == 1.0  # the floor
+    deadlines.observe("parts", 2.0)
+    assert deadlines.timeout("parts") == pytest.approx(6.5)
+    deadlines.observe("parts", 100.0)
+    assert deadlines.timeout("parts") == 15.0  # never past the manifest's cap
+    # per module: each module's memory learns its own waits
+    spec = AveragingSpec(part_timeout_seconds=15.0)
+    averager = Averager(None, "abc", hosted=lambda: {"trunk", "expert.0.0"}, spec=spec)
+    averager.memory("trunk").deadlines.observe("parts", 0.1)
+    assert averager.memory("trunk").deadlines.timeout("parts") == 1.0
+    assert averager.memory("expert.0.0").deadlines.timeout("parts") == 15.0
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
@@ -170,25 +177,25 @@ def test_a_majority_of_identical_parts_is_the_result_bit_for_bit(rows, same):
 
 def test_deadlines_scale_with_the_bytes_a_round_moves():
     deadlines = Deadlines(cap=15.0, multiplier=3.0)
-    deadlines.observe("trunk", "parts", 2.0, nbytes=1_000_000)
-    assert deadlines.timeout("trunk", "parts", 1_000_000) == pytest.approx(6.5)
+    deadlines.observe("parts", 2.0, nbytes=1_000_000)
+    assert deadlines.timeout("parts", 1_000_000) == pytest.approx(6.5)
     # a re-sync moves 3x the bytes: 3x the wait, and the cap grows with it (else it could never finish)
-    assert deadlines.timeout("trunk", "parts", 3_000_000) == pytest.approx(18.5)
-    deadlines.observe("trunk", "parts", 30.0, nbytes=1_000_000)
-    assert deadlines.timeout("trunk", "parts", 1_000_000) == 15.0
-    assert deadlines.timeout("trunk", "parts", 3_000_000) == 45.0
-    assert deadlines.timeout("trunk", "parts", 10) == 1.0  # a tiny round: the floor
+    assert deadlines.timeout("parts", 3_000_000) == pytest.approx(18.5)
+    deadlines.observe("parts", 30.0, nbytes=1_000_000)
+    assert deadlines.timeout("parts", 1_000_000) == 15.0
+    assert deadlines.timeout("parts", 3_000_000) == 45.0
+    assert deadlines.timeout("parts", 10) == 1.0  # a tiny round: the floor
 
 
 def test_a_wait_that_ran_out_on_a_slow_member_lengthens_the_next_one():
     """Only complete waits used to teach: a swarm whose rounds got slower kept its short deadlines."""
     deadlines = Deadlines(cap=15.0, multiplier=3.0)
-    deadlines.observe("trunk", "results", 1.0, nbytes=1_000_000)
-    assert deadlines.timeout("trunk", "results", 1_000_000) == pytest.approx(3.5)
-    deadlines.ran_out("trunk", "results", 3.5, nbytes=1_000_000)  # it took at least that long
-    assert deadlines.timeout("trunk", "results", 1_000_000) == pytest.approx(11.0)
-    deadlines.ran_out("trunk", "results", 11.0, nbytes=1_000_000)
-    assert deadlines.timeout("trunk", "results", 1_000_000) == 15.0  # still never past the cap
+    deadlines.observe("results", 1.0, nbytes=1_000_000)
+    assert deadlines.timeout("results", 1_000_000) == pytest.approx(3.5)
+    deadlines.ran_out("results", 3.5, nbytes=1_000_000)  # it took at least that long
+    assert deadlines.timeout("results", 1_000_000) == pytest.approx(11.0)
+    deadlines.ran_out("results", 11.0, nbytes=1_000_000)
+    assert deadlines.timeout("results", 1_000_000) == 15.0  # still never past the cap
     for _ in range(8):  # and forgotten once as many complete waits came after it as are remembered
-        deadlines.observe("trunk", "results", 1.0, nbytes=1_000_000)
-    assert deadlines.timeout("trunk", "results", 1_000_000) == pytest.approx(3.5)
+        deadlines.observe("results", 1.0, nbytes=1_000_000)
+    assert deadlines.timeout("results", 1_000_000) == pytest.approx(3.5)
