@@ -8,8 +8,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install install-dev start test test-unit lint bench bench-suite bench-wan bench-utilization bench-convergence \
-	bench-overhead bench-scale bench-transport clean
+.PHONY: install install-dev system-packages start test test-unit lint bench bench-suite bench-wan bench-utilization \
+	bench-convergence bench-overhead bench-scale bench-transport clean
 
 # Progress goes to stderr so that `make start`'s stdout holds only the node's JSON ready line.
 $(BIN)/python:
@@ -35,12 +35,26 @@ install-dev: $(VENV)/.installed-dev
 start: install
 	@$(BIN)/node start $(ARGS)
 
+# Debian's prometheus package (prometheus + promtool), for the tests that run a real Prometheus and promtool.
+# Nothing to do when both are on PATH; as root (CI), apt-get installs it; otherwise those tests are skipped.
+system-packages:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's prometheus package" >&2; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends prometheus >&2; \
+	else \
+		echo "prometheus/promtool not found: their tests will be skipped." \
+			"To run them: sudo apt-get install --no-install-recommends prometheus" >&2; \
+	fi
+
 lint: install-dev
-	$(BIN)/ruff check node protocol tests
+	$(BIN)/ruff check node protocol tests bench
 	$(BIN)/mypy
 
-test: install-dev lint
-	$(BIN)/python -m pytest -q tests/unit tests/swarm tests/e2e
+# Tiers, fastest first: unit (no processes, no sockets), system (real OS resources), swarm, e2e.
+test: install-dev system-packages lint
+	$(BIN)/python -m pytest -q tests/unit tests/system tests/swarm tests/e2e
 
 test-unit: install-dev
 	$(BIN)/python -m pytest -q tests/unit
@@ -49,28 +63,28 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
 bench: install-dev
-	$(BIN)/python -m tests.bench.swarm_rounds
+	$(BIN)/python -m bench.swarm_rounds
 
 # The whole suite (issue 7), one item after another; needs root for the network namespaces. Writes
 # bench-results/README.md (every table, the machine, the commit) and each item's tables and plots.
 bench-suite: install-dev
-	$(BIN)/python -m tests.bench.suite --out bench-results
+	$(BIN)/python -m bench.suite --out bench-results
 
 bench-utilization: install-dev
-	$(BIN)/python -m tests.bench.utilization --out bench-results/utilization
+	$(BIN)/python -m bench.utilization --out bench-results/utilization
 
 bench-convergence: install-dev
-	$(BIN)/python -m tests.bench.convergence --out bench-results/convergence
+	$(BIN)/python -m bench.convergence --out bench-results/convergence
 
 bench-overhead: install-dev
-	$(BIN)/python -m tests.bench.overhead --out bench-results/overhead
+	$(BIN)/python -m bench.overhead --out bench-results/overhead
 
 bench-scale: install-dev
-	$(BIN)/python -m tests.bench.scale --out bench-results/scale
+	$(BIN)/python -m bench.scale --out bench-results/scale
 
 # Needs root (network namespaces, tbf); prints "skipped" and exits 0 otherwise. Writes bench-results/wan/.
 bench-wan: install-dev
-	$(BIN)/python -m tests.bench.wan_averaging --out bench-results/wan
+	$(BIN)/python -m bench.wan_averaging --out bench-results/wan
 
 bench-transport: install-dev
-	$(BIN)/python -m tests.bench.transport --out bench-results/transport
+	$(BIN)/python -m bench.transport --out bench-results/transport

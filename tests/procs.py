@@ -8,6 +8,7 @@ found a leak. Only processes we started are ever signalled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -211,4 +212,7 @@ class NodeProcess:
         self._log.close()
         if self.proc.stdout:
             self.proc.stdout.close()
+        if self.proc.stdin:  # interactive: the process has exited, so a command still buffered cannot land
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
         return leaked

@@ -101,8 +101,11 @@ def _row_norms(rows: np.ndarray) -> np.ndarray:
 
 def _squared_norm(values: np.ndarray) -> float:
     # BLAS dot on float32: no float64 copy of a slice of millions of values (a float32 sum of squares
-    # is accurate to ~1e-6 relative, far inside every tolerance these norms are compared with)
-    return float(np.dot(values, values))
+    # is accurate to ~1e-6 relative, far inside every tolerance these norms are compared with).
+    # A part with values beyond ~1e19 (an attacker's x1e30) overflows to inf, which is the right answer: no
+    # finite limit admits it. So that overflow is expected, and not worth a RuntimeWarning on every such part.
+    with np.errstate(over="ignore"):
+        return float(np.dot(values, values))
 
 
 def _mean(parts: Sequence[np.ndarray]) -> np.ndarray:

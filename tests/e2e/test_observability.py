@@ -61,16 +61,17 @@ def test_prometheus_scrapes_two_nodes_and_sees_training_progress(tmp_path, prome
             f"  - job_name: commons\n    static_configs: [{{targets: {json.dumps(targets)}}}]\n"
         )
         port = free_port()
-        prometheus = subprocess.Popen(
-            [
-                prometheus_bin["prometheus"],
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=open(tmp_path / "prometheus.log", "wb"),
-        )
+        with open(tmp_path / "prometheus.log", "wb") as prometheus_log:  # the child writes to its own copy
+            prometheus = subprocess.Popen(
+                [
+                    prometheus_bin["prometheus"],
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=prometheus_log,
+            )
         base = f"http://127.0.0.1:{port}"
         first: Dict[str, float] = {}
         deadline = time.monotonic() + 60

@@ -1,9 +1,10 @@
-"""Every documented metric is exported with its documented type and labels, and moves when it should."""
+"""Every documented metric is exported with its documented type and labels, and moves when it should.
+
+The HTTP endpoints that serve them (/metrics, /healthz, /readyz): tests/system/test_endpoints.py."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -14,13 +15,11 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.averaging.averager import Averager, AveragingStats
-from node.ops.endpoints import Endpoints, Health
 from node.ops.metrics import AveragerCollector, HelperProcessCollector, NodeMetrics, SwarmViewCollector
 from node.runtime.report import ModuleOutcome
 from node.swarm.membership import SwarmView
 from protocol.manifest import AveragingSpec
 from protocol.records import PeerRecord
-from tests.procs import http_get
 
 DOC = Path(__file__).resolve().parents[2] / "deploy" / "METRICS.md"
 
@@ -114,29 +113,3 @@ def test_counters_move_with_a_step_a_round_and_a_rejected_part():
     assert b"malformed" in reply  # the refusal code
     assert sample(registry, "commons_averaging_rejected_parts_total", reason="malformed") == 1
     assert sample(registry, "commons_network_received_bytes_total") > 0
-
-
-def test_endpoints_serve_metrics_health_and_readiness():
-    now = [100.0]
-    health = Health(stall_seconds=30, clock=lambda: now[0])
-    metrics, registry = node_registry(AveragingStats())
-    endpoints = Endpoints("127.0.0.1", 0, registry, CollectorRegistry(), health)
-    try:
-        code, body = http_get(endpoints.url("/metrics"))
-        assert code == 200 and b"commons_training_steps_total" in body
-        assert http_get(endpoints.url("/healthz"))[0] == 503 and http_get(endpoints.url("/readyz"))[0] == 503
-        health.progress()
-        health.joined = True
-        assert http_get(endpoints.url("/healthz"))[0] == 200 and http_get(endpoints.url("/readyz"))[0] == 200
-        now[0] += 31  # no progress for longer than stall_seconds
-        code, body = http_get(endpoints.url("/healthz"))
-        assert code == 503 and "no training progress" in json.loads(body)["reason"]
-        health.progress()
-        health.data_error = "file gone"
-        code, body = http_get(endpoints.url("/healthz"))
-        assert code == 503 and "data source" in json.loads(body)["reason"]
-        health.data_error = None
-        assert http_get(endpoints.url("/healthz"))[0] == 200
-        assert http_get(endpoints.url("/nope"))[0] == 404
-    finally:
-        endpoints.close()

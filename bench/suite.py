@@ -1,6 +1,6 @@
 """The whole benchmark suite, one item after another, into one output directory.
 
-Usage (root, for the network namespaces): python -m tests.bench.suite [--out bench-results] [--only NAME ...]
+Usage (root, for the network namespaces): python -m bench.suite [--out bench-results] [--only NAME ...]
 Runs each item in its own process (so one failing item does not stop the others), each writing its
 Markdown table and PNG plots into ``--out/<item>/``, then writes ``--out/README.md``: the machine, the
 date, the commit and every item's table, with its exit status and duration. Items run one at a time:
@@ -21,12 +21,12 @@ from typing import Dict, List
 from tests.procs import REPO
 
 ITEMS: Dict[str, List[str]] = {  # name -> module and arguments; each also gets --out <dir>/<name>
-    "wan": ["tests.bench.wan_averaging"],
-    "utilization": ["tests.bench.utilization"],
-    "convergence": ["tests.bench.convergence"],
-    "overhead": ["tests.bench.overhead"],
-    "scale": ["tests.bench.scale"],
-    "transport": ["tests.bench.transport"],
+    "wan": ["bench.wan_averaging"],
+    "utilization": ["bench.utilization"],
+    "convergence": ["bench.convergence"],
+    "overhead": ["bench.overhead"],
+    "scale": ["bench.scale"],
+    "transport": ["bench.transport"],
 }
 TITLES = {
     "wan": "1. Averaging round: 4 peers, 40 MB fp32, 100 Mbit/s",

@@ -1,7 +1,7 @@
 """Benchmark: how many `node start` processes one machine holds on loopback, and what each one costs.
 
-Usage: python -m tests.bench.scale [--nodes 4 8 16] [--experts 1 2 4 8 16] [--seconds 60] [--sweep-seconds 120]
-                                   [--out DIR]
+Usage: python -m bench.scale [--nodes 4 8 16] [--experts 1 2 4 8 16] [--seconds 60] [--sweep-seconds 120]
+                             [--out DIR]
 
 For each N in ``--nodes``: one swarm of N real nodes (one BLAS thread each) on 127.0.0.1, every node hosting
 ``--hosted`` experts. The first node starts a new swarm; once it is ready the others join it, one every
@@ -424,7 +424,7 @@ def header(args: argparse.Namespace, load: str) -> str:
             f"(`{args.out / 'manifest.yaml'}`); one BLAS thread per node{extra_env}; joiners every {args.stagger:g} s; "
             f"bootstrap timeout {args.bootstrap_timeout:g} s; window {args.seconds:g} s ({args.sweep_seconds:g} s "
             f"for the expert sweep) after all views were full (or {args.view_deadline:g} s passed). "
-            "Definitions: the docstring of `tests/bench/scale.py`.")  # fmt: skip
+            "Definitions: the docstring of `bench/scale.py`.")  # fmt: skip
 
 
 def main() -> None:

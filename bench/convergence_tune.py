@@ -1,11 +1,11 @@
 """Quick DiLoCo tuner: 4 simulated workers in one process, no network; held-out loss per setting.
 
-Usage: python -m tests.bench.convergence_tune [--steps 1200] [--configs 25:0.7:0.9 10:0.7:0.9 ddp single ...]
-                                                [--aggregator centered_clip[:M]|mean] [--parallel 2] [--out DIR]
+Usage: python -m bench.convergence_tune [--steps 1200] [--configs 25:0.7:0.9 10:0.7:0.9 ddp single ...]
+                                          [--aggregator centered_clip[:M]|mean] [--parallel 2] [--out DIR]
 
 A config is ``H:outer_lr:momentum[:warmup_rounds[:delay_steps]]``, or ``ddp`` (4 workers' gradients averaged
 every step, one AdamW) or ``single`` (one worker on all the training data). ``--steps`` is the total number of
-batches of 16 over all workers, as in tests/bench/convergence.py. Each worker is the node's own Trainer (the
+batches of 16 over all workers, as in bench/convergence.py. Each worker is the node's own Trainer (the
 manifest's model, every expert, AdamW as the manifest says) on its quarter shard; each module keeps a
 node.diloco.ModuleState per worker, so the outer step is the node's. Per round, every module's pseudo-gradients
 are aggregated as a 4-peer group would: cut into 4 slices, each combined by node.robust.aggregate (CenteredClip
@@ -29,12 +29,12 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from bench.convergence_data import build_model, diloco_manifest, evaluate, heldout_batches, split_corpus
 from node.averaging.robust import aggregate
 from node.averaging.slices import slice_bounds
 from node.training.data import TextData
 from node.training.diloco import ModuleState
 from node.training.trainer import Trainer
-from tests.bench.convergence_data import build_model, diloco_manifest, evaluate, heldout_batches, split_corpus
 
 WORKERS = 4
 EVAL_POINTS = 4

@@ -1,7 +1,7 @@
 """Benchmark: one averaging round of a big fp32 vector among peers on rate-limited links, side by side.
 
-Usage: python -m tests.bench.wan_averaging [--peers 4] [--mbytes 40] [--mbit 100] [--rounds 3] [--out DIR]
-Needs root (network namespaces, see tests/bench/netns.py); otherwise prints why and exits 0.
+Usage: python -m bench.wan_averaging [--peers 4] [--mbytes 40] [--mbit 100] [--rounds 3] [--out DIR]
+Needs root (network namespaces, see bench/netns.py); otherwise prints why and exits 0.
 Each peer is its own process in its own namespace (10.77.0.i), every link ``--mbit`` up and down.
 Compared: Commons (tests/swarm/averaging_peer.py) per compression, hivemind DecentralizedAverager,
 torch.distributed gloo all_reduce, and the bandwidth floor 2(n-1)/n * size / rate. One warm-up round,
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+from bench.netns import JsonProcess, SkipBenchmark, TestNetwork
 from protocol.manifest import AveragingSpec
-from tests.bench.netns import JsonProcess, SkipBenchmark, TestNetwork
 from tests.procs import REPO, child_env
 
 GLOO_PORT = 29500
@@ -257,7 +257,7 @@ def chart(results: List[Result], floor: float, path: Path, title: str) -> None:
 
 def worker_argv(net: TestNetwork, args: argparse.Namespace, kind: str, compression: str, host: int,
                 first: Optional[str]) -> List[str]:  # fmt: skip
-    argv = [sys.executable, "-m", "tests.bench.wan_averaging", "--worker", kind, "--index", str(host),
+    argv = [sys.executable, "-m", "bench.wan_averaging", "--worker", kind, "--index", str(host),
             "--peers", str(args.peers), "--mbytes", str(args.mbytes), "--round-timeout", str(args.round_timeout),
             "--host", net.ip(host), "--master", net.ip(0), "--compression", compression,
             "--matchmaking", str(args.matchmaking)]  # fmt: skip

@@ -1,6 +1,6 @@
 """Benchmark: steps/s and seconds per averaging round of N local nodes on the default manifest.
 
-Usage: python -m tests.bench.swarm_rounds [--peers 1 2 3] [--rounds 6]
+Usage: python -m bench.swarm_rounds [--peers 1 2 3] [--rounds 6]
 Starts real `node start` processes on loopback (one BLAS thread each, as on a shared
 2-core machine), reads their JSON round logs, prints a Markdown table. Not a test:
 nothing here passes or fails on a number.

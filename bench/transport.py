@@ -1,7 +1,7 @@
 """Benchmark: raw throughput of a hivemind p2pd binary stream vs a plain TCP socket, both on loopback,
 and what a Commons averaging round between two peers achieves over the same p2pd streams.
 
-Usage: python -m tests.bench.transport [--mbytes 256] [--chunk-kib 1024] [--repeats 3] [--round-mbytes 64]
+Usage: python -m bench.transport [--mbytes 256] [--chunk-kib 1024] [--repeats 3] [--round-mbytes 64]
        [--out DIR]
 Two DHTs (two p2pd daemons) in this process's children; the sender writes ``--mbytes`` MiB in
 ``--chunk-kib`` writes through ``call_binary_stream_handler``, the receiver counts them and answers
@@ -196,7 +196,7 @@ def commons_rounds(mbytes: int, aggregator: str, repeats: int, workdir: str, ask
             replies = [peer.next_event(120) for peer in peers]
             if any(r.get("fraction") != 1.0 or r.get("group_size") != 2 for r in replies):
                 raise RuntimeError(f"round {rnd} was not a full round of two: {replies}")
-            if rnd:  # from the last member's start, as in tests/bench/wan_averaging.py (one clock: one host)
+            if rnd:  # from the last member's start, as in bench/wan_averaging.py (one clock: one host)
                 ended = [float(r["ended_at"]) for r in replies]
                 started = max(e - float(r["seconds"]) for e, r in zip(ended, replies, strict=True))
                 runs.seconds.append(max(ended) - started)

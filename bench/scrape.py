@@ -1,7 +1,7 @@
 """Benchmark: cost of a scrape. Starts a 3-node swarm on the default manifest, then times
 /metrics and /metrics/swarm on one node (median of 100 requests) and prints an excerpt.
 
-Usage: python -m tests.bench.scrape
+Usage: python -m bench.scrape
 """
 
 from __future__ import annotations

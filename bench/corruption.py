@@ -1,6 +1,6 @@
 """The corruption table: one averaging round per attack class, 3 honest peers + 1 attacker on loopback.
 
-Usage: python -m tests.bench.corruption [--numel 1000000]
+Usage: python -m bench.corruption [--numel 1000000]
 For each class: what the honest peers counted, the fraction they averaged, whether their result
 equals the honest aggregate, and the round time next to a clean round's. Not a test.
 """

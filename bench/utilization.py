@@ -1,7 +1,7 @@
 """Benchmark: compute utilization of a swarm of real nodes on the default manifest over slow links.
 
-Usage (root): python -m tests.bench.utilization [--peers 4] [--mbit 20 100] [--rounds 10] [--out DIR]
-Each peer is a real ``python -m node start`` in its own network namespace (tests/bench/netns.py), every
+Usage (root): python -m bench.utilization [--peers 4] [--mbit 20 100] [--rounds 10] [--out DIR]
+Each peer is a real ``python -m node start`` in its own network namespace (bench/netns.py), every
 link ``--mbit`` up and down, default manifest, default options. Nodes join one after another; the
 measured rounds are those every node trained through after the last node's warm-up round (joining,
 first resync), before the first node's last round (drained while leaving). From every JSON round log:
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from tests.bench.netns import JsonProcess, SkipBenchmark, TestNetwork
+from bench.netns import JsonProcess, SkipBenchmark, TestNetwork
 from tests.procs import REPO, child_env, log_records
 
 

@@ -252,7 +252,7 @@ class JsonProcess:
         self._log.close()
 
 
-if __name__ == "__main__":  # smoke test: python -m tests.bench.netns
+if __name__ == "__main__":  # smoke test: python -m bench.netns
     try:
         with TestNetwork(hosts=2, mbit=100) as net:
             server = net.popen(0, ["python3", "-c", "import socket,sys;s=socket.socket();s.bind(('0.0.0.0',5001));"

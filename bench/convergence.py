@@ -1,12 +1,12 @@
 """Benchmark: convergence parity of DiLoCo (real Commons nodes) with synchronous data-parallel training.
 
 Usage (root, from the repository root; about 30 minutes on 2 cores):
-    python -m tests.bench.convergence [--steps 2400] [--inner-steps 5] [--outer-lr 1.0] [--momentum 0]
-                                      [--overlap true|false] [--gather-seconds 10] [--aggregator mean|centered_clip]
-                                      [--clip-multiplier 3]
-                                      [--result-tolerance 3] [--mbit 20] [--wan-steps 12] [--diloco-steps 1.5 x steps]
-                                      [--diloco-only]
-                                      [--out bench-results/convergence]
+    python -m bench.convergence [--steps 2400] [--inner-steps 5] [--outer-lr 1.0] [--momentum 0]
+                                [--overlap true|false] [--gather-seconds 10] [--aggregator mean|centered_clip]
+                                [--clip-multiplier 3]
+                                [--result-tolerance 3] [--mbit 20] [--wan-steps 12] [--diloco-steps 1.5 x steps]
+                                [--diloco-only]
+                                [--out bench-results/convergence]
 
 The same total number of training samples (``--steps`` batches of 16) in three ways, all on the node's own model
 (default manifest: MoETransformer, every one of the 16 expert modules hosted, AdamW lr 1e-3):
@@ -15,7 +15,7 @@ The same total number of training samples (``--steps`` batches of 16) in three w
     network): the sample-efficiency ceiling. It runs in the background while (b) and (c) run (one more process
     on the cores: its wall time is no target, and this keeps the whole benchmark within about 30 minutes).
 (b) 4 real nodes, ``python -m node start --experts 16 --data <its quarter>``, each in its own network namespace
-    behind ``--mbit`` Mbit/s links (tests/bench/netns.py), on a benchmark manifest written to OUT/manifest.yaml that
+    behind ``--mbit`` Mbit/s links (bench/netns.py), on a benchmark manifest written to OUT/manifest.yaml that
     differs from the default only in name, ``training.inner_steps``, ``outer_optimizer`` and ``averaging`` (overlap,
     gather_seconds, aggregator, clip_multiplier, result_tolerance: see the flags). Every node gets SIGTERM (a clean
     leave) once the rounds the 4 nodes logged hold ``--steps`` steps in all (``--diloco-steps``, when larger, lets
@@ -31,13 +31,13 @@ The same total number of training samples (``--steps`` batches of 16) in three w
     measured (rank i in host i) and the wall time is EXTRAPOLATED: steps per rank x median measured step time;
     the full run would take far too long (each step all-reduces 5 MB of gradients).
 
-The corpus is the node's default one (stdlib ``*.py``), split by tests/bench/convergence_data.py: every 10th
+The corpus is the node's default one (stdlib ``*.py``), split by bench/convergence_data.py: every 10th
 file held out, the rest dealt to 4 shards of nearly equal size. Every curve is scored on the same fixed windows
 of the held-out files. Wall time counts from the first training step (b: node 0's ready line; a, c: after set-up),
 excluding snapshot saving in (a) and (c). Writes OUT/results.md, OUT/loss_vs_samples.png, OUT/loss_vs_time.png,
 OUT/curves.json and logs; prints the table. The processes share the machine's cores: (b) and (c) each run 4
 processes on them, so their compute speed is comparable; other load on the machine shows in the wall times.
-Tuning the DiLoCo settings: tests/bench/convergence_tune.py.
+Tuning the DiLoCo settings: bench/convergence_tune.py.
 """
 
 from __future__ import annotations
@@ -57,9 +57,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from node.ops.checkpoint import CheckpointStore
-from protocol.manifest import load_manifest
-from tests.bench.convergence_data import (
+from bench.convergence_data import (
     build_model,
     diloco_manifest,
     evaluate,
@@ -68,13 +66,15 @@ from tests.bench.convergence_data import (
     split_corpus,
     write_manifest,
 )
-from tests.bench.netns import JsonProcess, SkipBenchmark, TestNetwork
+from bench.netns import JsonProcess, SkipBenchmark, TestNetwork
+from node.ops.checkpoint import CheckpointStore
+from protocol.manifest import load_manifest
 from tests.procs import REPO, child_env, log_records
 
 WORKERS = 4
 BATCH = 16
 NODE0_PORT = 31337
-WORKER = [sys.executable, "-m", "tests.bench.convergence_workers"]
+WORKER = [sys.executable, "-m", "bench.convergence_workers"]
 
 
 @dataclass
@@ -366,7 +366,7 @@ def measure(net: TestNetwork, args: argparse.Namespace, corpus: Any) -> Dict[str
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=2400, help="total batches of 16 (divided among 4 in b, c)")
-    # The defaults are the settings that met the parity target (tests/bench/RESULTS.md, item 3).
+    # The defaults are the settings that met the parity target (bench/RESULTS.md, item 3).
     parser.add_argument("--inner-steps", type=int, default=5, help="DiLoCo H for (b)")
     parser.add_argument("--outer-lr", type=float, default=1.0)
     parser.add_argument("--momentum", type=float, default=0.0)

@@ -1,6 +1,6 @@
 """Benchmark: how fast a newcomer downloads the trunk from 1 vs 3 donors on loopback.
 
-Usage: python -m tests.bench.state_download
+Usage: python -m bench.state_download
 Uses a wider manifest (trunk ~4.4 M params: 35 MB of [global copy; momentum]) and long
 rounds, so the donors' state does not move during the download.
 """

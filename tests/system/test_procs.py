@@ -12,6 +12,8 @@ import pytest
 
 from node.ops.procs import ProcStat, descendants_of, helper_totals, read_stat
 
+pytestmark = pytest.mark.system
+
 BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(60)"
 CHILD = (
     f"import subprocess, sys\np = subprocess.Popen([sys.executable, '-c', {BURN!r}])\n"
@@ -43,6 +45,7 @@ def family() -> Iterator[Tuple[int, int]]:
     finally:
         os.kill(grandchild, 9)
         child.wait(10)
+        child.stdout.close()
     assert read_stat(grandchild) is None  # reaped by the child, which has exited
     assert not {child.pid, grandchild} & set(descendants_of(os.getpid()))
 

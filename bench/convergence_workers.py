@@ -1,7 +1,7 @@
 """Worker processes of the convergence benchmark: the single-worker Trainer loop and one torch.distributed rank.
 
-    python -m tests.bench.convergence_workers single --data DIR --steps N --snap-every K --out DIR
-    python -m tests.bench.convergence_workers ddp --rank R --world 4 --master IP --data SHARD --steps N ...
+    python -m bench.convergence_workers single --data DIR --steps N --snap-every K --out DIR
+    python -m bench.convergence_workers ddp --rank R --world 4 --master IP --data SHARD --steps N ...
 
 ``single`` is the node's own ``Trainer`` (default manifest, every expert) on all the training data. ``ddp`` is
 the same model wrapped in ``DistributedDataParallel`` (gloo), AdamW with the manifest's inner hyperparameters,
@@ -23,10 +23,10 @@ from typing import Callable, List
 
 import torch
 
+from bench.convergence_data import build_model
 from node.training.data import TextData
 from node.training.trainer import Trainer
 from protocol.manifest import load_manifest
-from tests.bench.convergence_data import build_model
 
 BATCH = 16  # the default manifest's batch size
 

@@ -10,9 +10,10 @@ import pytest
 
 from tests.procs import REPO, child_env
 
-pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
-)
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"),
+]
 
 # Training steps of the default manifest's model, as `node start` runs them; faults over the last 10.
 STEPS = """

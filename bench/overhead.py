@@ -1,6 +1,6 @@
 """Benchmark: a node's training throughput against a plain PyTorch loop on the same model and data.
 
-Usage: python -m tests.bench.overhead [--pairs 6] [--rounds 6] [--threads 1] [--device cpu] [--out DIR]
+Usage: python -m bench.overhead [--pairs 6] [--rounds 6] [--threads 1] [--device cpu] [--out DIR]
        [--sequential | --no-pin]
 Runs, at the same time, a plain loop (model, AdamW, gradient clipping, batches from the same text
 reader; nothing else) and a real ``python -m node start`` alone, hosting every expert, on the default
@@ -75,7 +75,7 @@ def plain_loop(steps: int, device: str, stream: bool = False, keep_memory: bool 
 
 def plain_argv(args: argparse.Namespace, steps: int, stream: bool = False) -> List[str]:
     """This module in child mode: the plain loop for ``steps`` steps, or (``stream``) until stopped."""
-    argv = [sys.executable, "-m", "tests.bench.overhead", "--plain", str(steps), "--device", args.device]
+    argv = [sys.executable, "-m", "bench.overhead", "--plain", str(steps), "--device", args.device]
     return argv + ["--plain-allocator", args.plain_allocator] + (["--stream"] if stream else [])
 
 

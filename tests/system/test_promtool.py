@@ -1,0 +1,20 @@
+"""deploy/: the Prometheus config and alert rules pass Debian's promtool (found by tests/conftest.py)."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Dict
+
+import pytest
+
+from tests.procs import REPO
+
+pytestmark = pytest.mark.system
+
+PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
+
+
+def test_promtool_accepts_config_and_rules(prometheus_bin: Dict[str, str]) -> None:
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"]):
+        done = subprocess.run([prometheus_bin["promtool"], *args], cwd=PROMETHEUS_DIR, capture_output=True)
+        assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
