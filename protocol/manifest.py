@@ -11,18 +11,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Tuple, Type, TypeVar
+from typing import Any, List, Mapping, Tuple
 
 import yaml
 
+from protocol.typed import KeyPath, Rules, load
 from protocol.version import PROTOCOL_VERSION
-
-T = TypeVar("T")
 
 DEFAULT_MANIFEST_NAME = "default_manifest.yaml"
 
@@ -189,45 +186,21 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
-        return _build(cls, data, "")
+        """Build the tree from plain data; raises ManifestError naming the first wrong key or value."""
+        return load(cls, data, _STRICT)
 
 
-def _build(kind: Type[T], data: Any, where: str) -> T:
-    """Build a dataclass from plain data, refusing unknown keys and wrong types."""
-    _check(isinstance(data, Mapping), f"{where.rstrip('.') or 'manifest'} must be a mapping")
-    fields = {f.name: f for f in dataclasses.fields(kind)}  # type: ignore[arg-type]
-    unknown = sorted(str(k) for k in set(data) - set(fields))
-    _check(not unknown, f"unknown manifest key(s): {', '.join(where + k for k in unknown)}")
-    hints = typing.get_type_hints(kind)
-    kwargs: dict = {}
-    for name, value in data.items():
-        expected = hints[name]
-        if dataclasses.is_dataclass(expected):
-            kwargs[name] = _build(typing.cast(type, expected), value, f"{where}{name}.")
-            continue
-        if expected is float:
-            value = _as_float(value, f"{where}{name}")
-        _check(
-            isinstance(value, expected) and not (expected is int and isinstance(value, bool)),
-            f"manifest key {where}{name} must be of type {expected.__name__}, got {value!r}",
-        )
-        kwargs[name] = value
-    return kind(**kwargs)
+def _name(path: KeyPath) -> str:
+    return "manifest key " + ".".join(path) if path else "manifest"
 
 
-def _as_float(value: Any, where: str) -> Any:
-    """YAML 1.1 reads ``1e-3`` as a string: accept it, and ints; refuse NaN and infinities."""
-    if isinstance(value, bool):
-        return value  # refused by the type check
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            return value
-    if isinstance(value, (int, float)):
-        _check(math.isfinite(value), f"manifest key {where} must be a finite number, got {value!r}")
-        return float(value)
-    return value
+def _unknown(path: KeyPath, keys: List[Any]) -> str:
+    return "unknown manifest key(s): " + ", ".join(sorted(".".join(path + (str(k),)) for k in keys))
+
+
+# Strict: the swarm id hashes the parsed tree, so a value must already have its field's type; a float
+# field also takes an int, or a string that spells a float (YAML 1.1 reads 1e-3 as a string).
+_STRICT = Rules(error=ManifestError, name=_name, unknown=_unknown)
 
 
 def parse_manifest(text: str, source: str = "<string>") -> Manifest:

@@ -7,16 +7,23 @@ line on stderr with its documented exit code; see EXIT_CODES in node.errors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
 import sys
-from typing import Any, Callable, List, NoReturn, Optional, Sequence, Tuple
+import typing
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 from node import __version__
 from node.errors import EXIT_CODES, CommonsError, ConfigError
-from node.runtime import DEVICES, ENV_PREFIX, LOG_FORMATS, LOG_LEVELS, NodeConfig, build_config
+from node.net import validate_peer_maddr
+from node.runtime import ENV_PREFIX, NodeConfig, build_config
 from protocol.manifest import ManifestError
+from protocol.typed import field_kind
+
+if TYPE_CHECKING:  # imported when `node start` needs it: `node --help` must not wait for torch
+    from node.runtime import Node
 
 logger = logging.getLogger("node")
 
@@ -27,42 +34,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
         sys.exit(ConfigError.exit_code)
-
-
-# (flag, dest, kind, metavar, help) for every `start` option; dest names a NodeConfig field.
-_START_OPTIONS: List[Tuple[str, str, Any, str, str]] = [
-    (
-        "--initial-peers",
-        "initial_peers",
-        "list",
-        "MADDR",
-        "multiaddrs of running peers to join (none: start a new swarm)",
-    ),
-    ("--host-maddrs", "host_maddrs", "list", "MADDR", "multiaddrs to listen on"),
-    ("--announce-maddrs", "announce_maddrs", "list", "MADDR", "multiaddrs other peers should dial (behind NAT)"),
-    ("--identity", "identity", str, "PATH", "private key file; created if missing; keeps the peer id across restarts"),
-    ("--data", "data", str, "PATH", "your text: a file, a directory or a glob (default: embedded corpus)"),
-    ("--manifest", "manifest", str, "PATH", "swarm manifest YAML (default: the one shipped with Commons)"),
-    ("--experts", "experts", int, "N", "how many experts to host"),
-    ("--device", "device", str, "|".join(DEVICES), "where to train"),
-    ("--checkpoint-dir", "checkpoint_dir", str, "DIR", "keep checkpoints here and resume from them"),
-    ("--checkpoint-every-rounds", "checkpoint_every_rounds", int, "N", "checkpoint every N rounds (and on exit)"),
-    ("--checkpoint-keep", "checkpoint_keep", int, "K", "how many checkpoint generations to keep"),
-    ("--metrics-addr", "metrics_addr", str, "HOST:PORT", "where /metrics, /healthz and /readyz are served"),
-    (
-        "--eval-share",
-        "eval_share",
-        float,
-        "F",
-        "held-out evaluation after a round takes at most this share of wall time (1: after every round)",
-    ),
-    ("--stall-seconds", "stall_seconds", float, "S", "/healthz turns 503 after S seconds without progress"),
-    ("--log-format", "log_format", str, "|".join(LOG_FORMATS), "log format on stderr"),
-    ("--log-level", "log_level", str, "|".join(LOG_LEVELS), "log level"),
-    ("--max-rounds", "max_rounds", int, "N", "leave cleanly after N averaging rounds"),
-    ("--max-seconds", "max_seconds", float, "S", "leave cleanly after S seconds of training"),
-    ("--bootstrap-timeout-seconds", "bootstrap_timeout_seconds", float, "S", "how long to try the initial peers"),
-]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="{start,status}", parser_class=_Parser)
     commands.required = True
 
-    defaults = NodeConfig()
     start = commands.add_parser(
         "start",
         help="join a swarm (or start one) and train",
@@ -88,14 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     start.add_argument("--config", metavar="PATH", help=f"YAML file of options (also {ENV_PREFIX}CONFIG)")
-    for flag, dest, kind, metavar, text in _START_OPTIONS:
-        default = getattr(defaults, dest)
-        shown = " ".join(default) if isinstance(default, tuple) else default
-        suffix = f" (default: {shown})" if shown not in (None, "", ()) else ""
-        if kind == "list":
-            start.add_argument(flag, dest=dest, nargs="+", metavar=metavar, help=text + suffix)
-        else:
-            start.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=text + suffix)
+    _add_config_flags(start)
 
     status = commands.add_parser("status", help="describe a running swarm", description="Describe a running swarm.")
     status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
@@ -105,7 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None, make_node: Optional[Callable[[NodeConfig], Any]] = None) -> int:
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per NodeConfig field, named after it; type, metavar, help and default all come from the field.
+
+    Flags left out parse as None, so that the environment and the config file can still set them.
+    """
+    hints = typing.get_type_hints(NodeConfig)
+    defaults = NodeConfig()
+    for option in dataclasses.fields(NodeConfig):
+        kind, many = field_kind(hints[option.name])
+        default = getattr(defaults, option.name)
+        shown = " ".join(default) if many else default
+        text = option.metadata["help"] + (f" (default: {shown})" if shown not in (None, "") else "")
+        flag = "--" + option.name.replace("_", "-")
+        shape: Dict[str, Any] = {"nargs": "+"} if many else {"type": kind}
+        parser.add_argument(flag, dest=option.name, metavar=option.metadata["metavar"], help=text, **shape)
+
+
+def main(argv: Optional[Sequence[str]] = None, make_node: Optional[Callable[[NodeConfig], "Node"]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "start":
@@ -124,18 +104,20 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _start(args: argparse.Namespace, make_node: Optional[Callable[[NodeConfig], Any]] = None) -> int:
+def _start(args: argparse.Namespace, make_node: Optional[Callable[[NodeConfig], "Node"]] = None) -> int:
     """`node start`; ``make_node`` lets a test harness run a Node subclass through the same path."""
-    flags = {dest: getattr(args, dest) for _, dest, *_ in _START_OPTIONS}
+    flags = {name: getattr(args, name) for name in NodeConfig.field_names()}
     config = build_config(flags, config_path=args.config)  # before the heavy imports: config errors come fast
 
     from node.ops import keep_freed_memory
 
     kept = keep_freed_memory()  # before torch allocates anything
+    from node.net import route_hivemind_logs
     from node.ops import setup_logging
     from node.runtime import Node
 
     setup_logging(config.log_format, config.log_level)
+    route_hivemind_logs()
     logger.debug("glibc malloc keeps freed tensor memory for the next step: %s", kept)
     logger.info("effective config: %s", json.dumps(config.as_log_dict()))
     node = (make_node or Node)(config)
@@ -148,26 +130,28 @@ def _start(args: argparse.Namespace, make_node: Optional[Callable[[NodeConfig], 
     return 0
 
 
-def _install_stop_handlers(node: Any) -> None:
+def _install_stop_handlers(node: "Node") -> None:
     """First Ctrl+C / SIGTERM: finish or abandon the round and leave. A second one: leave now."""
 
     def handler(signum: int, _frame: Any) -> None:
-        if node.stop_requested.is_set():
+        if node.stopping:
             raise KeyboardInterrupt
         logger.info("received %s: leaving the swarm", signal.Signals(signum).name)
-        node.stop_requested.set()
+        node.stop()
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from node.faces.status import format_prometheus, format_table, read_swarm, swarm_status
-    from node.ops import setup_logging
-    from node.runtime import validate_peer_maddr
-
+    """`node status`; the peers are checked by the same rules as `node start --initial-peers`, before hivemind loads."""
     peers: List[str] = [validate_peer_maddr(a, "--initial-peers") for a in args.initial_peers]
+    from node.faces.status import format_prometheus, format_table, read_swarm, swarm_status
+    from node.net import route_hivemind_logs
+    from node.ops import setup_logging
+
     setup_logging("text", "warning")
+    route_hivemind_logs()
     swarm_id, view = read_swarm(peers, timeout=args.timeout)
     output = "json" if args.json else args.format
     if output == "prometheus":

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Dict, List, Sequence, Tuple
 
 from node.errors import PeerUnreachable, SwarmMismatch
-from node.net import HivemindSwarm
-from node.swarm import SwarmView, ask, peer_id_of, read_peers
+from node.net import HivemindSwarm, peer_id_of
+from node.swarm import SwarmView, ask, read_peers
 from protocol.wire import WireError
 
 

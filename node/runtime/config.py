@@ -2,24 +2,24 @@
 
 Precedence, highest first: command-line flag, ``COMMONS_<NAME>`` environment variable,
 ``--config`` YAML file, built-in default. All three sources go through the same
-``NodeConfig.from_mapping`` so they validate identically.
+``read_values`` (protocol/typed.py's loader) and end in one ``NodeConfig``, so they validate
+identically. Each field carries its flag's metavar and help text; the CLI is built from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-import multiaddr
 import yaml
 
 from node.errors import ConfigError
+from node.net import validate_maddr, validate_peer_maddr
 from node.ops import DEFAULT_METRICS_ADDR, validate_host_port
+from protocol.typed import KeyPath, Rules, load_fields
 
 ENV_PREFIX = "COMMONS_"
 DEVICES = ("auto", "cpu", "cuda")
@@ -27,51 +27,41 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-def validate_maddr(text: str, what: str) -> str:
-    """Parse a multiaddr with py-multiaddr; return it as a string (hivemind takes strings)."""
-    try:
-        multiaddr.Multiaddr(text)
-    except Exception as e:  # py-multiaddr raises several unrelated types for bad input
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(
-            f"{what}: {text!r} is not a valid multiaddr ({reason}); expected e.g. /ip4/127.0.0.1/tcp/31337/p2p/Qm..."
-        ) from None
-    return text
-
-
-def validate_peer_maddr(text: str, what: str) -> str:
-    """A bootstrap peer's multiaddr: valid, and naming the peer (/p2p/<id>) so it can be dialed."""
-    validate_maddr(text, what)
-    if "/p2p/" not in text:
-        raise ConfigError(
-            f"{what}: {text!r} has no /p2p/<peer id> part; copy the whole multiaddr a running node printed"
-        )
-    return text
+def _option(default: Any, metavar: str, help: str) -> Any:
+    """A NodeConfig field that is also a `node start` flag; ``metavar`` and ``help`` are what --help shows."""
+    return dataclasses.field(default=default, metadata={"metavar": metavar, "help": help})
 
 
 @dataclass(frozen=True)
 class NodeConfig:
     """Everything `node start` can be told. Paths are resolved against the working directory."""
 
-    initial_peers: Tuple[str, ...] = ()
-    host_maddrs: Tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
-    announce_maddrs: Tuple[str, ...] = ()
-    identity: Optional[str] = None
-    data: Optional[str] = None
-    manifest: Optional[str] = None
-    experts: int = 4
-    device: str = "auto"
-    checkpoint_dir: Optional[str] = None
-    metrics_addr: str = DEFAULT_METRICS_ADDR
-    log_format: str = "text"
-    log_level: str = "info"
-    max_rounds: Optional[int] = None
-    max_seconds: Optional[float] = None
-    bootstrap_timeout_seconds: float = 20.0
-    stall_seconds: float = 300.0
-    checkpoint_every_rounds: int = 5
-    checkpoint_keep: int = 3
-    eval_share: float = 0.01
+    # In the order `node start --help` lists them.
+    initial_peers: Tuple[str, ...] = _option(
+        (), "MADDR", "multiaddrs of running peers to join (none: start a new swarm)"
+    )
+    host_maddrs: Tuple[str, ...] = _option(("/ip4/127.0.0.1/tcp/0",), "MADDR", "multiaddrs to listen on")
+    announce_maddrs: Tuple[str, ...] = _option((), "MADDR", "multiaddrs other peers should dial (behind NAT)")
+    identity: Optional[str] = _option(
+        None, "PATH", "private key file; created if missing; keeps the peer id across restarts"
+    )
+    data: Optional[str] = _option(None, "PATH", "your text: a file, a directory or a glob (default: embedded corpus)")
+    manifest: Optional[str] = _option(None, "PATH", "swarm manifest YAML (default: the one shipped with Commons)")
+    experts: int = _option(4, "N", "how many experts to host")
+    device: str = _option("auto", "|".join(DEVICES), "where to train")
+    checkpoint_dir: Optional[str] = _option(None, "DIR", "keep checkpoints here and resume from them")
+    checkpoint_every_rounds: int = _option(5, "N", "checkpoint every N rounds (and on exit)")
+    checkpoint_keep: int = _option(3, "K", "how many checkpoint generations to keep")
+    metrics_addr: str = _option(DEFAULT_METRICS_ADDR, "HOST:PORT", "where /metrics, /healthz and /readyz are served")
+    eval_share: float = _option(
+        0.01, "F", "held-out evaluation after a round takes at most this share of wall time (1: after every round)"
+    )
+    stall_seconds: float = _option(300.0, "S", "/healthz turns 503 after S seconds without progress")
+    log_format: str = _option("text", "|".join(LOG_FORMATS), "log format on stderr")
+    log_level: str = _option("info", "|".join(LOG_LEVELS), "log level")
+    max_rounds: Optional[int] = _option(None, "N", "leave cleanly after N averaging rounds")
+    max_seconds: Optional[float] = _option(None, "S", "leave cleanly after S seconds of training")
+    bootstrap_timeout_seconds: float = _option(20.0, "S", "how long to try the initial peers")
 
     def __post_init__(self) -> None:
         for name in ("initial_peers", "host_maddrs", "announce_maddrs"):
@@ -107,54 +97,26 @@ class NodeConfig:
     def field_names(cls) -> Tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
-    @classmethod
-    def coerce_mapping(cls, values: Mapping[str, Any], source: str) -> dict:
-        """Type loosely typed values (strings from env, YAML scalars); unknown keys are errors."""
-        hints = typing.get_type_hints(cls)
-        typed = {}
-        for key, raw in values.items():
-            name = str(key).replace("-", "_")
-            if name not in hints:
-                raise ConfigError(f"{source}: unknown option {key!r}; see `node start --help`")
-            typed[name] = _coerce(raw, hints[name], f"{source} ({key})" if "environment" not in source else source)
-        return typed
-
     def as_log_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def _coerce(raw: Any, hint: Any, what: str) -> Any:
-    """Turn a string or YAML scalar into the field's type, or raise ConfigError."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
-        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is tuple:
-        items = raw.replace(",", " ").split() if isinstance(raw, str) else raw
-        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
-            raise ConfigError(f"{what} must be a list of strings")
-        return tuple(items)
-    if hint in (int, float):
-        try:
-            if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
-                raise ValueError
-            number = float(raw)
-            if not math.isfinite(number):
-                raise ValueError
-            if hint is int:
-                if isinstance(raw, float) and not raw.is_integer():
-                    raise ValueError
-                return int(raw) if not isinstance(raw, float) else int(number)
-            return number
-        except (TypeError, ValueError):
-            raise ConfigError(f"{what} must be a finite {hint.__name__}, got {raw!r}") from None
-    if hint is str:
-        if not isinstance(raw, (str, int, float)) or isinstance(raw, bool):
-            raise ConfigError(f"{what} must be a string, got {raw!r}")
-        return str(raw)
-    raise ConfigError(f"{what} must be a {getattr(hint, '__name__', hint)}, got {raw!r}")
+def read_values(values: Mapping[Any, Any], source: str, keyed: bool = True) -> Dict[str, Any]:
+    """The NodeConfig fields ``values`` sets, typed; ConfigError naming ``source`` for unknown keys or bad values.
+
+    Loose rules: strings from the environment spell numbers, lists (space- or comma-separated) and None;
+    dashes in keys are underscores. ``keyed``: messages name the key after the source (a file, the
+    command line), not for a source that is one variable already.
+    """
+
+    def name(path: KeyPath) -> str:
+        return f"{source} ({path[-1]})" if keyed else source
+
+    def unknown(_: KeyPath, keys: List[Any]) -> str:
+        return f"{source}: unknown option {keys[0]!r}; see `node start --help`"
+
+    rules = Rules(error=ConfigError, name=name, unknown=unknown, loose=True, key=lambda k: str(k).replace("-", "_"))
+    return load_fields(NodeConfig, values, rules)
 
 
 def read_config_file(path: str) -> dict:
@@ -193,8 +155,8 @@ def build_config(
     config_path = config_path or environ.get(ENV_PREFIX + "CONFIG")
     merged: dict = {}
     if config_path:
-        merged.update(NodeConfig.coerce_mapping(read_config_file(config_path), f"config file {config_path}"))
+        merged.update(read_values(read_config_file(config_path), f"config file {config_path}"))
     for name, raw in read_env(environ).items():
-        merged.update(NodeConfig.coerce_mapping({name: raw}, f"environment variable {ENV_PREFIX}{name.upper()}"))
-    merged.update(NodeConfig.coerce_mapping({k: v for k, v in flags.items() if v is not None}, "command line"))
+        merged.update(read_values({name: raw}, f"environment variable {ENV_PREFIX}{name.upper()}", keyed=False))
+    merged.update(read_values({k: v for k, v in flags.items() if v is not None}, "command line"))
     return NodeConfig(**merged)

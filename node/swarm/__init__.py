@@ -14,7 +14,6 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.swarm.hello import Greeter as Greeter
     from node.swarm.hello import ask as ask
     from node.swarm.hello import check_bootstrap_peers as check_bootstrap_peers
-    from node.swarm.hello import peer_id_of as peer_id_of
     from node.swarm.membership import Membership as Membership
     from node.swarm.membership import SwarmView as SwarmView
     from node.swarm.membership import read_peers as read_peers

@@ -6,17 +6,12 @@ import logging
 from typing import Optional, Sequence
 
 from node.errors import PeerUnreachable, SwarmMismatch
-from node.net import SwarmPort
+from node.net import SwarmPort, peer_id_of
 from protocol import handlers
 from protocol.version import PROTOCOL_VERSION
 from protocol.wire import Hello, HelloReply, WireError, decode, encode
 
 logger = logging.getLogger(__name__)
-
-
-
-def peer_id_of(maddr: str) -> str:
-    return maddr.rsplit("/p2p/", 1)[1].split("/")[0]
 
 
 class Greeter:

@@ -1,6 +1,7 @@
 """The `node` command as a user sees it: help, exit codes, one-line errors, the ready line.
 
-Each test runs `python -m node` in a subprocess (a few seconds each: torch is imported).
+Each test runs `python -m node` in a subprocess (a few seconds each: torch is imported). Which flags
+exist is frozen in-process by tests/unit/test_cli_surface.py; here every one of them must reach --help.
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ import sys
 import time
 from pathlib import Path
 from typing import List
+
+import pytest
+
+from node.faces.cli import build_parser
+from tests.unit.test_cli_surface import long_flags, subcommands
+
+pytestmark = pytest.mark.e2e
 
 UNREACHABLE_PEER = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWKVT8rzJo9rUEyVZAWiqSjRoDDhEU738oJjeskTykUhvz"
 
@@ -30,23 +38,6 @@ training:
   inner_steps: 5
   batch_size: 4
 """
-
-START_FLAGS = [
-    "--initial-peers",
-    "--host-maddrs",
-    "--announce-maddrs",
-    "--identity",
-    "--data",
-    "--manifest",
-    "--experts",
-    "--device",
-    "--checkpoint-dir",
-    "--metrics-addr",
-    "--log-format",
-    "--max-rounds",
-    "--max-seconds",
-]
-
 
 def _node(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMMONS_")}
@@ -116,7 +107,7 @@ def test_help_lists_commands(tmp_path: Path) -> None:
 def test_start_help_lists_every_flag(tmp_path: Path) -> None:
     result = _node(tmp_path, "start", "--help")
     assert result.returncode == 0, result.stderr
-    missing = [flag for flag in START_FLAGS if flag not in result.stdout]
+    missing = sorted(flag for flag in long_flags(subcommands(build_parser())["start"]) if flag not in result.stdout)
     assert not missing, f"`node start --help` lost flags: {missing}"
     assert "COMMONS_" in result.stdout  # the environment variables are documented there
 

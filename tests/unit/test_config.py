@@ -9,6 +9,8 @@ from typing import Optional
 import pytest
 
 from node.errors import ConfigError
+from node.faces.cli import main
+from node.net import peer_id_of
 from node.runtime.config import NodeConfig, build_config, read_env
 
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWKVT8rzJo9rUEyVZAWiqSjRoDDhEU738oJjeskTykUhvz"
@@ -170,6 +172,11 @@ def test_unknown_key_in_config_file(tmp_path: Path) -> None:
     assert "expertz" in message and path in message
 
 
+def test_unknown_key_is_reported_before_bad_values(tmp_path: Path) -> None:
+    message = _error(config_path=_config_file(tmp_path, "experts: many\nexpertz: 2\n"))
+    assert "unknown option 'expertz'" in message
+
+
 @pytest.mark.parametrize(
     "text, needle",
     [
@@ -211,3 +218,35 @@ def test_as_log_dict_round_trips() -> None:
     logged = config.as_log_dict()
     assert logged["experts"] == 2 and list(logged["initial_peers"]) == [PEER]
     assert not any(isinstance(v, float) and math.isnan(v) for v in logged.values())
+
+
+# Addresses: one parser (node/net/addresses.py) for the config, the hello exchange and `node status`.
+
+RELAY = "/ip4/10.0.0.3/tcp/4001/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N/p2p-circuit"
+
+
+def test_peer_id_of_reads_the_p2p_part() -> None:
+    assert peer_id_of(PEER) == PEER.rsplit("/", 1)[1]
+    # Behind a relay, the peer to greet is the last /p2p/ part, not the relay.
+    assert peer_id_of(f"{RELAY}/p2p/{peer_id_of(PEER)}") == peer_id_of(PEER)
+
+
+@pytest.mark.parametrize("addr", ["/ip4/127.0.0.1/tcp/1", "not a multiaddr", ""])
+def test_peer_id_of_refuses_an_address_without_a_peer(addr: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        peer_id_of(addr, "--initial-peers")
+    assert "--initial-peers" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_relayed_peer_is_a_valid_initial_peer() -> None:
+    relayed = f"{RELAY}/p2p/{peer_id_of(PEER)}"
+    assert build_config({"initial_peers": [relayed]}, None, environ={}).initial_peers == (relayed,)
+
+
+@pytest.mark.parametrize("addr", ["/ip4/127.0.0.1/tcp/31337", "/ip4/notanip/tcp/0/p2p/x"])
+def test_status_checks_initial_peers_like_start(addr: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # In-process and before hivemind is imported: a bad address never reaches the network.
+    assert main(["status", "--initial-peers", addr]) == ConfigError.exit_code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("node: error: --initial-peers") and repr(addr) in err
+    assert _error({"initial_peers": [addr]}) in err

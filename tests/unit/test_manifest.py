@@ -162,6 +162,16 @@ def test_infinite_learning_rate_is_refused() -> None:
     assert "outer_optimizer.lr" in _error("outer_optimizer: {lr: .inf}\n")
 
 
+def test_int_too_large_for_a_float_is_refused() -> None:
+    message = _error(f"outer_optimizer: {{lr: {10**400}}}\n")
+    assert "outer_optimizer.lr" in message and "finite" in message
+
+
+def test_unknown_keys_are_reported_before_wrong_values() -> None:
+    message = _error("model: {n_layers: yes, n_expert: 4, colour: red}\n")
+    assert "model.colour, model.n_expert" in message and "n_layers" not in message
+
+
 def test_exponent_without_dot_is_a_float() -> None:
     assert parse_manifest("inner_optimizer: {lr: 1e-3}\n").inner_optimizer.lr == 0.001
 
