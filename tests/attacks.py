@@ -17,8 +17,10 @@ import numpy as np
 
 from node.averaging import AllReduceRun, Averager, Group, ModuleMemory
 from node.averaging.inbox import Inbox
+from node.averaging.robust import aggregate
 from node.averaging.run import PartKind, RunContext, Verify
-from node.averaging.slices import owner_of
+from node.averaging.slices import chunked_bounds, owner_of
+from protocol.manifest import AveragingSpec
 from protocol.wire import tensor_payload
 
 ATTACKS = (
@@ -32,6 +34,20 @@ def make_vector(round_number: int, seed: int, numel: int) -> np.ndarray:
     shared = np.random.default_rng([round_number, 1]).standard_normal(numel, dtype=np.float32)
     own = np.random.default_rng([round_number, 2, seed]).standard_normal(numel, dtype=np.float32)
     return shared + 0.5 * own
+
+
+def honest_aggregate(
+    round_number: int, honest: Sequence[int], group_size: int, numel: int, chunk: int, spec: AveragingSpec
+) -> np.ndarray:
+    """What the reducers compute from the ``honest`` peers' parts (seeds): each slice of a group of
+    ``group_size``'s layout on its own, with ``spec``'s aggregator."""
+    parts = [make_vector(round_number, i, numel) for i in honest]
+    out = np.empty(numel, dtype=np.float32)
+    for lo, hi in chunked_bounds(numel, group_size, chunk):
+        slices = {str(i): part[lo:hi] for i, part in zip(honest, parts, strict=True)}
+        out[lo:hi] = aggregate(slices, str(honest[0]), method=spec.aggregator, clip_multiplier=spec.clip_multiplier,
+                               outlier_ratio=spec.outlier_ratio).values  # fmt: skip
+    return out
 
 
 def die() -> None:

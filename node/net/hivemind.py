@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Dict, List, Optional, Sequence, Tuple, TypeVa
 
 import hivemind  # node/__init__.py has chosen hivemind's memory sharing strategy already
 from hivemind.p2p import PeerID
+from hivemind.utils.logging import use_hivemind_log_handler
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.errors import PeerUnreachable
@@ -31,6 +32,15 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+
+
+def route_hivemind_logs() -> None:
+    """Send hivemind's records to the root logger's handler (node/ops/logs.py) instead of its own,
+    keeping the level setup_logging gave the "hivemind" logger (hivemind's switch resets it)."""
+    hivemind_logger = logging.getLogger("hivemind")
+    level = hivemind_logger.level
+    use_hivemind_log_handler("nowhere")
+    hivemind_logger.setLevel(level)
 
 
 def now() -> float:

@@ -5,7 +5,7 @@ concrete network. Two implementations: ``HivemindSwarm`` (node/net/hivemind.py: 
 streams, the real thing) and ``InProcessSwarm`` (node/net/inprocess.py: several peers in one event loop,
 with injectable faults and clock, for fast deterministic tests).
 
-Contract (tests/contract/ runs the same checks against both):
+Contract (tests/port_contract.py: the same checks, run against both):
 - ``call`` sends one request to a handler a peer serves and returns its response. It raises
   ``TimeoutError`` when no response came within ``timeout`` seconds and ``ConnectionError`` when the peer
   cannot be reached, went away, or closed the stream (a message containing "closed"), never anything else

@@ -39,7 +39,8 @@ class TextFormatter(logging.Formatter):
 
 
 def setup_logging(log_format: str = "text", level: str = "info", stream: TextIO = sys.stderr) -> None:
-    """Install one stderr handler on the root logger and send hivemind's records through it."""
+    """Install one stderr handler on the root logger and send hivemind's records through it (with
+    node.net.route_hivemind_logs once hivemind is imported)."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
@@ -47,12 +48,8 @@ def setup_logging(log_format: str = "text", level: str = "info", stream: TextIO 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    try:
-        from hivemind.utils.logging import use_hivemind_log_handler
-
-        use_hivemind_log_handler("nowhere")  # its records propagate to our root handler
-    except ImportError:
-        pass
+    # hivemind installs a handler of its own when it is imported: node/net/hivemind.py turns it off
+    # (route_hivemind_logs) and keeps the level set here.
     hivemind_logger = logging.getLogger("hivemind")
     for old in list(hivemind_logger.handlers):  # whatever its own setup left there
         hivemind_logger.removeHandler(old)

@@ -16,10 +16,11 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 
-from node.averaging.robust import aggregate
 from node.averaging.slices import chunked_bounds, owner_of, region_bounds
+from tests.attacks import honest_aggregate as aggregate_of
+from tests.attacks import make_vector
 from tests.procs import NodeProcess
-from tests.swarm.averaging_peer import SPEC, make_vector
+from tests.swarm.averaging_peer import SPEC
 
 pytestmark = pytest.mark.swarm
 NUMEL = 40_000
@@ -73,13 +74,7 @@ def honest_aggregate(
     round_number: int, honest: List[int], group_size: int = 4, numel: int = NUMEL, chunk: int = CHUNK
 ) -> np.ndarray:
     """What the reducers compute from the honest parts: each slice of the group's layout on its own."""
-    parts = [make_vector(round_number, i, numel) for i in honest]
-    out = np.empty(numel, dtype=np.float32)
-    for lo, hi in chunked_bounds(numel, group_size, chunk):
-        slices = {str(i): part[lo:hi] for i, part in zip(honest, parts, strict=True)}
-        out[lo:hi] = aggregate(slices, str(honest[0]), method="centered_clip", clip_multiplier=SPEC.clip_multiplier,
-                               outlier_ratio=SPEC.outlier_ratio).values  # fmt: skip
-    return out
+    return aggregate_of(round_number, honest, group_size, numel, chunk, SPEC)
 
 
 def attacker_slices(swarm: AveragingSwarm) -> List[Tuple[int, int]]:

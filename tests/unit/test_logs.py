@@ -137,3 +137,18 @@ def test_module_field_of_our_records() -> None:
     logging.getLogger("node.test").info("averaged", extra={"round": 2, "module_name": "expert.0.1"})
     entry = json.loads(_lines(stream)[-1])
     assert entry["module"] == "expert.0.1" and entry["round"] == 2
+
+
+def test_hivemind_own_handler_is_turned_off_and_the_level_kept() -> None:
+    """hivemind adds a handler of its own when imported; the adapter sends its records to ours instead."""
+    from hivemind.utils.logging import get_logger
+
+    from node.net import route_hivemind_logs
+
+    stream = io.StringIO()
+    setup_logging("json", "info", stream=stream)
+    route_hivemind_logs()
+    get_logger("hivemind.foo").warning("from hivemind's own logger")
+    get_logger("hivemind.foo").info("routine hivemind chatter")  # kept out at info
+    assert logging.getLogger("hivemind").level == logging.WARNING
+    assert [json.loads(line)["message"] for line in _lines(stream)] == ["from hivemind's own logger"]
