@@ -19,7 +19,7 @@ import math
 import threading
 import weakref
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 import torch
 
@@ -27,6 +27,9 @@ from node.errors import CommonsError
 from node.faces.status import swarm_status
 from node.runtime import Node, build_config
 from node.training import ModelFactory
+
+if TYPE_CHECKING:
+    from node.runtime import Joined
 
 
 class StateError(CommonsError, RuntimeError):
@@ -49,6 +52,7 @@ class CommonsNode:
         self._background: Optional[threading.Thread] = None
         self._background_error: Optional[BaseException] = None
         self._opened = threading.Event()
+        self._final: Optional[Dict[str, Any]] = None
         atexit.register(_stop_quietly, weakref.ref(self))
 
     # --- lifecycle ------------------------------------------------------------------
@@ -97,10 +101,11 @@ class CommonsNode:
         with self._lock:
             if self._state == "stopped":
                 return
-            self._node.stop_requested.set()
+            self._node.stop()
             thread = self._background
         if thread is not None:
             thread.join(timeout=60)
+        self._final = {**self.status(), "state": "stopped"}  # the last real figures, for status() after stop()
         self._node.close()
         self._state = "stopped"
 
@@ -113,25 +118,31 @@ class CommonsNode:
     # --- looking at it ----------------------------------------------------------------
     def status(self) -> Dict[str, Any]:
         """This node, as plain data."""
-        node = self._node
-        joined = self._state == "open"
+        if self._state == "stopped" and self._final is not None:
+            return dict(self._final)
+        joined = self._node.joined if self._state == "open" else None
+        state = self._state if not (self._background and self._background.is_alive()) else "training"
+        if joined is None:
+            return {"state": state, "peer_id": None, "swarm_id": self._node.manifest.swarm_id, "outer_round": 0,
+                    "rounds_done": 0, "local_steps": 0, "loss": None, "eval_loss": None,
+                    "modules": ["trunk"]}  # fmt: skip
+        progress = joined.progress
         return {
-            "state": self._state if not (self._background and self._background.is_alive()) else "training",
-            "peer_id": getattr(node, "peer_id", None),
-            "swarm_id": node.swarm_id,
-            "outer_round": node.outer_round,
-            "rounds_done": node.rounds_done,
-            "local_steps": node.trainer.local_steps if joined else 0,
-            "loss": node.trainer.loss_ema if joined else None,
-            "eval_loss": node.last_eval_loss,
-            "modules": ["trunk"] + list(node.hosted),
+            "state": state,
+            "peer_id": joined.peer_id,
+            "swarm_id": joined.swarm_id,
+            "outer_round": progress.outer_round,
+            "rounds_done": progress.rounds_done,
+            "local_steps": joined.trainer.local_steps,
+            "loss": joined.trainer.loss_ema,
+            "eval_loss": progress.last_eval_loss,
+            "modules": joined.hosting.modules,
         }
 
     def swarm(self, as_dataframe: bool = False) -> Any:
         """The swarm as the DHT shows it: the `node status --json` shape, or a pandas DataFrame of peers."""
-        self._require("open", action="swarm()")
-        view = self._node.refresh_view()
-        status = swarm_status(view, self._node.swarm_id)
+        joined = self._joined("swarm()")
+        status = swarm_status(joined.refresh_view(), joined.swarm_id)
         if not as_dataframe:
             return status
         try:
@@ -143,37 +154,21 @@ class CommonsNode:
     @property
     def model(self) -> torch.nn.Module:
         """The live model (a reference: copy.deepcopy it for a snapshot)."""
-        self._require("open", action="model")
-        return self._node.trainer.model
+        return self._joined("model").trainer.model
 
     def evaluate(self, text: str) -> float:
         """Mean next-byte cross entropy (nats/byte) of the current model on ``text``."""
-        self._require("open", action="evaluate()")
-        seq = self._node.manifest.model.seq_len + 1
-        data = text.encode()
-        if len(data) < 2:
-            raise ValueError("evaluate() needs at least two bytes of text")
-        windows = [data[i : i + seq] for i in range(0, max(1, len(data) - 1), seq - 1)]
-        windows = [w for w in windows if len(w) >= 2]
-        model = self._node.trainer.model
-        total, count = 0.0, 0
-        with torch.no_grad(), self._node.training_paused():
-            for window in windows:
-                batch = torch.tensor([list(window)], dtype=torch.long, device=self._node.device)
-                total += float(model.lm_loss(batch)) * (len(window) - 1)
-                count += len(window) - 1
-        return total / count
+        joined = self._joined("evaluate()")
+        with joined.model_lock:
+            return joined.trainer.evaluate_text(text)
 
     def sample(self, prompt: str = "", max_bytes: int = 200, temperature: float = 0.8, seed: int = 0) -> str:
         """Text the current model writes after ``prompt`` (bytes it cannot decode are replaced)."""
-        self._require("open", action="sample()")
-        model = self._node.trainer.model
-        if not hasattr(model, "generate"):
+        joined = self._joined("sample()")
+        if not joined.trainer.can_sample:
             raise StateError("this model has no generate() method")
-        generator = torch.Generator(device=self._node.device).manual_seed(seed)
-        with self._node.training_paused():
-            out = model.generate(prompt.encode(), max_bytes, temperature=temperature, generator=generator)
-        return out.decode("utf-8", errors="replace")
+        with joined.model_lock:
+            return joined.trainer.sample(prompt, max_bytes, temperature, seed)
 
     # --- internals ----------------------------------------------------------------------
     def _open(self) -> None:
@@ -192,6 +187,13 @@ class CommonsNode:
         except BaseException as e:  # surfaced by wait_ready()/status(); the thread must not die silently
             self._background_error = e
             self._opened.set()
+
+    def _joined(self, action: str) -> "Joined":
+        """The joined node, for a call that needs one; StateError saying what to do otherwise."""
+        self._require("open", action=action)
+        joined = self._node.joined
+        assert joined is not None  # "open" means joined
+        return joined
 
     def _require(self, *states: str, action: str) -> None:
         if self._state in states:

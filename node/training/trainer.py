@@ -154,6 +154,35 @@ class Trainer:
         return self.manifest.training.batch_size / self._recent_rate if self._recent_rate else 0.0
 
     @torch.no_grad()
+    def evaluate_text(self, text: str) -> float:
+        """Mean next-byte cross entropy (nats/byte) of the current model on ``text`` (at least two bytes),
+        in windows of the manifest's sequence length."""
+        seq = self.manifest.model.seq_len + 1
+        data = text.encode()
+        if len(data) < 2:
+            raise ValueError("evaluate() needs at least two bytes of text")
+        windows = [data[i : i + seq] for i in range(0, max(1, len(data) - 1), seq - 1)]
+        total, count = 0.0, 0
+        for window in windows:
+            if len(window) < 2:
+                continue
+            batch = torch.tensor([list(window)], dtype=torch.long, device=self.device)
+            total += float(self.model.lm_loss(batch)) * (len(window) - 1)
+            count += len(window) - 1
+        return total / count
+
+    @property
+    def can_sample(self) -> bool:
+        """The model writes text (it has ``generate``, as MoETransformer does)."""
+        return hasattr(self.model, "generate")
+
+    def sample(self, prompt: str, max_bytes: int, temperature: float, seed: int) -> str:
+        """Text the current model writes after ``prompt`` (bytes it cannot decode are replaced)."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        out = self.model.generate(prompt.encode(), max_bytes, temperature=temperature, generator=generator)
+        return bytes(out).decode("utf-8", errors="replace")
+
+    @torch.no_grad()
     def evaluate(self) -> Optional[float]:
         """Mean next-byte cross entropy on the held-out split; None when there is none."""
         batches = self.data.eval_batches(self.manifest.training.batch_size, self.manifest.training.eval_batches)

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from node.faces import cli
-from node.runtime.node import Node
-from node.swarm.statesync import StateServer
+from node.faces import main as node_main
+from node.runtime import Node
+from node.swarm import StateServer
 from protocol.wire import decode, encode
 
 
@@ -51,26 +51,25 @@ class RecordingNode(Node):
         super().__init__(config)
         self.out_dir = out_dir
 
-    def _finish_round(self, outcomes, steps, timing=None) -> None:
-        round_number = self.outer_round
-        super()._finish_round(outcomes, steps, timing)
-        model = self.trainer.model
+    def after_round(self, round_number, outcomes, steps) -> None:
+        joined = self.joined
+        model, states = joined.trainer.model, joined.hosting.states
         # Hosted modules: the global copy (with overlapped rounds the model holds global + the
         # local steps taken since); others: the model's values, which no round may touch.
         values = {
-            m: self.states[m].global_flat.numpy().copy()
-            if m in self.states
+            m: states[m].global_flat.numpy().copy()
+            if m in states
             else torch.cat([p.detach().reshape(-1).cpu() for p in model.module_parameters(m)]).numpy()
             for m in self.manifest.model.module_names()
         }
         np.savez(self.out_dir / f"round_{round_number}.npz", **values)
         info = {
             "round": round_number,
-            "peer_id": self.peer_id,
+            "peer_id": joined.peer_id,
             "steps": steps,
             "hosted_during_round": sorted(o.module for o in outcomes),
             "outcomes": [dataclasses.asdict(o) for o in outcomes],
-            "hashes": {m: state.params_hash() for m, state in self.states.items()},
+            "hashes": {m: state.params_hash() for m, state in states.items()},
         }
         (self.out_dir / f"round_{round_number}.json").write_text(json.dumps(info))
 
@@ -78,7 +77,7 @@ class RecordingNode(Node):
 def main() -> int:
     out_dir = Path(sys.argv[1])
     out_dir.mkdir(parents=True, exist_ok=True)
-    return cli.main(["start", *sys.argv[2:]], make_node=lambda config: RecordingNode(config, out_dir))
+    return node_main(["start", *sys.argv[2:]], make_node=lambda config: RecordingNode(config, out_dir))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,289 @@
+"""A node that has joined its swarm: everything that exists only once joined, in one object.
+
+``Joined.join`` builds it in order (the trainer; the checkpoint to resume from; the handlers peers
+call; the bootstrap check; the first announcement; the experts to host; the state download of a
+newcomer; the HTTP endpoints) and returns it only when all of that worked, so nothing that uses it
+asks whether a part of it exists yet.
+
+- ``Progress``  the outer round, rounds done and the latest held-out score: what peers and the operator read
+- ``Hosting``   the modules this node holds (the trunk and its experts) and their DiLoCo state
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Dict, List, Optional, TextIO, Type
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from node import __version__
+from node.averaging import Averager, Matchmaker
+from node.net import HivemindSwarm
+from node.ops import (
+    AveragerCollector,
+    CheckpointStore,
+    Endpoints,
+    HelperProcessCollector,
+    Snapshot,
+    SwarmViewCollector,
+    open_endpoints,
+    write_generation,
+)
+from node.runtime.context import NodeContext
+from node.runtime.rounds import RoundAverager
+from node.swarm import (
+    Greeter,
+    Membership,
+    StateServer,
+    SwarmView,
+    check_bootstrap_peers,
+    choose_experts,
+    download_modules,
+    rebalance,
+    replica_counts,
+)
+from node.training import (
+    ModelFactory,
+    ModuleState,
+    TextData,
+    Trainer,
+    architecture_swarm_id,
+    capture_modules,
+    restore_modules,
+)
+from protocol.manifest import OuterOptimizerSpec
+from protocol.records import PeerRecord
+
+logger = logging.getLogger("node")
+
+
+@dataclass
+class Progress:
+    """Where this node is in the swarm's rounds; read by peers (its record), donors' digests and the API."""
+
+    outer_round: int = 0
+    rounds_done: int = 0
+    last_eval_loss: Optional[float] = None  # the latest score, kept between scored rounds
+
+
+class Hosting:
+    """The modules this node holds: the trunk and ``hosted`` experts, each with its DiLoCo state."""
+
+    def __init__(self, trainer: Trainer, outer: OuterOptimizerSpec) -> None:
+        self._trainer = trainer
+        self._outer = outer
+        self.hosted: List[str] = []
+        self.states: Dict[str, ModuleState] = {}
+
+    @property
+    def modules(self) -> List[str]:
+        return ["trunk"] + self.hosted
+
+    def host(self, experts: List[str]) -> None:
+        """Set the hosted experts; keep the state of those that stay, start fresh state for new ones."""
+        self.hosted = sorted(experts)
+        model = self._trainer.model
+        model.set_hosted_experts(self.hosted)
+        self.states = {m: self.states.get(m) or ModuleState(m, model.module_parameters(m), self._outer)
+                       for m in self.modules}  # fmt: skip
+
+
+class Joined:
+    """One joined node's handles: its swarm, trainer, services, endpoints and where it stands."""
+
+    def __init__(
+        self, context: NodeContext, swarm: HivemindSwarm, trainer: Trainer, checkpoints: Optional[CheckpointStore],
+        data_seed: int, *, custom_model: bool, state_server_class: Type[StateServer],
+    ) -> None:  # fmt: skip
+        manifest = context.manifest
+        self.context = context
+        self.swarm = swarm
+        self.peer_id = swarm.peer_id
+        self.trainer = trainer
+        self.device = trainer.device
+        self.checkpoints = checkpoints
+        self.data_seed = data_seed
+        # A custom model changes the swarm id: every module's parameter shapes are part of it.
+        self.swarm_id = architecture_swarm_id(manifest, trainer.model) if custom_model else manifest.swarm_id
+        names = trainer.model.module_names() if custom_model else manifest.model.module_names()
+        self.module_names: List[str] = list(names)
+        self.progress = Progress()
+        self.hosting = Hosting(trainer, manifest.outer_optimizer)
+        self.maddrs: List[str] = []  # what others dial, known once the daemon listens (ready_event)
+        # Held by the training thread for each step and each averaging round, so that readers
+        # (the Python API's evaluate/sample) never see parameters half-written.
+        self.model_lock = threading.RLock()
+        averaging = manifest.averaging
+        self.greeter = Greeter(swarm, self.swarm_id, manifest.name)
+        self.matchmaker = Matchmaker(swarm, self.swarm_id, averaging.gather_seconds,
+                                     smallest_message=averaging.message_bytes)  # fmt: skip
+        self.averager = Averager(swarm, self.swarm_id, hosted=lambda: set(self.hosting.states), spec=averaging)
+        self.membership = Membership(swarm, self.swarm_id, self.describe_self)
+        self.round_averager = RoundAverager(self.peer_id, self.matchmaker, self.averager, self.membership, averaging)
+        self.state_server = state_server_class(
+            swarm, self.swarm_id, lambda: self.hosting.states, lambda: self.progress.outer_round
+        )
+        self.endpoints: Optional[Endpoints] = None  # served once joined (join)
+
+    @classmethod
+    def join(
+        cls, context: NodeContext, swarm: HivemindSwarm, data: TextData, device: torch.device,
+        checkpoints: Optional[CheckpointStore], model_factory: Optional[ModelFactory] = None,
+        state_server_class: Type[StateServer] = StateServer,
+    ) -> "Joined":  # fmt: skip
+        """Build the trainer, resume or place, start serving and announcing, catch up; raise CommonsError.
+        The caller closes ``swarm`` if this raises."""
+        config, manifest = context.config, context.manifest
+        trainer = Trainer(manifest, data, device, model_factory)
+        joined = cls(context, swarm, trainer, checkpoints, data.seed, custom_model=model_factory is not None,
+                     state_server_class=state_server_class)  # fmt: skip
+        context.metrics.set_swarm(joined.swarm_id)
+        logger.info("manifest %r, swarm id %s", manifest.name, joined.swarm_id)
+        restored = checkpoints.latest(joined.swarm_id) if checkpoints is not None else None
+        if restored is not None:  # continue the data stream where it was
+            data.seed = joined.data_seed = restored.data_seed
+            trainer.restart_data(restored.data_position)
+        elif checkpoints is not None:
+            logger.info("no usable checkpoint in %s: starting from scratch", checkpoints.directory)
+        for service in (joined.greeter, joined.averager, joined.state_server):
+            swarm.run(service.start())
+        if config.initial_peers:
+            swarm.run(check_bootstrap_peers(swarm, joined.swarm_id, manifest.name, config.initial_peers,
+                                            config.bootstrap_timeout_seconds))  # fmt: skip
+        swarm.run(joined.membership.start())
+        joined._place(restored)
+        joined.endpoints = joined._serve_endpoints()
+        return joined
+
+    def _place(self, restored: Optional[Snapshot]) -> None:
+        """Resume what the checkpoint held, or choose the least-replicated experts; a newcomer (or a node
+        more than a round behind) then downloads the swarm's current state of its modules."""
+        view, progress, config = self.membership.view, self.progress, self.context.config
+        swarm_round = view.max_round(exclude=self.peer_id)
+        progress.outer_round = swarm_round
+        experts = self.module_names[1:]
+        if restored is not None:
+            progress.outer_round = max(progress.outer_round, restored.outer_round)
+            progress.rounds_done = restored.rounds_done
+            self.trainer.local_steps = restored.local_steps
+            self.host([e for e in restored.hosted if e in experts][: config.experts])
+            modules = restore_modules(restored.tensors, self.hosting.states, self.trainer.optimizer)
+            logger.info(
+                "resumed from checkpoint generation %d: round %d, %d local steps, modules %s",
+                restored.generation, restored.outer_round, restored.local_steps, ", ".join(modules),
+                extra={"event": "resumed", "round": restored.outer_round, "generation": restored.generation},
+            )  # fmt: skip
+        else:
+            replicas = replica_counts(view.modules_by_peer(), exclude=self.peer_id)
+            self.host(choose_experts(experts, replicas, config.experts, self.peer_id))
+        if restored is None or restored.outer_round < swarm_round - 1:
+            self._catch_up(from_checkpoint=restored is not None)
+        self.membership.watch_round = progress.outer_round
+
+    def _catch_up(self, from_checkpoint: bool) -> None:
+        """Newcomer (or far behind): fetch the current state of our modules from their hosts."""
+        view, states = self.membership.view, self.hosting.states
+        donors = {m: view.hosts_of(m, exclude=self.peer_id) for m in states}
+        timeout = self.context.manifest.averaging.part_timeout_seconds
+        adopted = download_modules(self.swarm, self.swarm_id, states, donors, timeout, self.swarm.run)
+        if adopted:
+            self.progress.outer_round = max(self.progress.outer_round, *adopted.values())
+        elif not any(donors.values()):
+            start = "checkpoint" if from_checkpoint else "scratch"
+            logger.info("no peer holds our modules yet: starting from %s", start)
+
+    def _serve_endpoints(self) -> Endpoints:
+        """/metrics, /metrics/swarm, /healthz, /readyz on --metrics-addr."""
+        metrics = self.context.metrics
+        metrics.attach(AveragerCollector(lambda: self.averager.stats))
+        metrics.attach(HelperProcessCollector())
+        swarm_registry = CollectorRegistry()
+        swarm_registry.register(SwarmViewCollector(lambda: self.membership.view, self.module_names))
+        return open_endpoints(self.context.config.metrics_addr, metrics.registry, swarm_registry, self.context.health)
+
+    def host(self, experts: List[str]) -> None:
+        self.hosting.host(experts)
+        self.context.metrics.hosted.set(len(self.hosting.hosted))
+
+    def rebalance(self) -> None:
+        """Once per round: an expert with no host left makes exactly one node (the same choice everywhere)
+        swap a duplicated expert for it."""
+        view = dict(self.membership.view.modules_by_peer())
+        view[self.peer_id] = self.hosting.modules
+        swap = rebalance(self.peer_id, view, self.module_names[1:])
+        if swap is not None:
+            drop, add = swap
+            logger.info("re-placement: %s has no host left; hosting it instead of %s", add, drop)
+            self.host([e for e in self.hosting.hosted if e != drop] + [add])
+
+    # --- what others see -----------------------------------------------------------------
+    def describe_self(self) -> PeerRecord:
+        trainer = self.trainer
+        return PeerRecord(
+            peer_id=self.peer_id, modules=self.hosting.modules, outer_round=self.progress.outer_round,
+            local_steps=trainer.local_steps, loss=trainer.loss_ema, samples_per_second=trainer.samples_per_second,
+            maddrs=self.maddrs[:16], device=self.device.type, version=__version__,
+        )  # fmt: skip
+
+    def ready_event(self) -> dict:
+        self.maddrs = self.swarm.visible_maddrs()
+        manifest = self.context.manifest
+        return {
+            "event": "ready",
+            "peer_id": self.peer_id,
+            "maddrs": self.maddrs,
+            "swarm_id": self.swarm_id,
+            "manifest": manifest.name,
+            "protocol_version": manifest.protocol_version,
+            "version": __version__,
+            "modules": self.hosting.modules,
+            "outer_round": self.progress.outer_round,
+            "device": self.device.type,
+            "join": f"node start --initial-peers {self.maddrs[0]}" if self.maddrs else None,
+            "metrics_url": self.endpoints.url("/metrics") if self.endpoints else None,
+        }
+
+    def announce_ready(self, out: Optional[TextIO]) -> dict:
+        """Print the JSON ready line and log how to join and where the metrics are."""
+        ready = self.ready_event()
+        if out is not None:
+            out.write(json.dumps(ready) + "\n")
+            out.flush()
+        logger.info(
+            "ready: swarm %s, peer %s, hosting %s", ready["swarm_id"], ready["peer_id"], ", ".join(ready["modules"])
+        )
+        logger.info("others can join with: %s", ready["join"])
+        logger.info("metrics: %s (health: /healthz, /readyz, swarm view: /metrics/swarm)", ready["metrics_url"])
+        return ready
+
+    def refresh_view(self) -> SwarmView:
+        """Re-read the peer records now (the background refresh runs every half second)."""
+        return self.swarm.run(self.membership.refresh(), timeout=30)
+
+    def save_checkpoint(self) -> None:
+        """Write a generation; a failure (disk full, read-only) is logged and counted, training goes on."""
+        if self.checkpoints is None or not self.hosting.states:
+            return
+        progress, trainer = self.progress, self.trainer
+        snapshot = Snapshot(
+            swarm_id=self.swarm_id, outer_round=progress.outer_round, rounds_done=progress.rounds_done,
+            local_steps=trainer.local_steps, hosted=list(self.hosting.hosted), data_seed=self.data_seed,
+            data_position=trainer.data.position, tensors=capture_modules(self.hosting.states, trainer.optimizer),
+        )  # fmt: skip
+        write_generation(self.checkpoints, snapshot, self.context.metrics)
+
+    def leave(self) -> None:
+        """Checkpoint, stop serving, say goodbye and stop every helper process."""
+        self.save_checkpoint()  # the global copies as of the last finished round
+        if self.endpoints is not None:
+            self.endpoints.close()
+        try:
+            self.swarm.run(self.membership.stop(), timeout=5)
+            self.swarm.run(self.membership.say_goodbye(), timeout=3)
+        except Exception as e:
+            logger.debug("membership stop: %s", e)
+        self.swarm.close()
