@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import yaml
 
@@ -172,7 +172,7 @@ class Manifest:
             f"{PROTOCOL_VERSION}); upgrade the node or use a manifest for protocol {PROTOCOL_VERSION}",
         )
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
     def canonical_json(self) -> str:

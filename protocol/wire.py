@@ -36,7 +36,8 @@ from protocol.records import MODULE_PATTERN
 from protocol.version import PROTOCOL_VERSION
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
-WIRE_DTYPES = ("float32", "float16", "int8")
+WireDtype = Literal["float32", "float16", "int8"]
+WIRE_DTYPES: Tuple[WireDtype, ...] = ("float32", "float16", "int8")
 INT8_BLOCK = 1024
 
 
@@ -47,7 +48,7 @@ class WireError(ValueError):
     so a receiver can tell which round the bad message claimed to belong to.
     """
 
-    def __init__(self, message: str, header: Optional[dict] = None) -> None:
+    def __init__(self, message: str, header: Optional[Dict[str, Any]] = None) -> None:
         super().__init__(message)
         self.header = header
 
@@ -90,7 +91,7 @@ class TensorPart(BaseModel):
     sender: constr(min_length=1, max_length=128, strict=True)  # type: ignore[valid-type]
     weight: StrictFloat = 1.0
     numel: conint(ge=0, strict=True)  # type: ignore[valid-type]
-    dtype: Literal["float32", "float16", "int8"]
+    dtype: WireDtype
     attempt: conint(ge=0, le=1, strict=True) = 0  # type: ignore[valid-type]
 
 
@@ -191,7 +192,7 @@ def decode(frame: bytes) -> Tuple[Message, memoryview]:
     if not isinstance(kind, str) or kind not in _TYPES:
         raise WireError("header has no known message type")
     try:
-        message = _TYPES[kind].parse_obj(raw)  # type: ignore[union-attr]
+        message = _TYPES[kind].parse_obj(raw)
     except ValidationError as e:
         first = e.errors()[0]
         raise WireError(f"{raw['type']}.{'.'.join(map(str, first['loc']))}: {first['msg']}", raw) from None

@@ -23,6 +23,21 @@ from node.averaging.slices import chunked_bounds, owner_of
 from protocol.manifest import AveragingSpec
 from protocol.wire import tensor_payload
 
+# attack -> the rejection counter (on some honest peer) that must move when a peer attacks that way
+CLASSES = {
+    "nan": "malformed",
+    "inf": "malformed",
+    "scale_1e30": "outlier",
+    "sign_flip_100": "outlier",
+    "weight_huge": "bad_weight",
+    "weight_negative": "bad_weight",
+    "wrong_length": "wrong_size",
+    "wrong_dtype": "malformed",
+    "broadcast": "wrong_size",
+    "wrong_round": "wrong_round",
+    "wrong_group": "wrong_group",
+    "lying_reducer": "bad_result",
+}
 ATTACKS = (
     "none nan inf scale_1e30 sign_flip_100 weight_huge weight_negative wrong_length wrong_dtype "
     "broadcast wrong_round wrong_group lying_reducer crash_after_parts sign_flip noise slow_reducer"

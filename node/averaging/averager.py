@@ -163,9 +163,9 @@ class Averager:
     def _exclude(self, peer: str, module: object, round_number: object, reason: str) -> None:
         """Stop waiting for ``peer`` in the round it claimed, and in our active rounds of that module
         (of every module when the claim is unreadable) where it is a member."""
-        claimed = isinstance(module, str) and isinstance(round_number, int) and not isinstance(round_number, bool)
-        if claimed and (module, round_number) not in self._active:
-            self._early.exclude(module, round_number, peer, reason)  # type: ignore[arg-type]
+        if isinstance(module, str) and isinstance(round_number, int) and not isinstance(round_number, bool):
+            if (module, round_number) not in self._active:  # not started here yet: its run will find it
+                self._early.exclude(module, round_number, peer, reason)
         for (active_module, _), run in list(self._active.items()):
             if peer in run.group.members and (not isinstance(module, str) or module == active_module):
                 run.exclude(peer, reason)

@@ -132,7 +132,7 @@ class Matchmaker:
         records: Dict[str, ReadyRecord] = {}
         for peer, (value, _) in raw.items():
             try:
-                records[peer] = parse_record(ReadyRecord, value)  # type: ignore[assignment]
+                records[peer] = parse_record(ReadyRecord, value)
             except RecordError as e:
                 logger.debug("ignoring ready record from %s: %s", peer[-8:], e)
         return records

@@ -79,14 +79,15 @@ def coordinate_median(rows: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
     k = len(rows)
     if k == 3:
         low, high = np.minimum(rows[0], rows[1]), np.maximum(rows[0], rows[1])
-        return np.maximum(low, np.minimum(high, rows[2]))
+        median: np.ndarray = np.maximum(low, np.minimum(high, rows[2]))
+        return median
     if k == 4:  # the two middle values are the larger of the pair minimums and the smaller of the maximums
         low = np.maximum(np.minimum(rows[0], rows[1]), np.minimum(rows[2], rows[3]))
         high = np.minimum(np.maximum(rows[0], rows[1]), np.maximum(rows[2], rows[3]))
         low *= np.float32(0.5)  # halves first: no overflow near the float32 limit, and exact for equal halves
         high *= np.float32(0.5)
         low += high
-        return low
+        return np.asarray(low)
     out = np.empty(rows.shape[1], dtype=np.float32)
     for start in range(0, rows.shape[1], chunk):
         block = np.sort(rows[:, start : start + chunk].T, axis=1)

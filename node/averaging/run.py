@@ -46,6 +46,7 @@ from protocol.wire import (
     Ack,
     Refusal,
     TensorPart,
+    WireDtype,
     WireError,
     decode,
     encode,
@@ -68,6 +69,7 @@ SEND_WINDOW = 2  # our messages on the wire at once per peer (measured: 2 beat 4
 # 100 Mbit/s (best there), the 1 MiB cap at 1 Gbit/s and on loopback (bench/RESULTS.md, item 6).
 MESSAGE_SECONDS = 0.02
 Verify = Callable[[np.ndarray], bool]
+WIRE_DTYPE_OF: Dict[str, WireDtype] = {"none": "float32", "fp16": "float16", "int8": "int8"}  # by compression
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,7 @@ class AllReduceRun:
         self.me = context.port.peer_id
         self.started = context.clock()
         spec = context.spec
-        dtype = spec.compression if compress else "none"
-        self.dtype = {"none": "float32", "fp16": "float16"}.get(dtype, dtype)
+        self.dtype: WireDtype = WIRE_DTYPE_OF[spec.compression if compress else "none"]
         self.regions = list(regions or [vector.size])
         chunk_elements = (group.message_bytes or spec.message_bytes) // 4
         self.bounds = region_bounds(self.regions, len(group.members), slice_values(chunk_elements, self.dtype))
@@ -463,7 +464,7 @@ class AllReduceRun:
             sender=self.me,
             weight=float(weight),
             numel=int(values.size),
-            dtype=self.dtype,  # type: ignore[arg-type]
+            dtype=self.dtype,
             attempt=attempt,
         )
         return encode(header, tensor_payload(values, self.dtype))

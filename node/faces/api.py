@@ -25,7 +25,7 @@ import torch
 
 from node.errors import CommonsError
 from node.faces.status import swarm_status
-from node.runtime import Node, build_config
+from node.runtime import Node, RoundSummary, build_config
 from node.training import ModelFactory
 
 if TYPE_CHECKING:
@@ -76,7 +76,9 @@ class CommonsNode:
             raise self._background_error
         return self._node.ready_event()
 
-    def train(self, *, steps: Optional[int] = None, rounds: Optional[int] = None, progress: bool = True) -> List[dict]:
+    def train(
+        self, *, steps: Optional[int] = None, rounds: Optional[int] = None, progress: bool = True
+    ) -> List[RoundSummary]:
         """Train in the calling thread for ``steps`` local steps or ``rounds`` averaging rounds.
 
         Returns the summaries of the rounds finished meanwhile (loss, eval loss, group sizes, times).
@@ -87,7 +89,7 @@ class CommonsNode:
             raise StateError("this node is training in the background; stop() it, or read status() meanwhile")
         self._open()
         done_before = len(self._node.history)
-        total = steps if steps is not None else rounds * self._node.manifest.training.inner_steps  # type: ignore
+        total = steps if steps is not None else (rounds or 0) * self._node.manifest.training.inner_steps
         bar = _progress_bar(total, progress)
         try:
             self._node.run(max_rounds=rounds, max_steps=steps, on_step=lambda loss: _advance(bar, loss))
@@ -154,7 +156,8 @@ class CommonsNode:
     @property
     def model(self) -> torch.nn.Module:
         """The live model (a reference: copy.deepcopy it for a snapshot)."""
-        return self._joined("model").trainer.model
+        model: torch.nn.Module = self._joined("model").trainer.model
+        return model
 
     def evaluate(self, text: str) -> float:
         """Mean next-byte cross entropy (nats/byte) of the current model on ``text``."""

@@ -34,7 +34,7 @@ def swarm_status(view: SwarmView, swarm_id: str) -> Dict[str, Any]:
     return {"swarm_id": swarm_id, "peers": peers, "modules": modules}
 
 
-def _module_order(module: str) -> tuple:
+def _module_order(module: str) -> Tuple[int, int]:
     if module == "trunk":
         return (-1, -1)
     _, layer, index = module.split(".")

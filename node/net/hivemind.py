@@ -45,10 +45,10 @@ def route_hivemind_logs() -> None:
 
 def now() -> float:
     """The clock every DHT record is stamped with (wall time, shared with hivemind)."""
-    return get_dht_time()
+    return float(get_dht_time())
 
 
-class _GuardedDHT(hivemind.DHT):
+class _GuardedDHT(hivemind.DHT):  # type: ignore[misc]  # hivemind has no type stubs
     """hivemind's DHT process, made to die with its parent and take its p2pd along.
 
     hivemind's DHT child ignores SIGINT and outlives a SIGKILLed parent, leaving the

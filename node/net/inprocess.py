@@ -247,7 +247,8 @@ def _fail(reply: asyncio.Future[bytes], error: Exception) -> None:
 
 def _pack(value: Any) -> bytes:
     """Serialize as hivemind's DHT does: strict types, binary as bin, tuples as their own extension type."""
-    return msgpack.packb(value, use_bin_type=True, strict_types=True, default=_pack_tuple)
+    packed: bytes = msgpack.packb(value, use_bin_type=True, strict_types=True, default=_pack_tuple)
+    return packed
 
 
 def _pack_tuple(value: Any) -> msgpack.ExtType:

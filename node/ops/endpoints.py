@@ -74,7 +74,7 @@ class Endpoints:
     """Serves the node's registries and health on ``host:port`` (port 0 picks a free one)."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry, swarm: CollectorRegistry, health: Health):
-        routes = {
+        routes: Dict[str, Callable[[], Tuple[int, str, bytes]]] = {
             "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(registry)),
             "/metrics/swarm": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(swarm)),
             "/healthz": lambda: _json(*health.check()),

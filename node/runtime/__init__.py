@@ -23,5 +23,6 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.runtime.joined import Joined as Joined
     from node.runtime.node import Node as Node
     from node.runtime.report import ModuleOutcome as ModuleOutcome
+    from node.runtime.report import RoundSummary as RoundSummary
 else:
     __getattr__, __all__ = lazy_exports(__name__, __file__)

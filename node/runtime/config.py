@@ -97,7 +97,7 @@ class NodeConfig:
     def field_names(cls) -> Tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
-    def as_log_dict(self) -> dict:
+    def as_log_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -119,7 +119,7 @@ def read_values(values: Mapping[Any, Any], source: str, keyed: bool = True) -> D
     return load_fields(NodeConfig, values, rules)
 
 
-def read_config_file(path: str) -> dict:
+def read_config_file(path: str) -> Dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
@@ -135,7 +135,7 @@ def read_config_file(path: str) -> dict:
     return data
 
 
-def read_env(environ: Mapping[str, str]) -> dict:
+def read_env(environ: Mapping[str, str]) -> Dict[str, Any]:
     """Every ``COMMONS_<FIELD>`` variable that names a config field (``COMMONS_CONFIG`` is the file)."""
     fields = NodeConfig.field_names()
     found = {}
@@ -153,7 +153,7 @@ def build_config(
     """Merge file < environment < flags into one validated NodeConfig."""
     environ = os.environ if environ is None else environ
     config_path = config_path or environ.get(ENV_PREFIX + "CONFIG")
-    merged: dict = {}
+    merged: Dict[str, Any] = {}
     if config_path:
         merged.update(read_values(read_config_file(config_path), f"config file {config_path}"))
     for name, raw in read_env(environ).items():

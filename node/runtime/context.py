@@ -10,7 +10,7 @@ from typing import Callable, List
 
 from node.ops import Health, NodeMetrics
 from node.runtime.config import NodeConfig
-from node.runtime.report import ModuleOutcome
+from node.runtime.report import ModuleOutcome, RoundSummary
 from node.training import DataError
 from protocol.manifest import Manifest
 
@@ -31,7 +31,7 @@ class NodeContext:
     health: Health
     after_round: RoundHook
     stop_requested: threading.Event = field(default_factory=threading.Event)
-    history: List[dict] = field(default_factory=list)  # one summary per finished round
+    history: List[RoundSummary] = field(default_factory=list)  # one summary per finished round
 
     def progress(self) -> None:
         """A training step or an averaging round finished: /healthz and the metrics see it."""

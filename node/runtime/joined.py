@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, TextIO, Type
+from typing import Any, Dict, List, Optional, TextIO, Type
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -229,7 +229,7 @@ class Joined:
             maddrs=self.maddrs[:16], device=self.device.type, version=__version__,
         )  # fmt: skip
 
-    def ready_event(self) -> dict:
+    def ready_event(self) -> Dict[str, Any]:
         self.maddrs = self.swarm.visible_maddrs()
         manifest = self.context.manifest
         return {
@@ -247,7 +247,7 @@ class Joined:
             "metrics_url": self.endpoints.url("/metrics") if self.endpoints else None,
         }
 
-    def announce_ready(self, out: Optional[TextIO]) -> dict:
+    def announce_ready(self, out: Optional[TextIO]) -> Dict[str, Any]:
         """Print the JSON ready line and log how to join and where the metrics are."""
         ready = self.ready_event()
         if out is not None:

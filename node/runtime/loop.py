@@ -18,7 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from node.runtime.context import NodeContext
 from node.runtime.joined import Joined
@@ -166,7 +166,7 @@ class RoundLoop:
         self._finish(outcomes, pending.steps, timing)
         return True
 
-    def _finish(self, outcomes: List[ModuleOutcome], steps: int, timing: dict) -> None:
+    def _finish(self, outcomes: List[ModuleOutcome], steps: int, timing: Dict[str, Any]) -> None:
         """A round is applied: count and log it, score it if due, move to the next round, re-place, checkpoint."""
         node, joined = self.node, self.joined
         progress, membership, metrics = joined.progress, joined.membership, node.metrics

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, ContextManager, List, Optional, TextIO
+from typing import Any, Callable, ContextManager, Dict, List, Optional, TextIO
 
 from prometheus_client import CollectorRegistry
 
@@ -21,7 +21,7 @@ from node.runtime.config import NodeConfig
 from node.runtime.context import NodeContext
 from node.runtime.joined import Joined
 from node.runtime.loop import RoundLoop
-from node.runtime.report import ModuleOutcome
+from node.runtime.report import ModuleOutcome, RoundSummary
 from node.swarm import StateServer
 from node.training import ModelFactory, TextData, resolve_device
 from protocol.manifest import Manifest, load_manifest
@@ -59,7 +59,7 @@ class Node:
         return self.context.manifest
 
     @property
-    def history(self) -> List[dict]:
+    def history(self) -> List[RoundSummary]:
         """One summary per finished round (node/runtime/report.py)."""
         return self.context.history
 
@@ -106,11 +106,11 @@ class Node:
         self.joined, self._loop = joined, RoundLoop(self.context, joined)
         return joined
 
-    def ready_event(self) -> dict:
+    def ready_event(self) -> Dict[str, Any]:
         """The JSON ready line's fields (peer id, addresses, swarm id, how to join...)."""
         return self._require_joined().ready_event()
 
-    def announce_ready(self, out: Optional[TextIO] = None) -> dict:
+    def announce_ready(self, out: Optional[TextIO] = None) -> Dict[str, Any]:
         """Print the JSON ready line (once) and start answering /readyz."""
         joined = self._require_joined()
         if self._announced:

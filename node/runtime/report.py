@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 logger = logging.getLogger("node")
+
+RoundSummary = Dict[str, Any]  # one finished round as plain data (round_summary): a history entry, a log line
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,8 @@ def round_summary(
     loss: Optional[float],
     eval_loss: Optional[float],
     outcomes: List[ModuleOutcome],
-    timing: Optional[dict] = None,
-) -> dict:
+    timing: Optional[Dict[str, Any]] = None,
+) -> RoundSummary:
     """One round as plain data: also the fields of its JSON log line (event "round").
 
     ``eval_loss`` is None on a round whose held-out split was not scored (see EvalCadence).
@@ -61,7 +63,7 @@ def round_summary(
     }
 
 
-def log_round(summary: dict, outcomes: List[ModuleOutcome]) -> None:
+def log_round(summary: RoundSummary, outcomes: List[ModuleOutcome]) -> None:
     """One line per round at INFO; one per module (INFO when not fully averaged, else DEBUG)."""
     for outcome in outcomes:
         logger.log(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Awaitable, Callable, Dict, List, Optional
 
 from node.net import SwarmPort
 from protocol.records import PeerRecord, RecordError, parse_record, peers_key, ready_key
@@ -66,7 +66,7 @@ async def read_peers(swarm: SwarmPort, swarm_id: str) -> SwarmView:
             continue
         if record.leaving:
             continue
-        view.peers[peer] = record  # type: ignore[assignment]
+        view.peers[peer] = record
         view.seen_at[peer] = expiration - RECORD_TTL_SECONDS
     return view
 
@@ -89,7 +89,7 @@ class Membership:
         self.view = SwarmView()
         self.watch_round: int = 0
         self.others_ready_round: int = -1  # highest round for which another peer posted trunk readiness
-        self._tasks: List[asyncio.Task] = []
+        self._tasks: List[asyncio.Task[None]] = []
         self._nudged: Optional[asyncio.Event] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
@@ -120,7 +120,9 @@ class Membership:
         if self._nudged is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(self._nudged.set)
 
-    async def _every(self, seconds: float, action: Callable, wake: Optional[asyncio.Event] = None) -> None:
+    async def _every(
+        self, seconds: float, action: Callable[[], Awaitable[object]], wake: Optional[asyncio.Event] = None
+    ) -> None:
         while True:
             try:
                 await action()

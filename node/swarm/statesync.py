@@ -19,7 +19,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ class StateDownloader:
         Donors' state moves on at every round boundary; a download that straddles one is
         retried from fresh digests, without the donors that failed or lied so far.
         """
-        bad: set = set()
+        bad: Set[str] = set()
         for _ in range(ATTEMPTS):
             live = [p for p in donors if p not in bad]
             found = await self.digests(module, live)
@@ -143,7 +143,7 @@ class StateDownloader:
         """Ranges pulled in parallel, one worker per donor; a donor that fails once is dropped and
         its range goes back to the queue for the others."""
         out = np.empty(total, dtype=np.float32)
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue[Tuple[int, int]] = asyncio.Queue()
         for offset in range(0, total, RANGE_ELEMENTS):
             queue.put_nowait((offset, min(RANGE_ELEMENTS, total - offset)))
         remaining = queue.qsize()
@@ -167,7 +167,7 @@ class StateDownloader:
         await asyncio.gather(*(worker(p) for p in peers))
         return out if done == remaining else None
 
-    def _check(self, reply, offset: int, count: int) -> Optional[np.ndarray]:
+    def _check(self, reply: Optional[Tuple[StateReply, bytes]], offset: int, count: int) -> Optional[np.ndarray]:
         if reply is None:
             return None
         header, payload = reply

@@ -33,7 +33,8 @@ class Expert(nn.Module):
         self.down = nn.Linear(hidden, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))
+        out: torch.Tensor = self.down(F.gelu(self.up(x)))
+        return out
 
 
 class MoELayer(nn.Module):
@@ -63,7 +64,7 @@ class MoELayer(nn.Module):
         token_of_row = order // k
         params = [p for i in self.hosted for p in self._expert_params(i)]
         # An expert that got no rows still gets a (zero) gradient, so the optimizer treats hosted experts alike.
-        y = GroupedExperts.apply(flat[token_of_row], counts.tolist(), *params)
+        y = GroupedExperts.apply(flat[token_of_row], counts.tolist(), *params)  # type: ignore[no-untyped-call]
         out = torch.zeros_like(flat).index_add_(0, token_of_row, y * weights.reshape(-1)[order].unsqueeze(-1))
         # Switch-transformer balance loss: fraction dispatched times mean router probability.
         probs = torch.softmax(logits, dim=-1)
@@ -90,7 +91,8 @@ class Attention(nn.Module):
         b, t, d = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        out: torch.Tensor = self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return out
 
 
 class Block(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 
@@ -46,12 +46,12 @@ def default_model(manifest: Manifest) -> torch.nn.Module:
     return MoETransformer(manifest.model, seed=manifest.seed)
 
 
-def architecture_swarm_id(manifest: Manifest, model: torch.nn.Module) -> str:
+def architecture_swarm_id(manifest: Manifest, model: SwarmModel) -> str:
     """Swarm id for a custom model: the manifest's, plus every module's name and parameter shapes,
     so peers running different architectures under one manifest never mix."""
     digest = hashlib.sha256(manifest.swarm_id.encode())
-    for module in model.module_names():  # type: ignore[operator]
-        shapes = [tuple(p.shape) for p in model.module_parameters(module)]  # type: ignore[operator]
+    for module in model.module_names():
+        shapes = [tuple(p.shape) for p in model.module_parameters(module)]
         digest.update(f"|{module}:{shapes}".encode())
     return digest.hexdigest()[:16]
 
@@ -139,10 +139,11 @@ class Trainer:
         self._recent_rate = rate if self._recent_rate is None else 0.9 * self._recent_rate + 0.1 * rate
         return value
 
-    def restart_data(self, start: Optional[tuple] = None) -> None:
-        """Start the training stream again: where it was (after the data source failed), or at ``start``."""
-        position = tuple(start) if start is not None else self.data.position
-        self._batches = self.data.train_batches(self.manifest.training.batch_size, start=position)  # type: ignore
+    def restart_data(self, start: Optional[Tuple[int, int]] = None) -> None:
+        """Start the training stream again: where it was (after the data source failed), or at ``start``
+        (a position the data reader gave, e.g. from a checkpoint)."""
+        position = (int(start[0]), int(start[1])) if start is not None else self.data.position
+        self._batches = self.data.train_batches(self.manifest.training.batch_size, start=position)
 
     @property
     def samples_per_second(self) -> Optional[float]:

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from node.averaging.slices import chunked_bounds, owner_of, region_bounds
+from tests.attacks import CLASSES, make_vector
 from tests.attacks import honest_aggregate as aggregate_of
-from tests.attacks import make_vector
 from tests.procs import NodeProcess
 from tests.swarm.averaging_peer import SPEC
 
@@ -105,21 +105,6 @@ def four(tmp_path_factory):
         assert not any(leaks.values()), f"processes leaked: {leaks}"
 
 
-# attack -> the rejection counter (on some honest peer) that must move
-CLASSES = {
-    "nan": "malformed",
-    "inf": "malformed",
-    "scale_1e30": "outlier",
-    "sign_flip_100": "outlier",
-    "weight_huge": "bad_weight",
-    "weight_negative": "bad_weight",
-    "wrong_length": "wrong_size",
-    "wrong_dtype": "malformed",
-    "broadcast": "wrong_size",
-    "wrong_round": "wrong_round",
-    "wrong_group": "wrong_group",
-    "lying_reducer": "bad_result",
-}
 ATTACKER = 3
 HONEST = [0, 1, 2]
 _round = iter(range(10, 1000))

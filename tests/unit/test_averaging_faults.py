@@ -24,7 +24,7 @@ from node.averaging.slices import chunked_bounds, owner_of
 from node.net import InProcessNetwork, InProcessSwarm, VirtualClock, run_virtual
 from protocol import handlers
 from protocol.manifest import AveragingSpec
-from tests.attacks import Attacker, honest_aggregate, make_vector
+from tests.attacks import CLASSES, Attacker, honest_aggregate, make_vector
 
 SWARM_ID = "a" * 16
 NUMEL = 40_000
@@ -128,21 +128,6 @@ def failed_reducer_aggregate(round_number: int, reducer: int) -> np.ndarray:
     return expected
 
 
-# attack -> the rejection counter (on some honest peer) that must move
-CLASSES = {
-    "nan": "malformed",
-    "inf": "malformed",
-    "scale_1e30": "outlier",
-    "sign_flip_100": "outlier",
-    "weight_huge": "bad_weight",
-    "weight_negative": "bad_weight",
-    "wrong_length": "wrong_size",
-    "wrong_dtype": "malformed",
-    "broadcast": "wrong_size",
-    "wrong_round": "wrong_round",
-    "wrong_group": "wrong_group",
-    "lying_reducer": "bad_result",
-}
 
 
 def test_a_clean_round_is_bit_identical_on_all_peers_and_is_the_aggregate() -> None:

@@ -110,16 +110,22 @@ def test_a_group_of_two_applies_its_partners_result():
     np.testing.assert_array_equal(state.result, honest.astype(np.float32))
 
 
-def test_a_resync_with_no_majority_state_applies_honest_copies_and_refuses_a_liar():
-    """Every member's copy differs somewhere, so no state hash can be verified: results within a
-    few times our copy's norm are applied (however unlike the other slices' distances), a reducer
-    that returns its parameters x-10 is not."""
+def resync_of_four() -> Tuple[np.ndarray, np.ndarray, List[Tuple[int, int]]]:
+    """A re-sync of four members: our [pseudo-gradient; parameters; momentum], the honest result (the mean
+    pseudo-gradient, our state elsewhere, for the test to change), and the group's slice bounds."""
     delta, *_ = parts(4)
     params = np.linspace(-1, 1, NUMEL, dtype=np.float32)
     own = np.concatenate([delta, params, params * 0.1])
     honest = own.copy()
     honest[:NUMEL] = np.mean(parts(4), axis=0)
-    bounds = region_bounds([NUMEL] * 3, 4, chunk_elements=1 << 18)
+    return own, honest, region_bounds([NUMEL] * 3, 4, chunk_elements=1 << 18)
+
+
+def test_a_resync_with_no_majority_state_applies_honest_copies_and_refuses_a_liar():
+    """Every member's copy differs somewhere, so no state hash can be verified: results within a
+    few times our copy's norm are applied (however unlike the other slices' distances), a reducer
+    that returns its parameters x-10 is not."""
+    own, honest, bounds = resync_of_four()
     noise = np.random.default_rng(3)
     for i, scale in ((4, 0.001), (5, 0.2), (9, 0.001), (10, 0.02)):  # parameters, then momentum
         lo, hi = bounds[i]
@@ -135,12 +141,7 @@ def test_a_resync_with_no_majority_state_applies_honest_copies_and_refuses_a_lia
 def test_with_a_majority_state_to_verify_a_resyncs_far_state_is_held_and_a_far_gradient_refused():
     """A re-sync whose state region moved far from our copy is held back for the state-hash check
     (the run applies it only if the whole verifies); the pseudo-gradient region is never held."""
-    delta, *_ = parts(4)
-    params = np.linspace(-1, 1, NUMEL, dtype=np.float32)
-    own = np.concatenate([delta, params, params * 0.1])
-    honest = own.copy()
-    honest[:NUMEL] = np.mean(parts(4), axis=0)
-    bounds = region_bounds([NUMEL] * 3, 4, chunk_elements=1 << 18)
+    own, honest, bounds = resync_of_four()
     state_slices = [i for i, (lo, _) in enumerate(bounds) if lo >= NUMEL and owner_of(i, 4) != 0]
     noise = np.random.default_rng(5)
     for i in state_slices:  # the others' copies differ a little from ours everywhere...
