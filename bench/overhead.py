@@ -37,7 +37,7 @@ def plain_loop(steps: int, device: str, stream: bool = False, keep_memory: bool 
     """The reference: the node's model, optimizer settings and data reader, in a bare loop.
 
     With ``stream``, runs until stopped and prints the wall time (time.time()) at the end of every step.
-    With ``keep_memory``, first applies the glibc malloc settings `node start` applies (node/allocator.py).
+    With ``keep_memory``, first applies the glibc malloc settings `node start` applies (node/ops/allocator.py).
     """
     if keep_memory:
         from node.ops.allocator import keep_freed_memory

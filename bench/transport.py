@@ -11,7 +11,7 @@ Then two real averaging peers (tests/swarm/averaging_peer.py, the node's Average
 as results, so the round's rate is ``--round-mbytes`` / the all-reduce time, per peer and direction,
 comparable with one stream's rate. The peers post the message size their last round asks for, as
 nodes do, so after the first (warm-up) round a group sends larger messages than the manifest's
-(node/matchmaking.py); ``mean`` also runs with the asks off, the manifest's messages throughout.
+(node/averaging/matchmaking.py); ``mean`` also runs with the asks off, the manifest's messages throughout.
 
 Every row also gives the CPU time it cost: every process involved (this process or the peers, the DHT
 processes, the p2pd daemons), per MiB delivered. A round's CPU time includes its matchmaking (about

@@ -129,7 +129,7 @@ class AveragingSpec:
     @property
     def message_bytes(self) -> int:
         """Bytes of one averaging message (a slice): ``chunk_elements`` float32 values. Groups on fast
-        links agree on larger ones (node/matchmaking.py)."""
+        links agree on larger ones (node/averaging/matchmaking.py)."""
         return 4 * self.chunk_elements
 
     def __post_init__(self) -> None:

@@ -83,10 +83,10 @@ class ReadyRecord(BaseModel):
     numel: StrictInt
     protocol_version: StrictInt = PROTOCOL_VERSION
     # How long a window this peer opens if its post is the first: its step time makes the others'
-    # posts spread wider than gather_seconds. Readers clamp it (node/matchmaking.py).
+    # posts spread wider than gather_seconds. Readers clamp it (node/averaging/matchmaking.py).
     window_seconds: Optional[StrictFloat] = None
     # The size of averaging messages this peer asks for, from the rate of its last round. A group
-    # uses the smallest ask of its members, clamped by the readers (node/matchmaking.py); older
+    # uses the smallest ask of its members, clamped by the readers (node/averaging/matchmaking.py); older
     # peers ask nothing, which counts as the manifest's size, the only size they know.
     message_bytes: Optional[StrictInt] = None
 

@@ -15,7 +15,7 @@ not join ours, so waiting for it only keeps the two windows apart). Peers with
 differing expectations may then disagree, which the all-reduce detects by group id
 and turns into a partial round, never into mixed-up sums.
 
-A record also asks for a size of averaging messages (node/averaging.py: what the peer's last
+A record also asks for a size of averaging messages (node/averaging/run.py: what the peer's last
 round moved in a short time). The group takes the smallest ask, within 1 to ``MAX_MESSAGE_GROWTH``
 times the manifest's size: one slow member keeps the manifest's messages for everyone.
 """

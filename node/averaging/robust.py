@@ -17,7 +17,7 @@ A reducer combines the parts it received for its slice in three steps:
 3. ``mean`` (for trusted swarms) skips both and averages.
 
 How a member uses ``relative_distance`` and ``lower_median`` to check a reducer's result:
-node/resultcheck.py.
+node/averaging/resultcheck.py.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ class RoundAverager:
     async def average(
         self, prepared: Dict[str, Prepared], round_number: int, window_seconds: Optional[float] = None
     ) -> List[Averaged]:
-        """``window_seconds``: the matchmaking window to ask for (node/matchmaking.py)."""
+        """``window_seconds``: the matchmaking window to ask for (node/averaging/matchmaking.py)."""
         tasks = [self._module(name, item, round_number, window_seconds) for name, item in prepared.items()]
         return list(await asyncio.gather(*tasks))
 

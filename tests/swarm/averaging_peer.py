@@ -97,7 +97,7 @@ class Peer:
                 )
             else:
                 result = await self.averager.all_reduce(group, vector)
-            if state is not None:  # as node/rounds.py: a slice nobody averaged is not stepped
+            if state is not None:  # as node/runtime/rounds.py: a slice nobody averaged is not stepped
                 leave_unstepped(result, vector.size)
             return group, result
 

@@ -1,4 +1,4 @@
-"""node/procs.py on real processes: a child that starts a grandchild, which burns CPU, then waits."""
+"""node/ops/procs.py on real processes: a child that starts a grandchild, which burns CPU, then waits."""
 
 from __future__ import annotations
 

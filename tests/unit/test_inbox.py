@@ -1,4 +1,4 @@
-"""node/inbox.py: who a waiter waits for, what wakes it, and what it returns."""
+"""node/averaging/inbox.py: who a waiter waits for, what wakes it, and what it returns."""
 
 from __future__ import annotations
 
