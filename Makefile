@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install install-dev system-packages start test test-unit lint bench bench-suite bench-wan bench-utilization \
+.PHONY: install install-dev notebook system-packages start demo test test-unit lint bench bench-suite bench-wan bench-utilization \
 	bench-convergence bench-overhead bench-scale bench-transport clean
 
 # Progress goes to stderr so that `make start`'s stdout holds only the node's JSON ready line.
@@ -32,21 +32,35 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
+# `set -m`: the node runs as a job of its own, the terminal's foreground one, so a Ctrl+C reaches the node
+# (which leaves the swarm and exits 0) and not make, which would otherwise die of it and exit 130.
 start: install
-	@$(BIN)/node start $(ARGS)
+	@set -m; $(BIN)/node start $(ARGS)
 
-# Debian's prometheus package (prometheus + promtool), for the tests that run a real Prometheus and promtool.
-# Nothing to do when both are on PATH; as root (CI), apt-get installs it; otherwise those tests are skipped.
+# N nodes on this machine (3 unless ARGS="--nodes N"), a live table and the swarm page's address; Ctrl+C stops all.
+demo: install
+	@$(BIN)/node demo $(ARGS)
+
+# Debian's prometheus package (prometheus + promtool), for the tests that run a real Prometheus and promtool,
+# Debian's chromium, for the test that loads the swarm page in a headless browser, and Debian's systemd for
+# systemd-analyze (deploy/commons-node.service's verify and security tests; systemd need not be running).
+# Nothing to do when all are on PATH; as root (CI), apt-get installs them; otherwise those tests are skipped.
 system-packages:
-	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; \
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v chromium >/dev/null \
+		&& command -v systemd-analyze >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing Debian's prometheus package" >&2; \
+		echo "installing Debian's prometheus, chromium and systemd packages" >&2; \
 		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends prometheus >&2; \
+		apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends prometheus chromium systemd >&2; \
 	else \
-		echo "prometheus/promtool not found: their tests will be skipped." \
-			"To run them: sudo apt-get install --no-install-recommends prometheus" >&2; \
+		echo "prometheus/promtool, chromium or systemd-analyze not found: their tests will be skipped." \
+			"To run them: sudo apt-get install --no-install-recommends prometheus chromium systemd" >&2; \
 	fi
+
+# The notebook extra in .venv, registered as a Jupyter kernel ("Commons") for the current user.
+notebook: install
+	@$(BIN)/pip install --quiet -e ".[notebook]" >&2
+	@$(BIN)/python -m ipykernel install --user --name commons --display-name "Commons" >&2
 
 lint: install-dev
 	$(BIN)/ruff check node protocol tests bench
@@ -58,6 +72,34 @@ test: install-dev system-packages lint
 
 test-unit: install-dev
 	$(BIN)/python -m pytest -q tests/unit
+
+# The containers tier (not in `make test`): deploy/Dockerfile and deploy/compose.yaml built and run with podman.
+# Debian bookworm's podman, runc (crun fails on hybrid cgroups), debootstrap (the local base image: no image
+# registry is reachable here) and the CNI dnsname plugin (containers find each other by name); as root,
+# apt-get installs what is missing. The tier's podman commands read tests/containers/containers.conf (runc,
+# ulimits within this machine's) unless CONTAINERS_CONF names another.
+.PHONY: container-packages container-images test-containers
+CONTAINER_PACKAGES := podman runc debootstrap golang-github-containernetworking-plugin-dnsname
+
+container-packages:
+	@if command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
+		&& [ -e /usr/lib/cni/dnsname ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $(CONTAINER_PACKAGES)" >&2; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends $(CONTAINER_PACKAGES) >&2; \
+	else \
+		echo "podman, runc, debootstrap or the CNI dnsname plugin not found: the containers tier will be skipped." \
+			"To run it: sudo apt-get install --no-install-recommends $(CONTAINER_PACKAGES)" >&2; \
+	fi
+
+# This machine's way to build the images (the base from Debian's packages, torch from the local wheel):
+# localhost/commons-debian-base:bookworm, localhost/commons-node:latest, localhost/commons-prometheus:latest.
+container-images: install-dev container-packages
+	$(BIN)/python -m tests.containers.podman
+
+test-containers: install-dev container-packages
+	$(BIN)/python -m pytest -q -m containers --durations=0 tests/containers
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -15,8 +15,9 @@ blockwise absmax quantization: one little-endian float32 scale per block of
 
 from __future__ import annotations
 
+import re
 from enum import Enum
-from typing import Any, Dict, Literal, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, Union
 
 import msgpack
 import numpy as np
@@ -32,7 +33,7 @@ from pydantic.v1 import (
 )
 
 from protocol.frames import FrameError, message_frame, split_message
-from protocol.records import MODULE_PATTERN
+from protocol.records import MAX_MODULES_PER_PEER, MODULE_PATTERN
 from protocol.version import PROTOCOL_VERSION
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -63,12 +64,16 @@ class Hello(BaseModel):
 
 
 class HelloReply(BaseModel):
+    """The answer to a hello: who we are, whether we train together, and (as the payload, msgpack) the names
+    of every module of our swarm, ``modules`` of them: what `node status` lists, hosted or not."""
+
     type: Literal["hello_reply"] = "hello_reply"
     swarm_id: constr(max_length=64, strict=True)  # type: ignore[valid-type]
     protocol_version: StrictInt = PROTOCOL_VERSION
     manifest_name: constr(max_length=64, strict=True)  # type: ignore[valid-type]
     accepted: StrictBool
     reason: constr(max_length=512, strict=True) = ""  # type: ignore[valid-type]
+    modules: conint(ge=0, le=MAX_MODULES_PER_PEER, strict=True) = 0  # type: ignore[valid-type]
 
 
 class TensorPart(BaseModel):
@@ -260,3 +265,25 @@ def read_tensor(part: TensorPart, payload: memoryview, expected_numel: Optional[
     if not np.isfinite(values).all():
         raise WireError("payload holds NaN or infinite values")
     return values
+
+
+def module_names_payload(modules: Sequence[str]) -> bytes:
+    """The payload of a HelloReply: the swarm's module names (as many as its ``modules`` field says)."""
+    return bytes(msgpack.packb(list(modules), use_bin_type=True))
+
+
+def read_module_names(reply: HelloReply, payload: memoryview) -> List[str]:
+    """The module names a HelloReply's payload carries; WireError unless it is a list of exactly
+    ``reply.modules`` distinct valid module names."""
+    if reply.modules == 0 and len(payload) == 0:
+        return []
+    try:
+        names = msgpack.unpackb(payload, raw=False)
+    except Exception as e:  # msgpack raises many types for garbage
+        raise WireError(f"hello_reply payload is not msgpack: {type(e).__name__}") from None
+    if not isinstance(names, list) or len(names) != reply.modules:
+        raise WireError(f"hello_reply payload must list {reply.modules} module name(s)")
+    pattern = re.compile(MODULE_PATTERN)
+    if not all(isinstance(n, str) and pattern.match(n) for n in names) or len(set(names)) != len(names):
+        raise WireError("hello_reply payload holds an invalid or repeated module name")
+    return names

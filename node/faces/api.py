@@ -25,11 +25,14 @@ import torch
 
 from node.errors import CommonsError
 from node.faces.status import swarm_status
-from node.runtime import Node, RoundSummary, build_config
+from node.runtime import Node, RoundSummary, build_config, read_config_file
 from node.training import ModelFactory
 
 if TYPE_CHECKING:
     from node.runtime import Joined
+
+
+NOTEBOOK_EVAL_SHARE = 1.0  # the API's default --eval-share: score the held-out split after every round
 
 
 class StateError(CommonsError, RuntimeError):
@@ -45,6 +48,10 @@ class CommonsNode:
         """``config``: a YAML file of options; ``options`` override it (e.g. ``initial_peers=[...]``).
         ``model_factory(manifest) -> torch.nn.Module``: your own model (see node.training.SwarmModel)."""
         flags = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in options.items()}
+        if "eval_share" not in flags and not (config and "eval_share" in read_config_file(str(config))):
+            # `node start` keeps scoring under 1% of wall time; a notebook trains a few rounds and plots their
+            # held-out loss, so here every round is scored unless asked otherwise.
+            flags["eval_share"] = NOTEBOOK_EVAL_SHARE
         self.config = build_config(flags, config_path=str(config) if config else None, environ={})
         self._node = Node(self.config, model_factory=model_factory)
         self._state = "created"  # created -> open -> (training) -> stopped
@@ -142,16 +149,20 @@ class CommonsNode:
         }
 
     def swarm(self, as_dataframe: bool = False) -> Any:
-        """The swarm as the DHT shows it: the `node status --json` shape, or a pandas DataFrame of peers."""
+        """The swarm as the DHT shows it: the `node status --json` shape, or a pandas DataFrame of peers (with
+        ``last_seen`` as a UTC timestamp)."""
         joined = self._joined("swarm()")
-        status = swarm_status(joined.refresh_view(), joined.swarm_id)
+        status = swarm_status(joined.refresh_view(), joined.swarm_id, joined.module_names)
         if not as_dataframe:
             return status
         try:
             import pandas as pd
         except ImportError:
-            raise StateError("as_dataframe=True needs pandas: pip install pandas") from None
-        return pd.DataFrame(status["peers"])
+            raise StateError("as_dataframe=True needs pandas: pip install 'commons-node[notebook]'") from None
+        peers = pd.DataFrame(status["peers"])
+        if "last_seen" in peers:  # unix seconds in the plain data; a time a reader can read in a table
+            peers["last_seen"] = pd.to_datetime(peers["last_seen"], unit="s", utc=True)
+        return peers
 
     @property
     def model(self) -> torch.nn.Module:
@@ -166,10 +177,10 @@ class CommonsNode:
             return joined.trainer.evaluate_text(text)
 
     def sample(self, prompt: str = "", max_bytes: int = 200, temperature: float = 0.8, seed: int = 0) -> str:
-        """Text the current model writes after ``prompt`` (bytes it cannot decode are replaced)."""
+        """Text the current model writes after ``prompt`` (bytes it cannot decode are replaced). A custom model
+        needs ``forward(tokens)`` returning next-byte logits, or a ``generate`` of its own (SwarmModel);
+        TypeError otherwise."""
         joined = self._joined("sample()")
-        if not joined.trainer.can_sample:
-            raise StateError("this model has no generate() method")
         with joined.model_lock:
             return joined.trainer.sample(prompt, max_bytes, temperature, seed)
 

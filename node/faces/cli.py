@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional,
 
 from node import __version__
 from node.errors import EXIT_CODES, CommonsError, ConfigError
+from node.faces.demo import add_demo_flags, run_demo
 from node.net import validate_peer_maddr
 from node.runtime import ENV_PREFIX, NodeConfig, build_config
-from protocol.manifest import ManifestError
+from protocol.manifest import ManifestError, load_manifest
 from protocol.typed import field_kind
 
 if TYPE_CHECKING:  # imported when `node start` needs it: `node --help` must not wait for torch
@@ -32,7 +33,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit code 2), not a usage dump."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        # One prefix for every user error, "node: error:" (main's _fail), whichever subcommand failed to parse.
+        sys.stderr.write(f"node: error: {message} (see `{self.prog} --help`)\n")
         sys.exit(ConfigError.exit_code)
 
 
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"commons node {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{start,status}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{start,status,demo}", parser_class=_Parser)
     commands.required = True
 
     start = commands.add_parser(
@@ -65,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object (same as --format json)")
     status.add_argument("--format", choices=("table", "json", "prometheus"), default="table", help="output format")
     status.add_argument("--timeout", type=float, default=20.0, metavar="S", help="seconds to wait for the swarm")
+
+    demo = commands.add_parser(
+        "demo",
+        help="start a swarm of N nodes on this machine and watch it",
+        description="Start N nodes on this machine (the first a new swarm, the others joining it), show the swarm "
+        "until Ctrl+C or --max-rounds, then stop every node. Each node logs to its own file; COMMONS_* "
+        "environment variables are not passed on. Exit codes: 0 clean, 2 bad flag or manifest, otherwise "
+        "the exit code of the node that failed.",
+    )
+    add_demo_flags(demo)
     return parser
 
 
@@ -90,6 +102,8 @@ def main(argv: Optional[Sequence[str]] = None, make_node: Optional[Callable[[Nod
     try:
         if args.command == "start":
             return _start(args, make_node)
+        if args.command == "demo":
+            return _demo(args)
         return _status(args)
     except ManifestError as e:
         return _fail(str(e), ConfigError.exit_code)
@@ -130,6 +144,13 @@ def _start(args: argparse.Namespace, make_node: Optional[Callable[[NodeConfig], 
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """`node demo`; the manifest is checked here first, so a bad one fails fast (exit 2), not in every node."""
+    if args.manifest is not None:
+        load_manifest(args.manifest)
+    return run_demo(args)
+
+
 def _install_stop_handlers(node: "Node") -> None:
     """First Ctrl+C / SIGTERM: finish or abandon the round and leave. A second one: leave now."""
 
@@ -152,12 +173,15 @@ def _status(args: argparse.Namespace) -> int:
 
     setup_logging("text", "warning")
     route_hivemind_logs()
-    swarm_id, view = read_swarm(peers, timeout=args.timeout)
+    # Joining the DHT as a light client and asking takes seconds: say so, on stderr (stdout is the answer).
+    sys.stderr.write(f"asking {len(peers)} peer(s) about their swarm (up to {args.timeout:g}s)...\n")
+    sys.stderr.flush()
+    swarm_id, view, modules = read_swarm(peers, timeout=args.timeout)
     output = "json" if args.json else args.format
     if output == "prometheus":
-        sys.stdout.write(format_prometheus(view))
+        sys.stdout.write(format_prometheus(view, modules))
     elif output == "json":
-        print(json.dumps(swarm_status(view, swarm_id)))
+        print(json.dumps(swarm_status(view, swarm_id, modules)))
     else:
-        print(format_table(swarm_status(view, swarm_id)))
+        print(format_table(swarm_status(view, swarm_id, modules)))
     return 0

@@ -6,14 +6,16 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from node.errors import PeerUnreachable, SwarmMismatch
 from node.net import HivemindSwarm, peer_id_of
+from node.ops import module_coverage
 from node.swarm import SwarmView, ask, read_peers
 from protocol.wire import WireError
 
 
-def swarm_status(view: SwarmView, swarm_id: str) -> Dict[str, Any]:
-    """The documented JSON shape: swarm id, one entry per peer, replica count per module."""
+def swarm_status(view: SwarmView, swarm_id: str, modules: Sequence[str] = ()) -> Dict[str, Any]:
+    """The documented JSON shape: swarm id, one entry per peer, and the replica count of every module of the
+    swarm (``modules``, as its peers say in their hello; those nobody hosts count 0), with the coverage figures
+    /metrics/swarm exports (node/ops/metrics.py: module_coverage)."""
     peers: List[Dict[str, Any]] = []
-    replicas: Dict[str, int] = {}
     for peer_id, record in sorted(view.peers.items()):
         peers.append(
             {
@@ -28,10 +30,17 @@ def swarm_status(view: SwarmView, swarm_id: str) -> Dict[str, Any]:
                 "version": record.version,
             }
         )
-        for module in record.modules:
-            replicas[module] = replicas.get(module, 0) + 1
-    modules = [{"module": m, "replicas": n} for m, n in sorted(replicas.items(), key=lambda kv: _module_order(kv[0]))]
-    return {"swarm_id": swarm_id, "peers": peers, "modules": modules}
+    hosted = {m for record in view.peers.values() for m in record.modules}
+    known = sorted(set(modules) | hosted, key=_module_order)  # a peer's module the hello did not name still shows
+    coverage = module_coverage(view.peers.values(), known)
+    return {
+        "swarm_id": swarm_id,
+        "peers": peers,
+        "modules": [{"module": m, "replicas": n} for m, n in coverage.replicas.items()],
+        "uncovered_modules": coverage.uncovered,
+        "expert_capacity": coverage.expert_capacity,
+        "uncovered_beyond_capacity": coverage.uncovered_beyond_capacity,
+    }
 
 
 def _module_order(module: str) -> Tuple[int, int]:
@@ -41,21 +50,23 @@ def _module_order(module: str) -> Tuple[int, int]:
     return (int(layer), int(index))
 
 
-def read_swarm(initial_peers: Sequence[str], timeout: float = 20.0, swarm_id: str = "") -> Tuple[str, SwarmView]:
-    """Ask the first bootstrap peer that answers for its swarm id, then read that swarm's records."""
+def read_swarm(
+    initial_peers: Sequence[str], timeout: float = 20.0, swarm_id: str = ""
+) -> Tuple[str, SwarmView, List[str]]:
+    """Ask the first bootstrap peer that answers for its swarm id and modules, then read that swarm's records."""
     swarm = HivemindSwarm.open(initial_peers=initial_peers, client_mode=True, startup_timeout=timeout)
     try:
         errors = []
         for maddr in initial_peers:
             try:
-                reply = swarm.run(ask(swarm, peer_id_of(maddr), swarm_id, timeout), timeout=timeout + 5)
+                reply, modules = swarm.run(ask(swarm, peer_id_of(maddr), swarm_id, timeout), timeout=timeout + 5)
             except (TimeoutError, ConnectionError, WireError) as e:
                 errors.append(str(e))
                 continue
             if not reply.accepted:
                 raise SwarmMismatch(f"peer {peer_id_of(maddr)[-8:]} refused: {reply.reason}")
             view = swarm.run(read_peers(swarm, reply.swarm_id), timeout=timeout)
-            return reply.swarm_id, view
+            return reply.swarm_id, view, modules
         raise PeerUnreachable("no bootstrap peer answered as a Commons node (" + "; ".join(errors) + ")")
     finally:
         swarm.close()
@@ -75,17 +86,24 @@ def format_table(status: Dict[str, Any]) -> str:
         lines.append(f"{short_id:<14} {counters}  {modules}")
     lines.append("")
     lines.append("replicas: " + ", ".join(f"{m['module']}={m['replicas']}" for m in status["modules"]))
+    expert_count = sum(1 for m in status["modules"] if m["module"] != "trunk")
+    line = f"experts without a host: {status['uncovered_modules']} of {expert_count}"
+    line += f" (the peers host {status['expert_capacity']} expert(s) in all"
+    beyond = status["uncovered_beyond_capacity"]
+    lines.append(line + (f"; {beyond} could be covered and are not)" if beyond else ")"))
     return "\n".join(lines)
 
 
-def format_prometheus(view: SwarmView) -> str:
-    """The swarm view in Prometheus text format (for a textfile collector or a one-off look)."""
+def format_prometheus(view: SwarmView, modules: Sequence[str] = ()) -> str:
+    """The swarm view in Prometheus text format (for a textfile collector or a one-off look): the same
+    families as /metrics/swarm, over every module of the swarm (``modules``) and any a peer hosts."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.exposition import generate_latest
 
     from node.ops import SwarmViewCollector
 
-    modules = sorted({m for record in view.peers.values() for m in record.modules}, key=_module_order)
+    hosted = {m for record in view.peers.values() for m in record.modules}
+    modules = sorted(set(modules) | hosted, key=_module_order)
     registry = CollectorRegistry()
     registry.register(SwarmViewCollector(lambda: view, modules))
     return generate_latest(registry).decode()

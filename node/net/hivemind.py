@@ -13,6 +13,7 @@ import concurrent.futures
 import ctypes
 import logging
 import os
+import re
 import signal
 from typing import Any, Awaitable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
@@ -25,22 +26,41 @@ from node.errors import PeerUnreachable
 from node.net.loop import LoopThread
 from node.net.port import Handler
 from node.net.streams import STREAM_IDLE_SECONDS, Stream, StreamPool, read_frame, write_frame
-from node.ops import children_of
+from node.ops import children_of, read_stat
 from protocol.frames import FrameError
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+_GO_TIMESTAMP = re.compile(r"^\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}(\.\d+)? ")  # how p2pd's log lines begin
 
 
 def route_hivemind_logs() -> None:
     """Send hivemind's records to the root logger's handler (node/ops/logs.py) instead of its own,
-    keeping the level setup_logging gave the "hivemind" logger (hivemind's switch resets it)."""
+    keeping the level setup_logging gave the "hivemind" logger (hivemind's switch resets it). The DHT
+    process, forked later, inherits this."""
     hivemind_logger = logging.getLogger("hivemind")
     level = hivemind_logger.level
     use_hivemind_log_handler("nowhere")
     hivemind_logger.setLevel(level)
+    daemon_logger = logging.getLogger("hivemind.p2p.p2p_daemon")
+    if not any(isinstance(f, _DaemonShutdownNoise) for f in daemon_logger.filters):
+        daemon_logger.addFilter(_DaemonShutdownNoise())
+
+
+class _DaemonShutdownNoise(logging.Filter):
+    """p2pd reports its own listener closing when it stops ("use of closed network connection") as an
+    error, and hivemind relays it as ERROR: on a Ctrl+C that reaches p2pd directly, a clean stop looked like
+    a failure. That one message is debug output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "use of closed network connection" not in record.getMessage():
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
 
 
 def now() -> float:
@@ -65,6 +85,13 @@ class _GuardedDHT(hivemind.DHT):  # type: ignore[misc]  # hivemind has no type s
         if os.getppid() != self._parent_pid:  # parent died before prctl took effect
             _terminate_children_and_exit()
         super().run()
+
+
+def _daemon_alive(dht_pid: Optional[int]) -> bool:
+    """The DHT process still has its p2pd."""
+    return dht_pid is not None and any(
+        (stat := read_stat(pid)) is not None and stat.name == "p2pd" for pid in children_of(dht_pid)
+    )
 
 
 def _terminate_children_and_exit(*_: Any) -> None:
@@ -126,7 +153,7 @@ class HivemindSwarm:
             dht.run_in_background(await_ready=True, timeout=startup_timeout + 10)
         except Exception as e:
             dht_kill(dht, graceful=False)
-            raise PeerUnreachable(_explain_start_failure(e, initial_peers)) from None
+            raise PeerUnreachable(_explain_start_failure(e, initial_peers, startup_timeout)) from None
         loop = LoopThread()
         try:
             p2p = loop.run(dht.replicate_p2p(), timeout=startup_timeout)
@@ -191,6 +218,11 @@ class HivemindSwarm:
                         await write_frame(writer, response)
                     except ConnectionError:  # the caller gave up waiting: it times out or retries
                         return
+            except asyncio.CancelledError:
+                # The node is leaving (its loop cancels every task). This task was started by asyncio's
+                # stream server, whose done-callback calls task.exception(), which on Python 3.11 raises
+                # for a cancelled task and logs a traceback per open stream: end the task normally instead.
+                return
             finally:
                 writer.close()
 
@@ -249,7 +281,14 @@ class HivemindSwarm:
 
 
 def dht_kill(dht: hivemind.DHT, graceful: bool = True) -> None:
-    """Shut the DHT process down, hard if it does not go within its grace period."""
+    """Shut the DHT process down, hard if it does not go within its grace period.
+
+    A Ctrl+C on a terminal reaches every process of the node's group, p2pd included, which stops at once
+    (hivemind's DHT process ignores SIGINT, but a Go program that listens for it does not). The DHT's
+    graceful shutdown then waits its whole grace period for a daemon that is gone: with no p2pd left, it
+    is told to stop right away instead (SIGTERM: _GuardedDHT exits at once)."""
+    if graceful and dht.is_alive() and not _daemon_alive(dht.pid):
+        graceful = False
     if graceful:
         try:
             dht.shutdown()
@@ -263,11 +302,15 @@ def dht_kill(dht: hivemind.DHT, graceful: bool = True) -> None:
         dht.join(5)
 
 
-def _explain_start_failure(error: BaseException, initial_peers: Sequence[str]) -> str:
+def _explain_start_failure(error: BaseException, initial_peers: Sequence[str], timeout: float) -> str:
+    """One line saying what failed and what to check. hivemind words a daemon that could not reach its
+    bootstrap peers as "Daemon failed to start: <p2pd's timestamp> ...": the daemon started fine, so the
+    daemon's own words are kept without that prefix and timestamp."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    text = _GO_TIMESTAMP.sub("", text.removeprefix("Daemon failed to start: "))
     if "bootstrap" in text or initial_peers:
         return (
-            f"cannot reach any bootstrap peer ({', '.join(initial_peers)}): {text}; check that the node there "
-            "is running and the multiaddr is the one it printed"
+            f"none of the bootstrap peers answered within {timeout:g}s ({', '.join(initial_peers)}): {text}; check "
+            "that the node there is running and the multiaddr is the one it printed"
         )
     return f"the p2p daemon failed to start: {text}; check --host-maddrs and that the port is free"

@@ -7,7 +7,8 @@ protocols (see metrics), so every other package may import this one.
 - procs       processes by parent or group, their descendants, CPU time and RSS (/proc)
 - allocator   glibc malloc settings of `node start`: a step's freed memory is kept for the next
 - metrics     Prometheus metrics on an injectable registry; collectors for averaging, helpers, swarm view
-- endpoints   /metrics, /metrics/swarm, /healthz, /readyz over a small HTTP server; HOST:PORT parsing
+- endpoints   /metrics, /metrics/swarm, /healthz, /readyz, the swarm page (page.html) and its /status.json
+              over a small HTTP server; HOST:PORT parsing
 - checkpoint  atomic checksummed generations in --checkpoint-dir
 """
 
@@ -24,16 +25,20 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.ops.endpoints import DEFAULT_METRICS_ADDR as DEFAULT_METRICS_ADDR
     from node.ops.endpoints import Endpoints as Endpoints
     from node.ops.endpoints import Health as Health
+    from node.ops.endpoints import PageData as PageData
     from node.ops.endpoints import open_endpoints as open_endpoints
     from node.ops.endpoints import validate_host_port as validate_host_port
     from node.ops.logs import setup_logging as setup_logging
     from node.ops.metrics import AveragerCollector as AveragerCollector
+    from node.ops.metrics import Coverage as Coverage
     from node.ops.metrics import HelperProcessCollector as HelperProcessCollector
     from node.ops.metrics import NodeMetrics as NodeMetrics
     from node.ops.metrics import SwarmViewCollector as SwarmViewCollector
+    from node.ops.metrics import module_coverage as module_coverage
     from node.ops.procs import children_of as children_of
     from node.ops.procs import descendants_of as descendants_of
     from node.ops.procs import helper_totals as helper_totals
     from node.ops.procs import in_process_group as in_process_group
+    from node.ops.procs import read_stat as read_stat
 else:
     __getattr__, __all__ = lazy_exports(__name__, __file__)

@@ -14,7 +14,8 @@ below the engines in the import order.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Mapping, Optional, Protocol, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -194,6 +195,38 @@ class HelperProcessCollector(Collector):
         return [rss, cpu]
 
 
+@dataclass(frozen=True)
+class Coverage:
+    """Who hosts what, for every module of the manifest (hosted or not): one computation for the swarm
+    view's metrics and for `node status`, so the two always agree."""
+
+    replicas: Dict[str, int]  # module -> live peers hosting it, every module of the manifest, in its order
+    expert_capacity: int  # experts hosted over all peers, counted once per host: what the swarm has room for
+
+    @property
+    def uncovered(self) -> int:
+        return sum(1 for count in self.replicas.values() if count == 0)
+
+    @property
+    def uncovered_beyond_capacity(self) -> int:
+        """Experts without a host although the peers' capacity could cover every one of them: expected to stay
+        0 (placement fills the least-replicated first and swaps duplicates for orphans)."""
+        experts = sum(1 for module in self.replicas if module != "trunk")
+        return max(0, self.uncovered - max(0, experts - self.expert_capacity))
+
+
+def module_coverage(records: Iterable[PeerRecord], modules: Iterable[str]) -> Coverage:
+    """Replica counts of ``modules`` over ``records``; modules outside the list are ignored."""
+    counts = {module: 0 for module in modules}
+    capacity = 0
+    for record in records:
+        for module in record.modules:
+            if module in counts:
+                counts[module] += 1
+                capacity += module != "trunk"
+    return Coverage(counts, capacity)
+
+
 class SwarmViewCollector(Collector):
     """The swarm as this node sees it in the DHT: one scrape target can describe the whole swarm."""
 
@@ -208,15 +241,16 @@ class SwarmViewCollector(Collector):
         peers = GaugeMetricFamily(f"{prefix}_peers", "Peers with a live record in the DHT")
         peers.add_metric([], len(records))
         replicas = GaugeMetricFamily(f"{prefix}_module_replicas", "Peers hosting each module", labels=["module"])
-        counts = {m: 0 for m in self._modules}
-        for record in records:
-            for module in record.modules:
-                if module in counts:
-                    counts[module] += 1
-        for module, count in counts.items():
+        coverage = module_coverage(records, self._modules)
+        for module, count in coverage.replicas.items():
             replicas.add_metric([module], count)
         uncovered = GaugeMetricFamily(f"{prefix}_uncovered_modules", "Modules no live peer hosts")
-        uncovered.add_metric([], sum(1 for c in counts.values() if c == 0))
+        uncovered.add_metric([], coverage.uncovered)
+        capacity = GaugeMetricFamily(f"{prefix}_expert_capacity", "Experts hosted over all peers (one per host)")
+        capacity.add_metric([], coverage.expert_capacity)
+        beyond = GaugeMetricFamily(f"{prefix}_uncovered_beyond_capacity",
+                                   "Experts without a host although the peers have room for every expert")  # fmt: skip
+        beyond.add_metric([], coverage.uncovered_beyond_capacity)
         rounds = GaugeMetricFamily(f"{prefix}_outer_round", "Outer round across peers", labels=["stat"])
         throughput = GaugeMetricFamily(f"{prefix}_samples_per_second", "Sum of peers' reported training throughput")
         throughput.add_metric([], sum(r.samples_per_second or 0.0 for r in records))
@@ -227,4 +261,4 @@ class SwarmViewCollector(Collector):
             losses = [r.loss for r in records if r.loss is not None]
             if losses:
                 loss.add_metric([], sum(losses) / len(losses))
-        return [peers, replicas, uncovered, rounds, throughput, loss]
+        return [peers, replicas, uncovered, capacity, beyond, rounds, throughput, loss]

@@ -5,6 +5,7 @@
 - report   a module's round outcome, round summaries and their log lines
 - rounds   one outer round of every hosted module on the network: group, all-reduce, re-sync check, apply
 - joined   Joined: everything that exists once a node has joined (swarm, trainer, services, endpoints)
+- status_page  the swarm page's data (/status.json): this node, its view of the swarm, its rounds
 - loop     the round loop: local steps, submit, complete, finish
 - node     Node: open() joins and returns the Joined node, run() trains, close() leaves
 """
@@ -20,6 +21,7 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.runtime.config import LOG_LEVELS as LOG_LEVELS
     from node.runtime.config import NodeConfig as NodeConfig
     from node.runtime.config import build_config as build_config
+    from node.runtime.config import read_config_file as read_config_file
     from node.runtime.joined import Joined as Joined
     from node.runtime.node import Node as Node
     from node.runtime.report import ModuleOutcome as ModuleOutcome

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shlex
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, TextIO, Type
@@ -35,6 +38,7 @@ from node.ops import (
 )
 from node.runtime.context import NodeContext
 from node.runtime.rounds import RoundAverager
+from node.runtime.status_page import outcome_counts, page_status
 from node.swarm import (
     Greeter,
     Membership,
@@ -92,6 +96,17 @@ class Hosting:
                        for m in self.modules}  # fmt: skip
 
 
+def join_command(maddr: str, manifest: Optional[str] = None) -> str:
+    """A command that joins this node's swarm, runnable as pasted from any directory: this interpreter by
+    its absolute path with ``-m node`` (a bare ``node`` is Node.js on many machines, and a virtualenv's
+    scripts are not on PATH unless it is activated), and this node's manifest file by its absolute path
+    when it has one (without it the joiner would train the shipped manifest and be refused)."""
+    command = [sys.executable, "-m", "node", "start", "--initial-peers", maddr]
+    if manifest is not None:
+        command += ["--manifest", os.path.abspath(manifest)]
+    return shlex.join(command)
+
+
 class Joined:
     """One joined node's handles: its swarm, trainer, services, endpoints and where it stands."""
 
@@ -118,7 +133,7 @@ class Joined:
         # (the Python API's evaluate/sample) never see parameters half-written.
         self.model_lock = threading.RLock()
         averaging = manifest.averaging
-        self.greeter = Greeter(swarm, self.swarm_id, manifest.name)
+        self.greeter = Greeter(swarm, self.swarm_id, manifest.name, self.module_names)
         self.matchmaker = Matchmaker(swarm, self.swarm_id, averaging.gather_seconds,
                                      smallest_message=averaging.message_bytes)  # fmt: skip
         self.averager = Averager(swarm, self.swarm_id, hosted=lambda: set(self.hosting.states), spec=averaging)
@@ -197,13 +212,29 @@ class Joined:
             logger.info("no peer holds our modules yet: starting from %s", start)
 
     def _serve_endpoints(self) -> Endpoints:
-        """/metrics, /metrics/swarm, /healthz, /readyz on --metrics-addr."""
+        """/metrics, /metrics/swarm, /healthz, /readyz and the swarm page (/, /status.json) on --metrics-addr."""
         metrics = self.context.metrics
         metrics.attach(AveragerCollector(lambda: self.averager.stats))
         metrics.attach(HelperProcessCollector())
         swarm_registry = CollectorRegistry()
         swarm_registry.register(SwarmViewCollector(lambda: self.membership.view, self.module_names))
-        return open_endpoints(self.context.config.metrics_addr, metrics.registry, swarm_registry, self.context.health)
+        return open_endpoints(self.context.config.metrics_addr, metrics.registry, swarm_registry, self.context.health,
+                              page=self.page_status)  # fmt: skip
+
+    def page_status(self) -> Dict[str, Any]:
+        """The swarm page's data (/status.json, node/runtime/status_page.py); called on the HTTP server's threads,
+        so it only reads: attributes the training thread replaces whole, and a copy of the history."""
+        context, progress, trainer = self.context, self.progress, self.trainer
+        me = {
+            "peer_id": self.peer_id, "swarm_id": self.swarm_id, "manifest": context.manifest.name,
+            "version": __version__, "device": self.device.type, "outer_round": progress.outer_round,
+            "rounds_done": progress.rounds_done, "local_steps": trainer.local_steps, "loss": trainer.loss_ema,
+            "eval_loss": progress.last_eval_loss, "samples_per_second": trainer.samples_per_second,
+            "modules": list(self.hosting.modules), "ready": context.health.ready(),
+        }  # fmt: skip
+        rounds = outcome_counts(context.metrics.rounds.collect())
+        return page_status(me, self.membership.view, self.module_names, list(context.history),
+                           context.health.check(), rounds)  # fmt: skip
 
     def host(self, experts: List[str]) -> None:
         self.hosting.host(experts)
@@ -243,7 +274,7 @@ class Joined:
             "modules": self.hosting.modules,
             "outer_round": self.progress.outer_round,
             "device": self.device.type,
-            "join": f"node start --initial-peers {self.maddrs[0]}" if self.maddrs else None,
+            "join": join_command(self.maddrs[0], self.context.config.manifest) if self.maddrs else None,
             "metrics_url": self.endpoints.url("/metrics") if self.endpoints else None,
         }
 

@@ -62,6 +62,7 @@ class RoundLoop:
                 return True
             return limit is not None and time.monotonic() - started >= limit
 
+        submitted = 0  # rounds of this run handed to the network: with overlap, one may still be in flight
         while not node.stop_requested.is_set() and not out_of_time():
             round_started = time.perf_counter()
             steps = self._local_steps(out_of_time)
@@ -70,13 +71,16 @@ class RoundLoop:
             if steps == 0 or node.stop_requested.is_set() or out_of_time():
                 break
             pending = self._submit(steps, time.perf_counter() - round_started)
+            submitted += 1
             if not overlap and not self._complete(pending):
                 break
-            if max_rounds is not None and progress.rounds_done - rounds_at_start >= max_rounds:
-                break
+            if max_rounds is not None and submitted >= max_rounds:
+                break  # the round in flight is completed below: N rounds asked, N rounds run
         if self.pending is not None:
             self._complete(self.pending)
-        logger.info("leaving after %d round(s), %d local step(s)", progress.rounds_done, trainer.local_steps)
+        done = progress.rounds_done - rounds_at_start
+        logger.info("leaving after %d round(s), %d local step(s)", done, trainer.local_steps - steps_at_start,
+                    extra={"event": "left", "rounds": done, "rounds_total": progress.rounds_done})  # fmt: skip
 
     # --- local steps ----------------------------------------------------------------------
     def _local_steps(self, out_of_time: Callable[[], bool]) -> int:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from node.errors import PeerUnreachable, SwarmMismatch
 from node.net import SwarmPort, peer_id_of
 from protocol import handlers
 from protocol.version import PROTOCOL_VERSION
-from protocol.wire import Hello, HelloReply, WireError, decode, encode
+from protocol.wire import Hello, HelloReply, WireError, decode, encode, module_names_payload, read_module_names
 
 logger = logging.getLogger(__name__)
 
@@ -17,10 +17,12 @@ logger = logging.getLogger(__name__)
 class Greeter:
     """Answers hellos for this node and checks the bootstrap peers' answers."""
 
-    def __init__(self, swarm: SwarmPort, swarm_id: str, manifest_name: str) -> None:
+    def __init__(self, swarm: SwarmPort, swarm_id: str, manifest_name: str, modules: Sequence[str] = ()) -> None:
+        """``modules``: every module of our swarm, told to whoever asks (`node status` lists them all)."""
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._manifest_name = manifest_name
+        self._modules = list(modules)
 
     async def start(self) -> None:
         await self._swarm.serve(handlers.HELLO, self._handle)
@@ -50,17 +52,19 @@ class Greeter:
             manifest_name=self._manifest_name,
             accepted=not reason,
             reason=reason,
+            modules=len(self._modules),
         )
-        return encode(reply)
+        return encode(reply, module_names_payload(self._modules))
 
 
-async def ask(swarm: SwarmPort, peer_id: str, swarm_id: str, timeout: float) -> HelloReply:
-    """Send a hello; swarm_id "" asks without committing to a swarm (used by `node status`)."""
+async def ask(swarm: SwarmPort, peer_id: str, swarm_id: str, timeout: float) -> Tuple[HelloReply, List[str]]:
+    """Send a hello; return the reply and the module names of the peer's swarm. swarm_id "" asks without
+    committing to a swarm (used by `node status`). WireError for a malformed reply."""
     frame = await swarm.call(peer_id, handlers.HELLO, encode(Hello(swarm_id=swarm_id, peer_id=swarm.peer_id)), timeout)
-    reply, _ = decode(frame)
+    reply, payload = decode(frame)
     if not isinstance(reply, HelloReply):
         raise WireError("expected hello_reply")
-    return reply
+    return reply, read_module_names(reply, payload)
 
 
 async def check_bootstrap_peers(
@@ -72,7 +76,7 @@ async def check_bootstrap_peers(
     for maddr in initial_peers:
         peer = peer_id_of(maddr)
         try:
-            reply = await ask(swarm, peer, swarm_id, timeout)
+            reply, _ = await ask(swarm, peer, swarm_id, timeout)
         except (TimeoutError, ConnectionError, WireError) as e:
             errors.append(f"{peer[-8:]}: {e}")
             continue

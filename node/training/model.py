@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from node.training.experts import GroupedExperts
+from node.training.sampling import sample_bytes
 from protocol.manifest import ModelSpec
 
 AUX_LOSS_COEF = 0.01
@@ -240,18 +241,5 @@ class MoETransformer(nn.Module):
         if any(b >= self.spec.vocab_size for b in prompt):
             raise ValueError(f"prompt contains bytes >= vocab_size {self.spec.vocab_size}")
         device = self.tok_emb.weight.device
-        # An empty prompt still needs one position to predict from; a newline is the most
-        # neutral start for text.
-        context = list(prompt) or [10]
-        out: list[int] = []
-        for _ in range(max_new_bytes):
-            window = torch.tensor([context[-self.spec.seq_len :]], dtype=torch.long, device=device)
-            logits = self.forward(window)[0, -1].float()
-            if temperature <= 0:
-                nxt = int(logits.argmax())
-            else:
-                probs = torch.softmax(logits / temperature, dim=-1).cpu()
-                nxt = int(torch.multinomial(probs, 1, generator=generator))
-            context.append(nxt)
-            out.append(nxt)
-        return bytes(out)
+        return sample_bytes(self.forward, prompt, max_new_bytes, context_bytes=self.spec.seq_len, device=device,
+                            temperature=temperature, generator=generator)  # fmt: skip

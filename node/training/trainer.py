@@ -15,6 +15,7 @@ import torch
 
 from node.training.data import TextData
 from node.training.model import MoETransformer
+from node.training.sampling import sample_bytes
 from protocol.manifest import Manifest
 
 
@@ -22,9 +23,22 @@ from protocol.manifest import Manifest
 class SwarmModel(Protocol):
     """What a model must offer to be trained by a swarm (MoETransformer is the built-in one).
 
-    ``module_names()`` lists the averaging units, the trunk first, then the experts; the
-    modules' parameters must partition ``parameters()``. Every peer must build bit-identical
-    initial parameters (seed from the manifest), or the first round resyncs them.
+    - ``module_names()``: the averaging units, the trunk first, then the experts, named ``trunk`` and
+      ``expert.<layer>.<index>``; ``module_parameters(name)``: each unit's parameters, in a fixed order. The
+      units' parameters must partition ``parameters()``.
+    - ``set_hosted_experts(names)``: only these experts take part in forward and backward from now on (an
+      expert a node does not host must get no gradient).
+    - ``loss(batch)``: the training objective, a scalar tensor (it may add auxiliary terms, e.g. a router
+      balance loss). ``lm_loss(batch)``: mean next-byte cross entropy in nats per byte, the figure evaluation
+      reports. ``batch`` is a LongTensor [batch size, seq_len + 1] of byte values (0-255) on the node's
+      device: positions 0..seq_len-1 are the input, 1..seq_len the targets.
+    - For ``CommonsNode.sample()``, optionally: ``forward(tokens)`` returning next-byte logits [batch, length,
+      256] for a LongTensor [batch, length] (the shared sampler then writes text,
+      node/training/sampling.py), or ``generate(prompt: bytes, max_new_bytes, temperature, generator) ->
+      bytes`` of its own.
+
+    Every peer must build bit-identical initial parameters (seed from the manifest), or the first round
+    resyncs them.
     """
 
     def module_names(self) -> Sequence[str]: ...
@@ -172,15 +186,22 @@ class Trainer:
             count += len(window) - 1
         return total / count
 
-    @property
-    def can_sample(self) -> bool:
-        """The model writes text (it has ``generate``, as MoETransformer does)."""
-        return hasattr(self.model, "generate")
-
     def sample(self, prompt: str, max_bytes: int, temperature: float, seed: int) -> str:
-        """Text the current model writes after ``prompt`` (bytes it cannot decode are replaced)."""
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        out = self.model.generate(prompt.encode(), max_bytes, temperature=temperature, generator=generator)
+        """Text the current model writes after ``prompt`` (bytes it cannot decode are replaced): with its own
+        ``generate`` if it has one, else from the logits its ``forward`` returns (SwarmModel). TypeError when it
+        has neither; ValueError when ``forward`` does not return next-byte logits."""
+        generator = torch.Generator().manual_seed(seed)  # sampling draws on the CPU (sampling.py)
+        model = self.model
+        if hasattr(model, "generate"):
+            out = model.generate(prompt.encode(), max_bytes, temperature=temperature, generator=generator)
+        elif type(model).forward is not torch.nn.Module.forward:
+            out = sample_bytes(model, prompt.encode(), max_bytes, context_bytes=self.manifest.model.seq_len,
+                               device=self.device, temperature=temperature, generator=generator)  # fmt: skip
+        else:
+            raise TypeError(
+                "sample() needs the model to return next-byte logits from forward(tokens) or to define "
+                "generate(prompt, max_new_bytes, temperature, generator); see node.training.SwarmModel"
+            )
         return bytes(out).decode("utf-8", errors="replace")
 
     @torch.no_grad()

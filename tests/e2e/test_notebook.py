@@ -38,6 +38,13 @@ def test_example_notebook_runs_in_a_real_kernel(tmp_path, monkeypatch):
         for o in cell.get("outputs", [])
     )
     assert "parameters" in outputs and "held-out loss" in outputs
+    # Every round is scored by default from Python, so the loss plot has a held-out curve, not one point.
+    assert "2 of 2 rounds scored on held-out text" in outputs, outputs
+    # Nothing alarming on the notebook's stderr: no "IProgress not found" (ipywidgets comes with the
+    # notebook extra), no CancelledError tracebacks when the nodes stop.
+    errors = "".join(str(o.get("text", "")) for cell in notebook.cells for o in cell.get("outputs", [])
+                     if o.get("name") == "stderr")  # fmt: skip
+    assert "IProgress" not in errors and "Traceback" not in errors and "CancelledError" not in errors, errors
     assert any("image/png" in o.get("data", {}) for cell in notebook.cells for o in cell.get("outputs", []))
     # The kernel is gone, and with it every node and helper process it started.
     assert set(children_of(os.getpid())) <= before

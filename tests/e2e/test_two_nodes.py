@@ -24,6 +24,7 @@ def status_json(maddr: str, cwd) -> dict:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("asking 1 peer(s) about their swarm"), done.stderr  # not silent while it waits
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1, done.stdout
     return json.loads(lines[0])
@@ -66,6 +67,7 @@ def test_two_nodes_find_each_other_average_and_leave_cleanly(tmp_path):
             assert any(m.startswith("expert.") for m in peers[peer_id]["modules"])
             assert peers[peer_id]["local_steps"] > 0
         replicas = {m["module"]: m["replicas"] for m in status["modules"]}
+        assert list(replicas) == ["trunk", "expert.0.0", "expert.0.1"]  # every module of the manifest
         assert replicas["trunk"] >= 2
         assert replicas.get("expert.0.0", 0) + replicas.get("expert.0.1", 0) >= 2
 
@@ -74,6 +76,8 @@ def test_two_nodes_find_each_other_average_and_leave_cleanly(tmp_path):
             assert node.terminate(timeout=30) == 0, node.stderr_tail()
             assert time.monotonic() - started < 15, "SIGTERM took too long"
             assert node.leftovers() == [], f"{node.name} left processes behind"
+            # A clean stop logs no traceback (open streams used to log one each when the loop was cancelled).
+            assert "Traceback" not in node.log_path.read_text(), node.stderr_tail(60)
             assert sum(1 for line in node.stdout_lines if line.strip()) == 1, node.stdout_lines
     finally:
         leaks = {n.name: n.cleanup() for n in nodes}

@@ -58,6 +58,8 @@ def test_two_api_nodes_average_with_a_cli_node_and_stop_cleanly(tmp_path, inputs
 
         wait_until(all_three_averaged, 90, "a trunk round with the CLI node and both API nodes")
         table = nodes[0].swarm()
+        frame = nodes[0].swarm(as_dataframe=True)
+        assert str(frame["last_seen"].dtype).startswith("datetime64"), frame.dtypes  # not a raw epoch float
         assert {cli.ready["peer_id"], *(n.status()["peer_id"] for n in nodes)} <= {p["peer_id"] for p in table["peers"]}
         with pytest.raises(StateError, match="background"):
             nodes[0].train(rounds=1)
@@ -81,10 +83,15 @@ def test_methods_in_the_wrong_state_raise_clear_errors(inputs):
         node.train()
     history = node.train(steps=5, progress=False)
     assert history == [] and node.status()["local_steps"] == 5
+    history = node.train(rounds=2, progress=False)  # overlapped rounds: it used to run 3
+    assert [h["round"] for h in history] == [0, 1] and all(h["eval_loss"] is not None for h in history)
+    steps = node.status()["local_steps"]
     assert isinstance(node.model, torch.nn.Module)
     assert 0 < node.evaluate("the swarm trains one model") < 10
     node.stop()
     node.stop()  # twice is fine
+    final = node.status()  # the last real figures, not zeros (README: "From Python or a notebook")
+    assert final["state"] == "stopped" and final["local_steps"] == steps and final["peer_id"]
     with pytest.raises(StateError, match="stopped"):
         node.train(steps=1)
     with pytest.raises(StateError, match="stopped"):

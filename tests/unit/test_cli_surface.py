@@ -1,7 +1,8 @@
 """The `node` command's flags, frozen: a flag added or removed without its documentation fails here.
 
 For `node start` the documented set is README.md's option table and NodeConfig's fields (each field is
-one flag; `--config` names the file they may come from); for `node status` it is README.md's section.
+one flag; `--config` names the file they may come from); for `node status` it is README.md's section; for
+`node demo` the option table of README.md's "A local demo".
 Everything is read in-process from ``build_parser()``: no subprocess, no network.
 """
 
@@ -68,5 +69,10 @@ def test_status_flags_are_the_documented_ones() -> None:
     assert UNDOCUMENTED_STATUS_FLAGS <= flags  # once README.md lists one, drop it from that set
 
 
-def test_commands_are_start_and_status() -> None:
-    assert set(subcommands(build_parser())) == {"start", "status"}
+def test_demo_flags_are_the_documented_ones() -> None:
+    flags = long_flags(subcommands(build_parser())["demo"])
+    assert flags == readme_table_flags("A local demo")
+
+
+def test_commands_are_start_status_and_demo() -> None:
+    assert set(subcommands(build_parser())) == {"start", "status", "demo"}

@@ -221,3 +221,21 @@ def test_numel_mismatch_with_expected() -> None:
 @pytest.mark.parametrize("field, bad", [("module", "trunk\n"), ("group_id", GROUP + "\n")])
 def test_trailing_newline_is_rejected(field: str, bad: str) -> None:
     assert field in _rejected(_frame(_part_header(**{field: bad})))
+
+
+def test_a_hello_reply_carries_every_module_of_the_swarm_and_refuses_a_bad_list() -> None:
+    from protocol.wire import module_names_payload, read_module_names
+
+    modules = ["trunk", "expert.0.0", "expert.0.1", "expert.1.0"]
+    reply = HelloReply(swarm_id=SWARM, manifest_name="m", accepted=True, modules=len(modules))
+    decoded, payload = decode(encode(reply, module_names_payload(modules)))
+    assert isinstance(decoded, HelloReply) and read_module_names(decoded, payload) == modules
+    assert read_module_names(HelloReply(swarm_id=SWARM, manifest_name="m", accepted=True), memoryview(b"")) == []
+    for bad in (modules[:-1], ["trunk", "expert.0.0", "expert.0.0", "expert.1.0"], ["trunk", "../etc", "x", "y"],
+                ["trunk", 5, "expert.0.1", "expert.1.0"]):  # fmt: skip
+        with pytest.raises(WireError, match="hello_reply payload"):
+            read_module_names(reply, memoryview(msgpack.packb(bad)))
+    with pytest.raises(WireError, match="not msgpack"):
+        read_module_names(reply, memoryview(b"\xc1"))
+    with pytest.raises(WireError):
+        decode(encode(reply.copy(update={"modules": 5000})))  # more modules than any peer may host
