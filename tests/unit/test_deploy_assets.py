@@ -545,3 +545,18 @@ def test_compose_gives_a_stopping_node_longer_than_a_round() -> None:
     assert periods
     for name, period in periods.items():
         assert period.endswith("s") and float(period[:-1]) > round_seconds(), (name, period)
+
+
+def test_the_image_pins_every_dependency_the_node_declares() -> None:
+    """deploy/constraints.txt (tests/containers/constraints.py writes it) pins each of setup.cfg's
+    install_requires, and only with ==: the image's build gets the versions tested."""
+    from tests.containers.constraints import normalized, roots
+
+    pins = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version and re.fullmatch(r"[\w.!+-]+", version), f"not an exact pin: {line!r}"
+            pins[normalized(name)] = version
+    assert {normalized(name) for name in roots()} <= set(pins), sorted(set(map(normalized, roots())) - set(pins))
+    assert "COPY deploy/constraints.txt" in DOCKERFILE.read_text() and "-c constraints.txt" in DOCKERFILE.read_text()
