@@ -15,10 +15,9 @@ from typing import Callable, List, Optional, Sequence
 import msgpack
 import numpy as np
 
-from node.averaging import AllReduceRun, Averager, Group, ModuleMemory
-from node.averaging.inbox import Inbox
+from node.averaging import AllReduceRun, Averager
 from node.averaging.robust import aggregate
-from node.averaging.run import PartKind, RunContext, Verify
+from node.averaging.run import PartKind
 from node.averaging.slices import chunked_bounds, owner_of
 from protocol.manifest import AveragingSpec
 from protocol.wire import tensor_payload
@@ -142,13 +141,10 @@ class AttackRun(AllReduceRun):
 class Attacker(Averager):
     """The production Averager whose runs attack as ``attack`` says (set it before each round)."""
 
+    run_class = AttackRun
     attack = "none"
     crash: Callable[[], None] = staticmethod(die)
 
-    def _open_run(
-        self, context: RunContext, group: Group, vector: np.ndarray, memory: ModuleMemory, inbox: Inbox,
-        regions: Optional[Sequence[int]], compress: bool, verify: Optional[Verify],
-    ) -> AllReduceRun:  # fmt: skip
-        run = AttackRun(context, group, vector, memory, inbox, regions=regions, compress=compress, verify=verify)
+    def _started(self, run: AllReduceRun) -> None:
+        assert isinstance(run, AttackRun)
         run.attack, run.crash = self.attack, self.crash
-        return run

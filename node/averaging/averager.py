@@ -37,6 +37,8 @@ EARLY_MAIL_SECONDS = 60.0  # early mail for a round that never starts here is dr
 class Averager:
     """Serves part/result messages and runs all-reduces; one per node, for every module."""
 
+    run_class = AllReduceRun  # the run of one group and round (tests swap in attackers)
+
     def __init__(
         self,
         swarm: SwarmPort,
@@ -66,10 +68,6 @@ class Averager:
     @property
     def me(self) -> str:
         return self._swarm.peer_id
-
-    @property
-    def spec(self) -> AveragingSpec:
-        return self._spec
 
     def memory(self, module: str) -> ModuleMemory:
         """What ``module``'s averaging carries from one run to the next (created on first use)."""
@@ -110,7 +108,9 @@ class Averager:
         context = RunContext(
             self._swarm, self._swarm_id, self.handler_name, self._spec, self.stats, self._clock, self._mark_unreachable
         )
-        run = self._open_run(context, group, vector, memory, self._early.take(*key), regions, compress, verify)
+        inbox = self._early.take(*key)
+        run = self.run_class(context, group, vector, memory, inbox, regions=regions, compress=compress, verify=verify)
+        self._started(run)
         self._active[key] = run
         try:
             return await run.run()
@@ -118,19 +118,8 @@ class Averager:
             del self._active[key]
             memory.finished(group.round)
 
-    def _open_run(
-        self,
-        context: RunContext,
-        group: Group,
-        vector: np.ndarray,
-        memory: ModuleMemory,
-        inbox: Inbox,
-        regions: Optional[Sequence[int]],
-        compress: bool,
-        verify: Optional[Verify],
-    ) -> AllReduceRun:
-        """The run of one group and round (tests build attackers by overriding this)."""
-        return AllReduceRun(context, group, vector, memory, inbox, regions=regions, compress=compress, verify=verify)
+    def _started(self, run: AllReduceRun) -> None:
+        """Called with each run before it starts (tests build attackers by setting up theirs here)."""
 
     # --- receiving -----------------------------------------------------------------
     async def _handle(self, remote_peer: str, frame: bytes) -> bytes:

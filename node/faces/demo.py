@@ -13,7 +13,6 @@ second: on a terminal, a table redrawn in place; otherwise one line per event (`
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import selectors
@@ -28,14 +27,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, TextIO
 
 from node.errors import CommonsError
-from node.ops import DEFAULT_METRICS_ADDR
+from node.ops import DEFAULT_METRICS_ADDR, die_with_parent
 
 MAX_NODES = 16
 READY_TIMEOUT_SECONDS = 300.0  # N nodes importing torch at once on a small machine, then joining
 POLL_SECONDS = 1.0
 STOP_GRACE_SECONDS = 30.0  # a node leaving finishes or abandons its round and checkpoints nothing: seconds
 HTTP_TIMEOUT_SECONDS = 2.0
-_PR_SET_PDEATHSIG = 1
 
 
 class NodeFailed(CommonsError):
@@ -141,11 +139,7 @@ def _own_group_dying_with(parent: int) -> None:
     """In the child before exec: a process group of its own (Ctrl+C reaches the demo only) and SIGTERM when
     the demo dies. Runs between fork and exec: no locks, no logging."""
     os.setpgid(0, 0)
-    try:
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the demo's own stop path still covers a clean exit
-        pass
-    if os.getppid() != parent:  # the demo died before prctl took effect
+    if not die_with_parent(parent):  # the demo died before the request took effect (not Linux: its own stop path)
         os._exit(1)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import ctypes
 import logging
 import os
 import re
@@ -26,13 +25,12 @@ from node.errors import PeerUnreachable
 from node.net.loop import LoopThread
 from node.net.port import Handler
 from node.net.streams import STREAM_IDLE_SECONDS, Stream, StreamPool, read_frame, write_frame
-from node.ops import children_of, read_stat
+from node.ops import children_of, die_with_parent, read_stat
 from protocol.frames import FrameError
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _GO_TIMESTAMP = re.compile(r"^\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2}(\.\d+)? ")  # how p2pd's log lines begin
 
 
@@ -77,12 +75,9 @@ class _GuardedDHT(hivemind.DHT):  # type: ignore[misc]  # hivemind has no type s
     """
 
     def run(self) -> None:
-        try:
-            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):  # not Linux: fall back to hivemind's behaviour
-            pass
+        alive = die_with_parent(self._parent_pid)  # not Linux: hivemind's behaviour
         signal.signal(signal.SIGTERM, _terminate_children_and_exit)
-        if os.getppid() != self._parent_pid:  # parent died before prctl took effect
+        if not alive:  # the parent died before the request took effect
             _terminate_children_and_exit()
         super().run()
 

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.ops.metrics import module_coverage as module_coverage
     from node.ops.procs import children_of as children_of
     from node.ops.procs import descendants_of as descendants_of
+    from node.ops.procs import die_with_parent as die_with_parent
     from node.ops.procs import helper_totals as helper_totals
     from node.ops.procs import in_process_group as in_process_group
     from node.ops.procs import read_stat as read_stat

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
+_PR_SET_PDEATHSIG = 1
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -76,3 +79,14 @@ def helper_totals(root_pid: int) -> Dict[str, ProcStat]:
 
 def in_process_group(pgid: int) -> List[int]:
     return [p for p, _, group in _live_processes() if group == pgid]
+
+
+def die_with_parent(parent: int) -> bool:
+    """Ask the kernel for SIGTERM to this process when ``parent`` (its parent's pid now) dies (Linux only:
+    elsewhere nothing happens). False when ``parent`` has already died, before the request took effect.
+    Safe between fork and exec: no locks, no logging."""
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux
+        pass
+    return os.getppid() == parent

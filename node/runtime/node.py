@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, ContextManager, Dict, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional, TextIO
 
 from prometheus_client import CollectorRegistry
 
@@ -137,10 +137,6 @@ class Node:
         self.announce_ready(out)
         assert self._loop is not None  # set with joined
         self._loop.run(max_rounds=max_rounds, max_steps=max_steps, on_step=on_step)
-
-    def training_paused(self) -> ContextManager[bool]:
-        """Hold off training and averaging while the caller reads the model."""
-        return self._require_joined().model_lock
 
     def after_round(self, round_number: int, outcomes: List[ModuleOutcome], steps: int) -> None:
         """Called after each finished round; a test harness overrides it to record what the round did."""

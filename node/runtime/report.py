@@ -57,6 +57,7 @@ def round_summary(
         "trunk_group": trunk.group_size,
         "trunk_fraction": trunk.averaged_fraction,
         "trunk_resync": trunk.resync,
+        "trunk_result": trunk.result,
         "trunk_seconds": round(trunk.seconds, 3),
         **(timing or {}),
         "expert_groups": [o.group_size for o in outcomes if o.module != "trunk"],

@@ -100,9 +100,9 @@ def _coverage(view: SwarmView, module_names: Sequence[str]) -> Dict[str, Any]:
 
 
 def _round(summary: RoundSummary) -> Dict[str, Any]:
-    """A round's summary, trimmed to what the page draws; ``trunk_result`` as the trunk's group saw it."""
-    group, fraction = summary["trunk_group"], summary["trunk_fraction"]
-    result = "alone" if group <= 1 else "ok" if fraction >= 1.0 else "partial" if fraction > 0 else "failed"
+    """A round's summary, trimmed to what the page draws; ``trunk_result`` is the trunk's outcome (report.py:
+    classify), "alone" where nobody else hosts it."""
+    result = "alone" if summary["trunk_group"] <= 1 and summary["trunk_result"] == "ok" else summary["trunk_result"]
     keys = ("round", "steps", "loss", "eval_loss", "trunk_group", "trunk_fraction", "trunk_resync", "expert_groups",
             "averaging_seconds", "waited_seconds")  # fmt: skip
     return _clean({**{k: summary.get(k) for k in keys}, "trunk_result": result})

@@ -19,7 +19,7 @@ from __future__ import annotations
 import _posixsubprocess
 import socket
 import sys
-from typing import Any, Callable, Generator, Iterator, List, Tuple
+from typing import Any, Callable, Generator, Iterator, List, Set, Tuple
 
 import pytest
 
@@ -104,3 +104,11 @@ def no_processes_or_network_sockets(request: pytest.FixtureRequest, monkeypatch:
         pytest.fail(
             f"the code under test swallowed a refusal: {', '.join(_guard.refused)}; {WHERE_INSTEAD}", pytrace=False
         )
+
+
+@pytest.fixture(scope="module")
+def served() -> Set[str]:
+    """The HTTP paths the node answers, asked of its own request handler (tests/deploy_checks.py)."""
+    from tests.deploy_checks import served_paths
+
+    return served_paths()

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from node.ops.endpoints import swarm_page
 from node.ops.metrics import NodeMetrics
-from node.runtime.report import ModuleOutcome, round_summary
+from node.runtime.report import ModuleOutcome, classify, round_summary
 from node.runtime.status_page import MAX_ROUNDS, MAX_TEXT, SCHEMA, outcome_counts, page_status
 from node.swarm.membership import SwarmView
 from protocol.records import PeerRecord
@@ -40,7 +40,9 @@ def _view() -> SwarmView:
 def _history(rounds: int) -> list:
     history = []
     for r in range(rounds):
-        trunk = ModuleOutcome("trunk", 1 if r == 0 else 2, 1.0 if r != 2 else 0.5, r == 1, 0.1, "ok", numel=10)
+        group, fraction = (1 if r == 0 else 2), (1.0 if r != 2 else 0.5)
+        result = classify(group, fraction, expected_others=group - 1)  # alone only when nobody else hosts it
+        trunk = ModuleOutcome("trunk", group, fraction, r == 1, 0.1, result, numel=10)
         expert = ModuleOutcome("expert.0.1", 2, 1.0, False, 0.1, "ok", numel=5)
         loss = float("nan") if r == 3 else 3.0 - 0.1 * r
         history.append(round_summary(r, 10, loss, 3.1 if r % 2 == 0 else None, [trunk, expert],
