@@ -46,6 +46,9 @@ class NodeConfig:
         None, "PATH", "private key file; created if missing; keeps the peer id across restarts"
     )
     data: Optional[str] = _option(None, "PATH", "your text: a file, a directory or a glob (default: embedded corpus)")
+    data_field: str = _option(
+        "text", "NAME", "the text field of JSON Lines records, the text column of Parquet and Arrow data"
+    )
     manifest: Optional[str] = _option(None, "PATH", "swarm manifest YAML (default: the one shipped with Commons)")
     experts: int = _option(4, "N", "how many experts to host")
     device: str = _option("auto", "|".join(DEVICES), "where to train")
@@ -71,6 +74,8 @@ class NodeConfig:
             validate_peer_maddr(addr, "--initial-peers")
         if not self.host_maddrs:
             raise ConfigError("--host-maddrs needs at least one multiaddr, e.g. /ip4/127.0.0.1/tcp/0")
+        if not self.data_field:
+            raise ConfigError("--data-field must name the text field of your records, e.g. text")
         if self.experts < 0:
             raise ConfigError(f"--experts must be >= 0, got {self.experts}")
         if self.device not in DEVICES:

@@ -3,6 +3,7 @@
 - model     byte-level mixture-of-experts transformer; module/expert split
 - experts   the hosted experts' feed-forward on tokens grouped by expert, in fixed-size buffers
 - data      streams the user's text files (or the default corpus) with a held-out split
+- formats   the formats --data reads (compressed, JSON Lines, Parquet, Arrow), each as a text stream
 - trainer   inner AdamW steps, evaluation and sampling; what a custom model must offer (SwarmModel)
 - sampling  the sampling loop every byte-level model shares (from its next-byte logits)
 - diloco    per-module global copy and outer Nesterov step; their tensors in a checkpoint
