@@ -151,6 +151,32 @@ class AveragingSpec:
         )
 
 
+PLACEMENT_POLICIES = ("least_replicated", "follow_data")
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    """Which experts each node hosts (node/swarm/placement.py).
+
+    ``least_replicated``: fill the least-covered experts. ``follow_data``: prefer the experts this node's own
+    tokens are routed to (its routing affinity, measured locally: no data crosses the wire), re-checked every
+    ``check_every_rounds`` rounds on ``affinity_batches`` batches of its data, swapping a hosted expert for one
+    of the same layer whose affinity is higher by at least ``swap_margin`` (a share of that layer's routing).
+    """
+
+    policy: str = "least_replicated"
+    check_every_rounds: int = 5
+    affinity_batches: int = 4
+    swap_margin: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.policy in PLACEMENT_POLICIES,
+               f"placement.policy must be one of {', '.join(PLACEMENT_POLICIES)}, got {self.policy!r}")  # fmt: skip
+        _check(self.check_every_rounds >= 1, "placement.check_every_rounds must be >= 1")
+        _check(self.affinity_batches >= 1, "placement.affinity_batches must be >= 1")
+        _check(0 < self.swap_margin <= 1, "placement.swap_margin must be in (0, 1]")
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything peers must agree on to train together."""
@@ -163,6 +189,7 @@ class Manifest:
     inner_optimizer: InnerOptimizerSpec = field(default_factory=InnerOptimizerSpec)
     outer_optimizer: OuterOptimizerSpec = field(default_factory=OuterOptimizerSpec)
     averaging: AveragingSpec = field(default_factory=AveragingSpec)
+    placement: PlacementSpec = field(default_factory=PlacementSpec)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and len(self.name) <= 64, "name must be a non-empty string of at most 64 characters")
@@ -176,8 +203,14 @@ class Manifest:
         return dataclasses.asdict(self)
 
     def canonical_json(self) -> str:
-        """The form that is hashed: sorted keys, no whitespace, floats in repr form."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """The form that is hashed: sorted keys, no whitespace, floats in repr form. Sections added after
+        swarms were running (``placement``) are left out while they hold their defaults, so those swarms'
+        ids stay what they were."""
+        data = self.to_dict()
+        for name, default in _LATER_SECTIONS.items():
+            if getattr(self, name) == default:
+                del data[name]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @property
     def swarm_id(self) -> str:
@@ -188,6 +221,9 @@ class Manifest:
     def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
         """Build the tree from plain data; raises ManifestError naming the first wrong key or value."""
         return load(cls, data, _STRICT)
+
+
+_LATER_SECTIONS: Dict[str, Any] = {"placement": PlacementSpec()}
 
 
 def _name(path: KeyPath) -> str:

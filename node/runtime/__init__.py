@@ -4,6 +4,7 @@
 - context  what a node has from creation on: config, manifest, metrics, health, stop flag, round history
 - report   a module's round outcome, round summaries and their log lines
 - rounds   one outer round of every hosted module on the network: group, all-reduce, re-sync check, apply
+- affinity AffinityMeter: this node's routing affinity (placement follow_data), with the swarm's gates
 - joined   Joined: everything that exists once a node has joined (swarm, trainer, services, endpoints)
 - status_page  the swarm page's data (/status.json): this node, its view of the swarm, its rounds
 - loop     the round loop: local steps, submit, complete, finish

@@ -2,8 +2,8 @@
 
 - hello       the hello exchange; refuses other manifests / protocol versions
 - membership  announces this node and reads every peer's record (SwarmView)
-- placement   which experts to host, from the replica counts in peer records
-- statesync   serving module state to newcomers, downloading it from several donors
+- placement   which experts to host, from the replica counts in peer records (and this node's routing affinity)
+- statesync   serving module state to newcomers, downloading it from several donors (or just its head: a gate)
 """
 
 from typing import TYPE_CHECKING
@@ -18,9 +18,11 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.swarm.membership import SwarmView as SwarmView
     from node.swarm.membership import read_peers as read_peers
     from node.swarm.placement import choose_experts as choose_experts
+    from node.swarm.placement import follow_swap as follow_swap
     from node.swarm.placement import rebalance as rebalance
     from node.swarm.placement import replica_counts as replica_counts
     from node.swarm.statesync import StateServer as StateServer
     from node.swarm.statesync import download_modules as download_modules
+    from node.swarm.statesync import fetch_heads as fetch_heads
 else:
     __getattr__, __all__ = lazy_exports(__name__, __file__)

@@ -4,12 +4,17 @@ No coordinator: each node reads replica counts from peer records, fills the
 least-replicated experts first, and once per round checks whether an expert has lost
 all its hosts. Ties are broken by a hash of (peer id, expert), so nodes starting at
 the same moment spread out instead of all picking expert 0.
+
+Policy ``follow_data`` (the manifest's ``placement``) adds this node's routing affinity (the
+share of its own tokens the router sends to each expert, measured locally): at join it
+ranks experts after coverage and the spread over layers, and every few rounds
+``follow_swap`` may trade a duplicated expert for one its data routes to more.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 
 def _tiebreak(peer_id: str, expert: str) -> str:
@@ -30,16 +35,28 @@ def replica_counts(peer_modules: Mapping[str, Iterable[str]], exclude: Optional[
     return counts
 
 
-def choose_experts(all_experts: Sequence[str], replicas: Mapping[str, int], count: int, peer_id: str) -> List[str]:
-    """Pick ``count`` experts: fewest replicas first, then spread over layers, then the hash tiebreak."""
+def choose_experts(
+    all_experts: Sequence[str], replicas: Mapping[str, int], count: int, peer_id: str,
+    affinity: Optional[Mapping[str, float]] = None,
+) -> List[str]:  # fmt: skip
+    """Pick ``count`` experts, one at a time by the smallest key.
+
+    Without ``affinity`` (least_replicated): fewest replicas, then spread over layers, then the hash tiebreak.
+    With it (follow_data): uncovered experts first, then spread over layers, then the highest affinity, then
+    fewest replicas, then the hash tiebreak.
+    """
     chosen: List[str] = []
     per_layer: Dict[int, int] = {}
     candidates = list(all_experts)
+
+    def key(e: str) -> Tuple[object, ...]:
+        spread, count_e = per_layer.get(layer_of(e), 0), replicas.get(e, 0)
+        if affinity is None:
+            return count_e, spread, _tiebreak(peer_id, e)
+        return min(count_e, 1), spread, -affinity.get(e, 0.0), count_e, _tiebreak(peer_id, e)
+
     for _ in range(min(count, len(candidates))):
-        best = min(
-            candidates,
-            key=lambda e: (replicas.get(e, 0), per_layer.get(layer_of(e), 0), _tiebreak(peer_id, e)),
-        )
+        best = min(candidates, key=key)
         candidates.remove(best)
         chosen.append(best)
         per_layer[layer_of(best)] = per_layer.get(layer_of(best), 0) + 1
@@ -67,3 +84,42 @@ def rebalance(
     duplicated = [e for e in hosted[peer_id] if e != "trunk" and counts.get(e, 0) >= 2]
     drop = max(duplicated, key=lambda e: (counts[e], _tiebreak(peer_id, e)))
     return drop, target
+
+
+def follow_swap(
+    peer_id: str, peer_modules: Mapping[str, Iterable[str]], all_experts: Sequence[str],
+    affinity: Mapping[str, float], margin: float, check: int, keep: Collection[str] = (),
+) -> Optional[Tuple[str, str]]:  # fmt: skip
+    """follow_data: one (drop, add) swap for this node, or None.
+
+    ``add`` is an expert this node does not host, in ``drop``'s layer (the node keeps experts in every
+    layer, and shares of one layer's routing compare), whose affinity exceeds ``drop``'s by ``margin``.
+    ``drop`` has >= 2 hosts and this node is its dropper for ``check``: of its hosts, the one with the
+    smallest hash of (peer, expert, check). Each expert has one dropper per check, so however many nodes
+    swap at once, it loses at most one host and stays covered; the check number rotates the role, so
+    every host gets its turn. Experts in ``keep`` are not dropped (the caller's hysteresis). Of the swaps
+    allowed, the largest gain; ties by hash.
+    """
+    hosted: Dict[str, Set[str]] = {p: set(m) for p, m in peer_modules.items()}
+    mine = hosted.get(peer_id, set())
+    counts = replica_counts(hosted)
+    droppable = [
+        e for e in mine
+        if e != "trunk" and e not in keep and counts.get(e, 0) >= 2 and _dropper(hosted, e, check) == peer_id
+    ]  # fmt: skip
+    swaps = [
+        (drop, add)
+        for drop in droppable
+        for add in all_experts
+        if add not in mine and layer_of(add) == layer_of(drop)
+        and affinity.get(add, 0.0) - affinity.get(drop, 0.0) >= margin
+    ]  # fmt: skip
+    if not swaps:
+        return None
+    gain = {s: affinity.get(s[1], 0.0) - affinity.get(s[0], 0.0) for s in swaps}
+    return max(swaps, key=lambda s: (gain[s], _tiebreak(peer_id, "|".join(s))))
+
+
+def _dropper(hosted: Mapping[str, Set[str]], expert: str, check: int) -> str:
+    """The one host of ``expert`` allowed to drop it at this check (every node computes the same)."""
+    return min((p for p, mods in hosted.items() if expert in mods), key=lambda p: _tiebreak(p, f"{expert}|{check}"))

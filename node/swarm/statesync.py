@@ -120,9 +120,7 @@ class StateDownloader:
             found = [d for d in found if d.numel == numel]
             if not found:
                 return None
-            votes = Counter(d.params_hash for d in found)
-            agreed = max(votes, key=lambda h: (votes[h], max(d.outer_round for d in found if d.params_hash == h)))
-            agreeing = [d for d in found if d.params_hash == agreed]
+            agreed, agreeing = _agree(found)
             vector = await self._fetch(module, [d.peer for d in agreeing], agreed, 2 * numel)
             if vector is not None and _hash(vector, numel) == agreed:
                 return vector, agreeing[0].outer_round
@@ -137,6 +135,21 @@ class StateDownloader:
             elif vector is not None:
                 bad.add(agreeing[0].peer)
                 self._reject("hash_mismatch")
+        return None
+
+    async def head(self, module: str, donors: Sequence[str], count: int) -> Optional[np.ndarray]:
+        """The first ``count`` values of a module's global copy (e.g. an expert's router gate), from a donor
+        whose digest most donors report, one donor at a time; None if none delivered. A part cannot be checked
+        against the hash of the whole, so a lying donor is outvoted here, not caught: only for values where a
+        wrong one costs little (placement's affinity), never for state a node trains from."""
+        found = await self.digests(module, donors)
+        if not found:
+            return None
+        agreed, agreeing = _agree(found)
+        for donor in agreeing:
+            values = await self._fetch(module, [donor.peer], agreed, min(count, 2 * donor.numel))
+            if values is not None:
+                return values
         return None
 
     async def _fetch(self, module: str, peers: List[str], expected: str, total: int) -> Optional[np.ndarray]:
@@ -195,6 +208,13 @@ class StateDownloader:
 
     def _reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+def _agree(found: List[Digest]) -> Tuple[str, List[Digest]]:
+    """The hash most donors report (ties: the newer round), and the donors that report it."""
+    votes = Counter(d.params_hash for d in found)
+    agreed = max(votes, key=lambda h: (votes[h], max(d.outer_round for d in found if d.params_hash == h)))
+    return agreed, [d for d in found if d.params_hash == agreed]
 
 
 def _hash(vector: np.ndarray, numel: int) -> str:
@@ -256,3 +276,19 @@ def download_modules(
                "hashes": {m: states[m].params_hash() for m in adopted}},
     )  # fmt: skip
     return adopted
+
+
+def fetch_heads(
+    swarm: SwarmPort, swarm_id: str, donors: Dict[str, List[str]], count: int, timeout: float,
+    run: Callable[[Awaitable[Dict[str, np.ndarray]]], Dict[str, np.ndarray]],
+) -> Dict[str, np.ndarray]:  # fmt: skip
+    """Blocking: the first ``count`` values of each module's global copy (StateDownloader.head), all modules
+    at once; modules no donor delivered are left out. ``run`` runs a coroutine on the swarm's event loop."""
+    downloader = StateDownloader(swarm, swarm_id, timeout)
+    modules = list(donors)
+
+    async def fetch_all() -> Dict[str, np.ndarray]:
+        got = await asyncio.gather(*(downloader.head(m, donors[m], count) for m in modules))
+        return {m: values for m, values in zip(modules, got, strict=True) if values is not None}
+
+    return run(fetch_all())

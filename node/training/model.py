@@ -8,8 +8,8 @@ expert never reads or writes any of that expert's parameters, gate included.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import cast
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -210,6 +210,52 @@ class MoETransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self._forward(tokens)[0]
+
+    # -- routing affinity ----------------------------------------------------------------
+
+    def gate_elements(self) -> int:
+        """Each expert's gate is the first this many values of its module's flat parameters (registered first)."""
+        return self.spec.d_model
+
+    @torch.no_grad()
+    def routing_affinity(
+        self, batches: Iterable[torch.Tensor], gates: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        """Per expert, the share of its layer's (token, choice) routings it would get were every expert hosted.
+
+        Each MoE layer's router input is what this model computes on ``batches`` ((B, T+1) byte batches; the
+        last position is a target and is dropped); its top-k is taken over every expert's gate, ``gates``
+        (by module name) replacing the model's own, e.g. with the swarm's current gates of experts it does not
+        host. Shares sum to 1 per layer; routing only reads, the model's parameters and hosting are unchanged.
+        """
+        gates = gates or {}
+        n, k = self.spec.n_experts, self.spec.top_k
+        counts = torch.zeros(self.spec.n_layers, n)
+        matrices = [self._gate_matrix(layer, gates) for layer in range(self.spec.n_layers)]
+
+        def counter(layer: int) -> Any:
+            def count(_: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+                flat = args[0].reshape(-1, args[0].shape[-1])
+                top = (flat @ matrices[layer].t()).topk(k, dim=-1).indices.reshape(-1)
+                counts[layer] += torch.bincount(top, minlength=n).cpu().to(counts.dtype)
+
+            return count
+
+        hooks = [block.moe.register_forward_pre_hook(counter(layer)) for layer, block in enumerate(self._blocks())]
+        try:
+            for batch in batches:
+                self.forward(batch[:, :-1].to(self.tok_emb.weight.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        shares = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+        return {f"expert.{layer}.{i}": float(shares[layer, i]) for layer in range(self.spec.n_layers) for i in range(n)}
+
+    def _gate_matrix(self, layer: int, gates: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[n_experts, d_model]: every expert's gate in ``layer``, from ``gates`` where given, else the model's."""
+        moe = self._blocks()[layer].moe
+        own = [moe._expert(i).gate for i in range(self.spec.n_experts)]
+        return torch.stack([gates.get(f"expert.{layer}.{i}", g).to(g) for i, g in enumerate(own)])
 
     def _split(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if batch.dim() != 2 or batch.shape[1] < 2:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import deque
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
@@ -133,6 +134,9 @@ class Trainer:
         self.step_seconds = 0.0  # wall time inside step(), over this node's life
         self.last_step_seconds = 0.0
         self._recent_rate: Optional[float] = None
+        # The latest training batches, for measurements that must not move the data stream (placement's
+        # routing affinity); references to tensors the step made anyway, a few KiB each.
+        self._recent_batches: deque[torch.Tensor] = deque(maxlen=manifest.placement.affinity_batches)
 
     def step(self) -> float:
         """One inner step; returns the training loss. Syncs with the device once (loss.item())."""
@@ -144,6 +148,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         value = float(loss.item())
+        self._recent_batches.append(batch)
         self.local_steps += 1
         self.samples += batch.shape[0]
         self.loss_ema = value if self.loss_ema is None else 0.9 * self.loss_ema + 0.1 * value
@@ -158,6 +163,14 @@ class Trainer:
         (a position the data reader gave, e.g. from a checkpoint)."""
         position = (int(start[0]), int(start[1])) if start is not None else self.data.position
         self._batches = self.data.train_batches(self.manifest.training.batch_size, start=position)
+
+    def own_batches(self) -> List[torch.Tensor]:
+        """Up to ``placement.affinity_batches`` batches of this node's own text, without moving the training
+        stream: the latest it trained on, else (before its first step) held-out ones, else none. Reading the
+        held-out split may raise DataError."""
+        if self._recent_batches:
+            return list(self._recent_batches)
+        return self.data.eval_batches(self.manifest.training.batch_size, self.manifest.placement.affinity_batches)
 
     @property
     def samples_per_second(self) -> Optional[float]:

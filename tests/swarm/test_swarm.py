@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -21,13 +21,14 @@ pytestmark = pytest.mark.swarm
 
 class Peer:
     def __init__(
-        self, tmp: Path, name: str, manifest: Path, initial: List[str], experts: int = 1, bad_donor: str = ""
-    ) -> None:
+        self, tmp: Path, name: str, manifest: Path, initial: List[str], experts: int = 1, bad_donor: str = "",
+        corpus: Optional[Path] = None, extra: Sequence[str] = (),
+    ) -> None:  # fmt: skip
         self.dir = tmp / name
-        self.dir.mkdir()
-        corpus = write_text_corpus(self.dir / "corpus.txt", seed=len(name) + ord(name[-1]))
+        self.dir.mkdir(exist_ok=True)
+        corpus = corpus or write_text_corpus(self.dir / "corpus.txt", seed=len(name) + ord(name[-1]))
         args = ["--manifest", str(manifest), "--data", str(corpus), "--experts", str(experts), "--max-seconds", "240"]
-        args += ["--log-format", "json"]
+        args += ["--log-format", "json", *extra]
         if initial:
             args += ["--initial-peers", *initial]
         env = child_env(COMMONS_TEST_BAD_DONOR=bad_donor) if bad_donor else None

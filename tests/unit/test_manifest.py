@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,8 @@ def test_unknown_keys_of_mixed_types_are_a_manifest_error() -> None:
         ("model: {n_experts: four}\n", "model.n_experts"),
         ("outer_optimizer: {lr: fast}\n", "outer_optimizer.lr"),
         ("averaging: {compression: [fp16]}\n", "averaging.compression"),
+        ("placement: {policy: 1}\n", "placement.policy"),
+        ("placement: {check_every_rounds: 2.5}\n", "placement.check_every_rounds"),
     ],
 )
 def test_wrong_type_is_named(text: str, field: str) -> None:
@@ -152,6 +156,10 @@ def test_bool_is_not_an_int(text: str, field: str) -> None:
         ("averaging: {compression: zstd}\n", "averaging.compression"),
         ("averaging: {gather_seconds: 10.0, round_timeout_seconds: 5.0}\n", "averaging.round_timeout_seconds"),
         ("name: ''\n", "name"),
+        ("placement: {check_every_rounds: 0}\n", "placement.check_every_rounds"),
+        ("placement: {affinity_batches: 0}\n", "placement.affinity_batches"),
+        ("placement: {swap_margin: 0}\n", "placement.swap_margin"),
+        ("placement: {swap_margin: 1.5}\n", "placement.swap_margin"),
     ],
 )
 def test_out_of_range_is_named(text: str, field: str) -> None:
@@ -231,3 +239,33 @@ def test_manifest_is_frozen() -> None:
     manifest = Manifest()
     with pytest.raises(dataclasses.FrozenInstanceError):
         manifest.seed = 1  # type: ignore[misc]
+
+
+def test_placement_policy_defaults_to_least_replicated_and_takes_follow_data() -> None:
+    assert Manifest().placement.policy == "least_replicated"
+    assert parse_manifest("placement: {policy: follow_data}\n").placement.policy == "follow_data"
+
+
+def test_unknown_placement_policy_is_one_clear_line() -> None:
+    message = _error("placement: {policy: nearest}\n")
+    assert "placement.policy" in message and "least_replicated, follow_data" in message and "'nearest'" in message
+    assert "\n" not in message
+
+
+def test_default_placement_leaves_the_swarm_id_as_it_was() -> None:
+    # Swarms started before the placement section existed keep their id: a default section is not hashed.
+    assert "placement" not in json.loads(Manifest().canonical_json())
+    before = {k: v for k, v in dataclasses.asdict(Manifest()).items() if k != "placement"}
+    old_id = hashlib.sha256(json.dumps(before, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    assert load_manifest().swarm_id == Manifest().swarm_id == old_id
+    assert parse_manifest(TINY + "placement: {policy: least_replicated}\n").swarm_id == parse_manifest(TINY).swarm_id
+
+
+def test_any_placement_change_is_another_swarm() -> None:
+    base = parse_manifest(TINY).swarm_id
+    ids = {
+        parse_manifest(TINY + "placement: {policy: follow_data}\n").swarm_id,
+        parse_manifest(TINY + "placement: {policy: follow_data, check_every_rounds: 2}\n").swarm_id,
+        parse_manifest(TINY + "placement: {swap_margin: 0.2}\n").swarm_id,
+    }
+    assert base not in ids and len(ids) == 3
