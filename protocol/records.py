@@ -26,6 +26,7 @@ from protocol.version import PROTOCOL_VERSION
 KEY_PREFIX = "commons"
 MODULE_PATTERN = r"^(trunk|expert\.\d{1,4}\.\d{1,4})\Z"  # \Z: "$" would accept a trailing newline
 MAX_MODULES_PER_PEER = 4096
+DATA_COMMITMENT_PATTERN = r"^sha256:[0-9a-f]{64}\Z"
 
 
 def peers_key(swarm_id: str) -> str:
@@ -62,6 +63,9 @@ class PeerRecord(BaseModel):
     device: StrictStr = "cpu"
     version: StrictStr = ""
     leaving: StrictBool = False  # set in the last record a node stores as it leaves
+    # A commitment to the data this node trains on: a hash over its files' relative names and sizes
+    # (node/training/data.py), never names or content; older peers send none.
+    data: Optional[constr(regex=DATA_COMMITMENT_PATTERN, strict=True)] = None  # type: ignore[valid-type]
 
     class Config:
         extra = "ignore"  # newer peers may add fields; older peers read what they know

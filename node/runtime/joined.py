@@ -36,6 +36,7 @@ from node.ops import (
     open_endpoints,
     write_generation,
 )
+from node.runtime.affinity import AffinityMeter
 from node.runtime.context import NodeContext
 from node.runtime.rounds import RoundAverager
 from node.runtime.status_page import outcome_counts, page_status
@@ -47,6 +48,7 @@ from node.swarm import (
     check_bootstrap_peers,
     choose_experts,
     download_modules,
+    follow_swap,
     rebalance,
     replica_counts,
 )
@@ -132,6 +134,9 @@ class Joined:
         # Held by the training thread for each step and each averaging round, so that readers
         # (the Python API's evaluate/sample) never see parameters half-written.
         self.model_lock = threading.RLock()
+        self.affinity = AffinityMeter(swarm, self.swarm_id, trainer, manifest.averaging.part_timeout_seconds,
+                                      self.model_lock)  # fmt: skip
+        self.taken_at_check: Dict[str, int] = {}  # follow_data: the check at which this node took on each expert
         averaging = manifest.averaging
         self.greeter = Greeter(swarm, self.swarm_id, manifest.name, self.module_names)
         self.matchmaker = Matchmaker(swarm, self.swarm_id, averaging.gather_seconds,
@@ -174,8 +179,12 @@ class Joined:
         joined.endpoints = joined._serve_endpoints()
         return joined
 
+    @property
+    def follows_data(self) -> bool:
+        return self.context.manifest.placement.policy == "follow_data"
+
     def _place(self, restored: Optional[Snapshot]) -> None:
-        """Resume what the checkpoint held, or choose the least-replicated experts; a newcomer (or a node
+        """Resume what the checkpoint held, or choose experts (_choose_experts); a newcomer (or a node
         more than a round behind) then downloads the swarm's current state of its modules."""
         view, progress, config = self.membership.view, self.progress, self.context.config
         swarm_round = view.max_round(exclude=self.peer_id)
@@ -193,23 +202,44 @@ class Joined:
                 extra={"event": "resumed", "round": restored.outer_round, "generation": restored.generation},
             )  # fmt: skip
         else:
-            replicas = replica_counts(view.modules_by_peer(), exclude=self.peer_id)
-            self.host(choose_experts(experts, replicas, config.experts, self.peer_id))
+            self.host(self._choose_experts(experts))
         if restored is None or restored.outer_round < swarm_round - 1:
-            self._catch_up(from_checkpoint=restored is not None)
+            # follow_data adopted the trunk just before choosing (_choose_experts)
+            fresh = restored is None and self.follows_data
+            self._catch_up(from_checkpoint=restored is not None, modules=self.hosting.hosted if fresh else None)
         self.membership.watch_round = progress.outer_round
 
-    def _catch_up(self, from_checkpoint: bool) -> None:
-        """Newcomer (or far behind): fetch the current state of our modules from their hosts."""
-        view, states = self.membership.view, self.hosting.states
-        donors = {m: view.hosts_of(m, exclude=self.peer_id) for m in states}
+    def _choose_experts(self, experts: List[str]) -> List[str]:
+        """The least-replicated experts; with follow_data, uncovered experts first and then those this node's
+        data routes to, measured after adopting the swarm's trunk (so that its router sees what the swarm's
+        model computes). A model that cannot measure routing is placed by replica counts."""
+        view, config = self.membership.view, self.context.config
+        replicas = replica_counts(view.modules_by_peer(), exclude=self.peer_id)
+        affinity = None
+        if self.follows_data:
+            self.host([])
+            self._adopt(["trunk"])
+            affinity = self._measure_affinity()
+            if affinity is None:
+                logger.warning("placement follow_data: no routing affinity (model or data): placing by replicas")
+        return choose_experts(experts, replicas, config.experts, self.peer_id, affinity)
+
+    def _catch_up(self, from_checkpoint: bool, modules: Optional[List[str]] = None) -> None:
+        """Newcomer (or far behind): fetch the current state of our modules (default: all) from their hosts."""
+        if not self._adopt(list(self.hosting.states) if modules is None else modules):
+            start = "checkpoint" if from_checkpoint else "scratch"
+            logger.info("no peer holds our modules yet: starting from %s", start)
+
+    def _adopt(self, modules: List[str]) -> bool:
+        """Download these hosted modules' current state from their hosts (those that have any) and move our
+        round up to theirs; False when no module has a host to ask."""
+        view, states = self.membership.view, {m: self.hosting.states[m] for m in modules}
+        donors = {m: view.hosts_of(m, exclude=self.peer_id) for m in modules}
         timeout = self.context.manifest.averaging.part_timeout_seconds
         adopted = download_modules(self.swarm, self.swarm_id, states, donors, timeout, self.swarm.run)
         if adopted:
             self.progress.outer_round = max(self.progress.outer_round, *adopted.values())
-        elif not any(donors.values()):
-            start = "checkpoint" if from_checkpoint else "scratch"
-            logger.info("no peer holds our modules yet: starting from %s", start)
+        return any(donors.values())
 
     def _serve_endpoints(self) -> Endpoints:
         """/metrics, /metrics/swarm, /healthz, /readyz and the swarm page (/, /status.json) on --metrics-addr."""
@@ -242,14 +272,48 @@ class Joined:
 
     def rebalance(self) -> None:
         """Once per round: an expert with no host left makes exactly one node (the same choice everywhere)
-        swap a duplicated expert for it."""
+        swap a duplicated expert for it. Else, with follow_data, every ``check_every_rounds`` rounds: this
+        node may swap an expert for one its data routes to more (placement.follow_swap)."""
         view = dict(self.membership.view.modules_by_peer())
         view[self.peer_id] = self.hosting.modules
         swap = rebalance(self.peer_id, view, self.module_names[1:])
         if swap is not None:
             drop, add = swap
             logger.info("re-placement: %s has no host left; hosting it instead of %s", add, drop)
+            self._swap(drop, add)
+        elif self.follows_data and self.progress.outer_round % self.context.manifest.placement.check_every_rounds == 0:
+            self._follow_data(view)
+
+    def _follow_data(self, view: Dict[str, List[str]]) -> None:
+        spec = self.context.manifest.placement
+        affinity = self._measure_affinity()
+        if affinity is None:
+            return
+        check = self.progress.outer_round // spec.check_every_rounds  # the same on every node of this round
+        # An expert taken on at the last check stays for one more: its first rounds here move its gate (the
+        # balance loss pushes the gate of a busy expert away from this node's tokens), so it could swap back.
+        keep = {e for e, taken in self.taken_at_check.items() if taken >= check - 1}
+        swap = follow_swap(self.peer_id, view, self.module_names[1:], affinity, spec.swap_margin, check, keep)
+        if swap is None:
+            return
+        drop, add = swap
+        self.taken_at_check[add] = check
+        logger.info(
+            "re-placement: this node's data routes %.1f%% of its layer to %s and %.1f%% to %s; hosting it instead",
+            100 * affinity[add], add, 100 * affinity[drop], drop,
+            extra={"event": "follow_data_swap", "drop": drop, "add": add, "round": self.progress.outer_round},
+        )  # fmt: skip
+        self._swap(drop, add)
+
+    def _measure_affinity(self) -> Optional[Dict[str, float]]:
+        return self.affinity.measure(self.hosting.states, self.membership.view, self.module_names[1:])
+
+    def _swap(self, drop: str, add: str) -> None:
+        """Host ``add`` instead of ``drop``, starting from the swarm's current state of ``add`` when someone
+        holds it (else from our model's copy, as for an expert nobody hosts)."""
+        with self.model_lock:
             self.host([e for e in self.hosting.hosted if e != drop] + [add])
+            self._adopt([add])
 
     # --- what others see -----------------------------------------------------------------
     def describe_self(self) -> PeerRecord:
@@ -258,6 +322,7 @@ class Joined:
             peer_id=self.peer_id, modules=self.hosting.modules, outer_round=self.progress.outer_round,
             local_steps=trainer.local_steps, loss=trainer.loss_ema, samples_per_second=trainer.samples_per_second,
             maddrs=self.maddrs[:16], device=self.device.type, version=__version__,
+            data=self.trainer.data.commitment()["commitment"],
         )  # fmt: skip
 
     def ready_event(self) -> Dict[str, Any]:
@@ -274,6 +339,7 @@ class Joined:
             "modules": self.hosting.modules,
             "outer_round": self.progress.outer_round,
             "device": self.device.type,
+            "data": self.trainer.data.commitment(),
             "join": join_command(self.maddrs[0], self.context.config.manifest) if self.maddrs else None,
             "metrics_url": self.endpoints.url("/metrics") if self.endpoints else None,
         }

@@ -79,8 +79,11 @@ class RoundLoop:
         if self.pending is not None:
             self._complete(self.pending)
         done = progress.rounds_done - rounds_at_start
+        stats = self.joined.averager.stats
         logger.info("leaving after %d round(s), %d local step(s)", done, trainer.local_steps - steps_at_start,
-                    extra={"event": "left", "rounds": done, "rounds_total": progress.rounds_done})  # fmt: skip
+                    extra={"event": "left", "rounds": done, "rounds_total": progress.rounds_done,
+                           "averaging_sent_bytes": stats.bytes_sent,
+                           "averaging_received_bytes": stats.bytes_received})  # fmt: skip
 
     # --- local steps ----------------------------------------------------------------------
     def _local_steps(self, out_of_time: Callable[[], bool]) -> int:

@@ -33,6 +33,7 @@ class Node:
     """One node: created with its config, joined by ``open()``, trained by ``run()``, left by ``close()``."""
 
     state_server_class = StateServer  # tests run donors with modified code by swapping this
+    swarm_class = HivemindSwarm  # and record what a node sends by swapping this (tests/swarm/capturing_peer.py)
 
     def __init__(
         self,
@@ -78,7 +79,7 @@ class Node:
         # Each node samples its data in its own order: two volunteers on the default corpus
         # should not compute the same batches.
         data_seed = int.from_bytes(os.urandom(4), "little")
-        data = TextData(config.data, manifest.model.seq_len, seed=data_seed)
+        data = TextData(config.data, manifest.model.seq_len, seed=data_seed, field=config.data_field)
         device = resolve_device(config.device)
         identity = config.identity
         checkpoints: Optional[CheckpointStore] = None
@@ -89,7 +90,7 @@ class Node:
         logger.info("data: %s (sampling seed %d)", data.describe(), data_seed)
         # The DHT process is forked here, before torch builds the model and starts its
         # thread pools: forking a process with live OpenMP threads is not safe.
-        swarm = HivemindSwarm.open(
+        swarm = self.swarm_class.open(
             initial_peers=config.initial_peers,
             host_maddrs=config.host_maddrs,
             announce_maddrs=config.announce_maddrs,

@@ -85,6 +85,7 @@ def _peers(view: SwarmView, me: str, now: float) -> List[Dict[str, Any]]:
             "age_seconds": max(0.0, round(now - view.seen_at.get(peer_id, now), 1)),
             "device": record.device[:MAX_TEXT],
             "version": record.version[:MAX_TEXT],
+            "data": record.data,
         })
         for peer_id, record in ordered
     ]  # fmt: skip
