@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
 .PHONY: install install-dev notebook system-packages start demo test test-unit lint bench bench-suite bench-wan bench-utilization \
-	bench-convergence bench-overhead bench-scale bench-transport clean
+	bench-convergence bench-languages bench-overhead bench-scale bench-transport clean
 
 # Progress goes to stderr so that `make start`'s stdout holds only the node's JSON ready line.
 $(BIN)/python:
@@ -117,6 +117,13 @@ bench-utilization: install-dev
 
 bench-convergence: install-dev
 	$(BIN)/python -m bench.convergence --out bench-results/convergence
+
+# Each member on its own language: Debian's translated manual pages (installed here as root if missing).
+bench-languages: install-dev
+	@if [ ! -d /usr/share/man/pl ] && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		manpages-de manpages-fr manpages-es manpages-pl >&2; fi
+	$(BIN)/python -m bench.languages --out bench-results/languages
 
 bench-overhead: install-dev
 	$(BIN)/python -m bench.overhead --out bench-results/overhead

@@ -15,7 +15,7 @@ import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -91,10 +91,13 @@ def evaluate(model: torch.nn.Module, batches: List[torch.Tensor]) -> float:
     return sum(losses) / sum(b.shape[0] for b in batches)
 
 
-def load_global(model: MoETransformer, tensors: Dict[str, torch.Tensor]) -> None:
-    """Write a checkpoint's global copies (``global/<module>``, flat float32) into ``model``."""
+def load_global(
+    model: MoETransformer, tensors: Dict[str, torch.Tensor], modules: Optional[Sequence[str]] = None
+) -> None:
+    """Write a checkpoint's global copies (``global/<module>``, flat float32) of ``modules`` (default: every
+    module of the model) into ``model``."""
     with torch.no_grad():
-        for module in model.module_names():
+        for module in model.module_names() if modules is None else modules:
             flat, offset = tensors[f"global/{module}"], 0
             for p in model.module_parameters(module):
                 p.copy_(flat[offset : offset + p.numel()].view_as(p))
