@@ -66,7 +66,7 @@ from bench.convergence_data import (
     split_corpus,
     write_manifest,
 )
-from bench.netns import JsonProcess, SkipBenchmark, TestNetwork
+from bench.netns import JsonProcess, SkipBenchmark, TestNetwork, stopped
 from node.ops.checkpoint import CheckpointStore
 from protocol.manifest import load_manifest
 from tests.procs import REPO, child_env, log_records
@@ -406,12 +406,8 @@ def main() -> int:
             write_manifest(args.out / "manifest.yaml", manifest)
             print(f"writing to {args.out}; {corpus.describe()}", flush=True)
             curves = measure(net, args, corpus)
-    except SkipBenchmark as skip:
-        print(skip)
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted: processes stopped, namespaces deleted", file=sys.stderr)
-        return 130
+    except (SkipBenchmark, KeyboardInterrupt) as reason:
+        return stopped(reason)
     if not curves:
         return 0
     text = table(curves, args, f"{load}, {os.getloadavg()[0]:.2f} after")

@@ -21,6 +21,7 @@ import queue
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -34,6 +35,16 @@ PREFIX = "cmn"
 
 class SkipBenchmark(Exception):
     """The benchmark cannot run here (not root, no ``ip netns``); callers print the reason and exit 0."""
+
+
+def stopped(reason: BaseException) -> int:
+    """A network benchmark's exit code when it could not run (SkipBenchmark: the reason on stdout, 0) or was
+    interrupted (130; TestNetwork has stopped its processes and deleted its namespaces by then)."""
+    if isinstance(reason, SkipBenchmark):
+        print(reason)
+        return 0
+    print("interrupted: processes stopped, namespaces deleted", file=sys.stderr)
+    return 130
 
 
 def _sh(argv: Sequence[str]) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from bench.netns import JsonProcess, SkipBenchmark, TestNetwork
+from bench.netns import JsonProcess, SkipBenchmark, TestNetwork, stopped
 from protocol.manifest import AveragingSpec
 from tests.procs import REPO, child_env
 
@@ -317,12 +317,8 @@ def main() -> int:
             (out / "logs").mkdir(parents=True, exist_ok=True)
             print(f"writing to {out}", flush=True)
             results = measure(net, args, out / "logs")
-    except SkipBenchmark as skip:
-        print(skip)
-        return 0
-    except KeyboardInterrupt:
-        print("interrupted: processes stopped, namespaces deleted", file=sys.stderr)
-        return 130
+    except (SkipBenchmark, KeyboardInterrupt) as reason:
+        return stopped(reason)
     text = table(results, floor, args, f"{load}, {os.getloadavg()[0]:.2f} after")
     (out / "results.md").write_text(text + "\n")
     title = f"{args.peers} peers, {args.mbytes:g} MB fp32, {args.mbit:g} Mbit/s links"
