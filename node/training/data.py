@@ -46,7 +46,7 @@ from node.training.formats import PLAIN, SNIFF_BYTES, Cursors, Format, Unreadabl
 logger = logging.getLogger(__name__)
 
 MAX_BLOCK_BYTES = 64 * 1024
-EVAL_EVERY = 20  # one block in EVAL_EVERY of each file is held out (TextData._held_out)
+EVAL_EVERY = 20  # one block in EVAL_EVERY of each file is held out (TextData._phase)
 _BLOCKS_PER_READ = 4
 _GLOB_CHARS = ("*", "?", "[")
 # Streamed files open at once in training: each holds a decoder (up to ~9 MiB for xz) and a 1 MiB piece.
@@ -256,27 +256,34 @@ class TextData:
     def _cut_blocks(self) -> list[_Block]:
         spans: list[tuple[int, int, int]] = []
         b = self.block_bytes
+        held: set[int] = set()
         for fi, source in enumerate(self._sources):
             size = source.text_bytes
             n = max(1, size // b)
+            phase = self._phase(fi)
             for j in range(n):
                 # The file's tail joins its last block, so no block is shorter than a window.
                 length = b if j < n - 1 else size - j * b
+                if (j + phase) % EVAL_EVERY == EVAL_EVERY - 1:
+                    held.add(len(spans))
                 spans.append((fi, j * b, length))
-        held = {k for k, (fi, off, _) in enumerate(spans) if self._held_out(fi, off // b)}
         if len(held) == len(spans):  # a file or two, each held out whole: something must be left to train on
             held = set()
         if not held and len(spans) >= 2:
             held = {len(spans) - 1}
         return [_Block(fi, off, ln, k in held) for k, (fi, off, ln) in enumerate(spans)]
 
-    def _held_out(self, file: int, j: int) -> bool:
-        """Block j of a file is held out when (j + the file's phase) % EVAL_EVERY == EVAL_EVERY - 1, the phase
-        a hash of its path relative to the --data root: one block in EVAL_EVERY of every file, and one small
-        file in EVAL_EVERY held out whole, whatever other files the corpus holds."""
-        name = os.path.relpath(self._sources[file].path, self._root).replace(os.sep, "/")
-        phase = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little") % EVAL_EVERY
-        return (j + phase) % EVAL_EVERY == EVAL_EVERY - 1
+    def _phase(self, file: int) -> int:
+        """Block j of a file is held out when (j + its phase) % EVAL_EVERY == EVAL_EVERY - 1, the phase a hash
+        of its relative name: one block in EVAL_EVERY of every file, and one small file in EVAL_EVERY held out
+        whole, whatever other files the corpus holds."""
+        digest = hashlib.sha256(self._relative_name(file).encode()).digest()
+        return int.from_bytes(digest[:4], "little") % EVAL_EVERY
+
+    def _relative_name(self, file: int) -> str:
+        """The file's path relative to the --data root, with "/" separators (what the split and the
+        commitment depend on, so that moving the directory changes neither)."""
+        return os.path.relpath(self._sources[file].path, self._root).replace(os.sep, "/")
 
     def _streamed_train_blocks(self) -> dict[int, list[int]]:
         """{streamed file: its training blocks, in file order}."""
@@ -328,8 +335,7 @@ class TextData:
         (path relative to the --data root, size on disk in bytes) pairs of the files used, as compact
         JSON ``[["a/b.txt",123],...]``. Unsalted: whoever knows the exact files can confirm them."""
         if self._commitment is None:
-            root = self._root
-            pairs = sorted([os.path.relpath(s.path, root).replace(os.sep, "/"), s.disk_bytes] for s in self._sources)
+            pairs = sorted([self._relative_name(fi), s.disk_bytes] for fi, s in enumerate(self._sources))
             digest = hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
             self._commitment = DataCommitment(
                 commitment=f"sha256:{digest}", files=len(self._sources), bytes=self.total_bytes
