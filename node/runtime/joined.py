@@ -272,14 +272,18 @@ class Joined:
 
     def rebalance(self) -> None:
         """Once per round: an expert with no host left makes exactly one node (the same choice everywhere)
-        swap a duplicated expert for it. Else, with follow_data, every ``check_every_rounds`` rounds: this
-        node may swap an expert for one its data routes to more (placement.follow_swap)."""
+        swap a duplicated expert for it, and uneven hosts make a few nodes move to the least-hosted experts
+        (placement.rebalance). Else, with follow_data, every ``check_every_rounds`` rounds: this node may
+        swap an expert for one its data routes to more (placement.follow_swap)."""
         view = dict(self.membership.view.modules_by_peer())
         view[self.peer_id] = self.hosting.modules
         swap = rebalance(self.peer_id, view, self.module_names[1:])
         if swap is not None:
             drop, add = swap
-            logger.info("re-placement: %s has no host left; hosting it instead of %s", add, drop)
+            hosts = replica_counts(view)
+            logger.info("re-placement: %s has %d host(s), %s has %d; hosting the first instead of the second",
+                        add, hosts.get(add, 0), drop, hosts[drop],
+                        extra={"event": "replaced", "drop": drop, "add": add})  # fmt: skip
             self._swap(drop, add)
         elif self.follows_data and self.progress.outer_round % self.context.manifest.placement.check_every_rounds == 0:
             self._follow_data(view)

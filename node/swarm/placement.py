@@ -2,8 +2,9 @@
 
 No coordinator: each node reads replica counts from peer records, fills the
 least-replicated experts first, and once per round checks whether an expert has lost
-all its hosts. Ties are broken by a hash of (peer id, expert), so nodes starting at
-the same moment spread out instead of all picking expert 0.
+all its hosts, or has 2 hosts fewer than another of its layer. Ties are broken by a
+hash of (peer id, expert), so nodes starting at the same moment spread out instead of
+all picking expert 0.
 
 Policy ``follow_data`` (the manifest's ``placement``) adds this node's routing affinity (the
 share of its own tokens the router sends to each expert, measured locally): at join it
@@ -66,7 +67,8 @@ def choose_experts(
 def rebalance(
     peer_id: str, peer_modules: Mapping[str, Iterable[str]], all_experts: Sequence[str]
 ) -> Optional[Tuple[str, str]]:
-    """One (drop, add) swap for this node if an expert has no host, else None.
+    """One (drop, add) swap for this node if an expert has no host, or else if the experts' hosts are
+    uneven (``_even_out``); None otherwise.
 
     Only one node moves per uncovered expert: among nodes hosting an expert that
     someone else also hosts, the one with the smallest tiebreak hash for it. Every
@@ -76,7 +78,7 @@ def rebalance(
     counts = replica_counts(hosted)
     uncovered = sorted((e for e in all_experts if counts.get(e, 0) == 0), key=lambda e: _tiebreak("", e))
     if not uncovered:
-        return None
+        return _even_out(peer_id, hosted, counts, all_experts)
     target = uncovered[0]
     swappers = {p for p, mods in hosted.items() if any(counts.get(e, 0) >= 2 for e in mods if e != "trunk")}
     if peer_id not in swappers or min(swappers, key=lambda p: _tiebreak(p, target)) != peer_id:
@@ -84,6 +86,37 @@ def rebalance(
     duplicated = [e for e in hosted[peer_id] if e != "trunk" and counts.get(e, 0) >= 2]
     drop = max(duplicated, key=lambda e: (counts[e], _tiebreak(peer_id, e)))
     return drop, target
+
+
+def _even_out(
+    peer_id: str, hosted: Mapping[str, Set[str]], counts: Mapping[str, int], all_experts: Sequence[str]
+) -> Optional[Tuple[str, str]]:
+    """A host of an expert with at least 2 more hosts than another expert of its layer moves to that one.
+
+    Nodes that join at the same moment all read the same replica counts and take the same least-replicated
+    experts (4 nodes, 8 of 16 experts each: 1 host for eight experts, 3 for the other eight). Every node
+    plans the same moves from the same records: the least-hosted experts in turn (ties by hash), each
+    taken by one node that has not moved yet, dropping its most-hosted expert of that layer; the plan
+    counts each move before the next, so an expert never falls below the one it gives to. This node
+    makes its move of the plan, if it has one: up to one move per node per round.
+    """
+    planned = dict(counts)
+    moved: Set[str] = set()
+    for target in sorted(all_experts, key=lambda e: (counts.get(e, 0), _tiebreak("", e))):
+        layer, need = layer_of(target), planned.get(target, 0) + 2
+        options = [
+            (peer, expert) for peer, mods in hosted.items() if peer not in moved and target not in mods
+            for expert in mods if expert != "trunk" and layer_of(expert) == layer and planned[expert] >= need
+        ]  # fmt: skip
+        if not options:
+            continue
+        mover, drop = min(options, key=lambda o: (-planned[o[1]], _tiebreak(o[0], f"{target}|{o[1]}")))
+        if mover == peer_id:
+            return drop, target
+        moved.add(mover)
+        planned[drop] -= 1
+        planned[target] = planned.get(target, 0) + 1
+    return None
 
 
 def follow_swap(

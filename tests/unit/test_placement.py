@@ -139,6 +139,51 @@ def test_rebalance_agrees_across_peers() -> None:
     assert len(_swaps(view)) == 1
 
 
+def _apply(view: Dict[str, List[str]], swaps: Dict[str, tuple]) -> None:
+    for mover, (drop, add) in swaps.items():
+        assert drop in view[mover] and add not in view[mover]
+        view[mover] = [m for m in view[mover] if m != drop] + [add]
+
+
+def test_rebalance_evens_out_nodes_that_joined_together() -> None:
+    # The benchmark's case: node a joined first, b, c and d together, all three taking what a did not.
+    first = ["expert.0.0", "expert.0.1", "expert.1.0", "expert.1.1"]
+    rest = [e for e in EXPERTS if e not in first]
+    view = {"a": ["trunk", *first], "b": ["trunk", *rest], "c": ["trunk", *rest], "d": ["trunk", *rest]}
+    rounds = 0
+    while swaps := _swaps(view):
+        rounds += 1
+        assert rounds <= 4
+        before = replica_counts(view)
+        assert len(swaps) <= 3 and "a" not in swaps  # a hosts nothing another node also hosts
+        _apply(view, swaps)
+        after = replica_counts(view)
+        assert all(after.get(e, 0) >= 1 for e in EXPERTS)  # never uncovers anything
+        assert max(after.values()) - min(after.values()) <= max(before.values()) - min(before.values())
+    counts = replica_counts(view)
+    assert sorted(counts[e] for e in EXPERTS) == [2] * len(EXPERTS)
+    assert all(len(mods) == 5 for mods in view.values())  # every node keeps its count
+    for mods in view.values():  # and its spread over layers
+        assert sum(layer_of(e) == 0 for e in mods if e != "trunk") == 2
+
+
+def test_rebalance_leaves_a_difference_of_one_alone() -> None:
+    view = {
+        "a": ["trunk", "expert.0.0", "expert.0.1"],
+        "b": ["trunk", "expert.0.0", "expert.0.2"],
+        "c": ["trunk", "expert.0.3", "expert.1.0", "expert.1.1", "expert.1.2", "expert.1.3"],
+    }
+    assert _swaps(view) == {}
+
+
+def test_rebalance_evening_out_agrees_across_peers() -> None:
+    view = {p: ["trunk", "expert.0.0", "expert.0.1", "expert.1.0", "expert.1.1"] for p in PEERS[:3]}
+    view[PEERS[3]] = ["trunk", "expert.0.2", "expert.0.3", "expert.1.2", "expert.1.3"]
+    reversed_view = dict(reversed(list(view.items())))
+    swaps = _swaps(view)
+    assert swaps == _swaps(reversed_view) and 1 <= len(swaps) <= 3
+
+
 # --- follow_data -------------------------------------------------------------------------
 
 # The data of this node routes most of layer 0 to expert.0.3 and of layer 1 to expert.1.2.
