@@ -246,13 +246,13 @@ def table(losses: Dict[str, Dict[str, float]], langs: Sequence[str]) -> str:
 
 
 def verdicts(losses: Dict[str, Dict[str, float]], langs: Sequence[str]) -> List[str]:
-    ddp = losses["ddp"]["union"]
     out = []
     for arm in ("swarm-lr", "swarm-fd", "swarm-mix"):
-        if arm in losses:
+        if arm in losses and "ddp" in losses:
+            ddp = losses["ddp"]["union"]
             out.append(f"{arm} / ddp on the union: {losses[arm]['union'] / ddp:.3f} (target <= 1.03)")
     for arm in ("swarm-lr", "swarm-fd"):
-        if arm not in losses:
+        if arm not in losses or any(f"alone-{lang}" not in losses for lang in langs):
             continue
         own = [losses[arm][lang] / losses[f"alone-{lang}"][lang] for lang in langs]
         others = [losses[f"alone-{a}"][b] / losses[arm][b] for a in langs for b in langs if a != b]
