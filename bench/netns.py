@@ -11,6 +11,11 @@ Every process started through ``popen`` gets its own session (process group = it
 on an exception, on Ctrl+C or on SIGTERM those groups get SIGTERM, then SIGKILL, and the
 namespaces (and with them every link and the bridge) are deleted. Needs root: otherwise
 ``SkipBenchmark`` says why, in one line. ``JsonProcess`` drives a worker that speaks JSON lines.
+
+``private=[i, ...]`` puts those hosts behind a home router each, the way most volunteers are: host i
+gets 192.168.(i+1).2 on a link to router namespace ``cmn<pid>-r<i>``, whose other leg sits on the
+bridge as 10.77.0.(i+101). The router masquerades what goes out (nftables) and drops every new
+connection coming in, so a private host can dial anyone and no one can dial it.
 """
 
 from __future__ import annotations
@@ -110,11 +115,16 @@ class TestNetwork:
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, hosts: int, mbit: float, burst_kbit: int = 1000, latency_ms: int = 50, subnet: str = "10.77.0"):
+    def __init__(
+        self, hosts: int, mbit: float, burst_kbit: int = 1000, latency_ms: int = 50, subnet: str = "10.77.0",
+        private: Sequence[int] = (),
+    ) -> None:  # fmt: skip
         self.hosts, self.mbit, self.burst_kbit, self.latency_ms = hosts, mbit, burst_kbit, latency_ms
         self.subnet = subnet
+        self.private = frozenset(private)
         tag = f"{PREFIX}{os.getpid()}"
         self.namespaces = [f"{tag}-{i}" for i in range(hosts)]
+        self.routers = {i: f"{tag}-r{i}" for i in sorted(self.private)}
         self.switch = f"{tag}-br"
         self._created: List[str] = []
         self._procs: List["subprocess.Popen[Any]"] = []
@@ -122,7 +132,12 @@ class TestNetwork:
         self.sigkilled: List[int] = []
 
     def ip(self, host: int) -> str:
-        return f"{self.subnet}.{host + 1}"
+        """The host's own address (a private host's is on its home network, unreachable from the others)."""
+        return f"192.168.{host + 1}.2" if host in self.private else f"{self.subnet}.{host + 1}"
+
+    def public_ip(self, host: int) -> str:
+        """The address the others see the host's connections come from (its router's, for a private host)."""
+        return f"{self.subnet}.{host + 101}" if host in self.private else self.ip(host)
 
     # --- building and tearing down -------------------------------------------------------------------------------
     def __enter__(self) -> "TestNetwork":
@@ -130,6 +145,8 @@ class TestNetwork:
             raise SkipBenchmark("skipped: needs root for network namespaces")
         if shutil.which("ip") is None or shutil.which("tc") is None:
             raise SkipBenchmark("skipped: needs iproute2 (ip, tc) for network namespaces")
+        if self.private and shutil.which("nft") is None:
+            raise SkipBenchmark("skipped: needs nftables (nft) for the NAT routers; apt-get install nftables")
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: `cmd &` in a script ignores it
             self._old_handlers[sig] = signal.signal(sig, _raise_interrupt)
         try:
@@ -160,14 +177,54 @@ class TestNetwork:
         _sh(["ip", "-n", self.switch, "link", "set", "br0", "up"])
         for i, name in enumerate(self.namespaces):
             self._netns(name)
+            on_switch = self.routers.get(i, name)  # a private host reaches the switch through its router
+            if on_switch != name:
+                self._netns(on_switch)
             host_end, switch_end = "eth0", f"port{i}"
             veth = ["type", "veth", "peer", "name", switch_end, "netns", self.switch]
-            _sh(["ip", "link", "add", host_end, "netns", name, *veth])
-            _sh(["ip", "-n", name, "addr", "add", f"{self.ip(i)}/24", "dev", host_end])
-            _sh(["ip", "-n", name, "link", "set", host_end, "up"])
+            _sh(["ip", "link", "add", host_end, "netns", on_switch, *veth])
+            _sh(["ip", "-n", on_switch, "addr", "add", f"{self.public_ip(i)}/24", "dev", host_end])
+            _sh(["ip", "-n", on_switch, "link", "set", host_end, "up"])
             _sh(["ip", "-n", self.switch, "link", "set", switch_end, "master", "br0", "up"])
-            self._tbf(name, host_end)
+            self._tbf(on_switch, host_end)
             self._tbf(self.switch, switch_end)
+            if on_switch != name:
+                self._home_network(i, name, on_switch)
+
+    def _home_network(self, i: int, host: str, router: str) -> None:
+        """Host ``i`` behind ``router``: a LAN link, a default route, masquerade out, nothing new in."""
+        lan = f"192.168.{i + 1}"
+        _sh(["ip", "link", "add", "eth0", "netns", host, "type", "veth", "peer", "name", "lan0", "netns", router])
+        _sh(["ip", "-n", host, "addr", "add", f"{lan}.2/24", "dev", "eth0"])
+        _sh(["ip", "-n", router, "addr", "add", f"{lan}.1/24", "dev", "lan0"])
+        _sh(["ip", "-n", host, "link", "set", "eth0", "up"])
+        _sh(["ip", "-n", router, "link", "set", "lan0", "up"])
+        _sh(["ip", "-n", host, "route", "add", "default", "via", f"{lan}.1"])
+        _sh(["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        rules = """
+table ip nat {
+  chain out {
+    type nat hook postrouting priority 100; policy accept;
+    oifname "eth0" masquerade
+  }
+}
+table ip filter {
+  chain forward {
+    type filter hook forward priority 0; policy drop;
+    ct state established,related accept
+    iifname "lan0" accept
+  }
+  chain input {
+    type filter hook input priority 0; policy drop;
+    ct state established,related accept
+    iifname { "lo", "lan0" } accept
+  }
+}
+"""
+        done = subprocess.run(["ip", "netns", "exec", router, "nft", "-f", "-"], input=rules, capture_output=True,
+                              text=True)  # fmt: skip
+        if done.returncode != 0:
+            raise subprocess.CalledProcessError(done.returncode, ["nft", "-f", "-"], done.stdout, done.stderr)
 
     def __exit__(
         self, kind: Optional[Type[BaseException]], value: Optional[BaseException], tb: Optional[TracebackType]
