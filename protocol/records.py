@@ -7,7 +7,7 @@ dropped (and counted by the caller), never half-used.
 from __future__ import annotations
 
 import math
-from typing import Optional, Type, TypeVar
+from typing import Literal, Optional, Type, TypeVar
 
 from pydantic.v1 import (
     BaseModel,
@@ -66,6 +66,8 @@ class PeerRecord(BaseModel):
     # A commitment to the data this node trains on: a hash over its files' relative names and sizes
     # (node/training/data.py), never names or content; older peers send none.
     data: Optional[constr(regex=DATA_COMMITMENT_PATTERN, strict=True)] = None  # type: ignore[valid-type]
+    # Whether others can dial this node (node/swarm/reachability.py); older peers send none (unknown).
+    reachability: Optional[Literal["public", "private", "unknown"]] = None
 
     class Config:
         extra = "ignore"  # newer peers may add fields; older peers read what they know
@@ -93,6 +95,9 @@ class ReadyRecord(BaseModel):
     # uses the smallest ask of its members, clamped by the readers (node/averaging/matchmaking.py); older
     # peers ask nothing, which counts as the manifest's size, the only size they know.
     message_bytes: Optional[StrictInt] = None
+    # False: this peer cannot be dialed (behind NAT) and reduces no slice; it sends its parts and takes the
+    # results on streams it opens itself. Older peers send none, which counts as True.
+    reduces: Optional[StrictBool] = None
 
     class Config:
         extra = "ignore"

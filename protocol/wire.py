@@ -28,6 +28,7 @@ from pydantic.v1 import (
     StrictInt,
     ValidationError,
     conint,
+    conlist,
     constr,
     root_validator,
 )
@@ -124,6 +125,33 @@ class StateReply(BaseModel):
     count: conint(ge=0, strict=True) = 0  # type: ignore[valid-type]
 
 
+class DialBack(BaseModel):
+    """Ask a peer to open a TCP connection to us, at the address our stream to it came from, on each of
+    ``ports``: whether others can dial us (node/swarm/reachability.py). Only that address is ever dialed,
+    so nobody can aim a peer's connections at a third party."""
+
+    class Config:
+        extra = "forbid"
+
+    type: Literal["dialback"] = "dialback"
+    ports: conlist(conint(ge=1, le=65535, strict=True), min_items=1, max_items=4)  # type: ignore[valid-type]
+
+
+class DialBackReply(BaseModel):
+    """What a dial-back found: the address our stream came from (as the peer saw it) and which ports took a
+    connection; ``observed`` is "" when the peer could not tell where we are (it then dialed nothing)."""
+
+    class Config:
+        extra = "forbid"
+
+    type: Literal["dialback_reply"] = "dialback_reply"
+    observed: constr(max_length=64, strict=True) = ""  # type: ignore[valid-type]
+    reachable: conlist(conint(ge=1, le=65535, strict=True), max_items=4) = []  # type: ignore[valid-type]
+    tried: conlist(conint(ge=1, le=65535, strict=True), max_items=4) = []  # type: ignore[valid-type]
+    reason: constr(max_length=256, strict=True) = ""  # type: ignore[valid-type]
+    now: Optional[StrictFloat] = None  # the answering peer's wall clock (`node doctor` measures skew with it)
+
+
 class Refusal(str, Enum):
     """Why a peer refused an averaging message; the sender acts on the code, never on the text."""
 
@@ -166,8 +194,10 @@ class Ack(BaseModel):
         return cls(ok=False, code=code, reason=reason[:512])
 
 
-Message = Union[Hello, HelloReply, TensorPart, StateRequest, StateReply, Ack]
+Message = Union[Hello, HelloReply, TensorPart, StateRequest, StateReply, Ack, DialBack, DialBackReply]
 _TYPES: Dict[str, Type[Message]] = {
+    "dialback": DialBack,
+    "dialback_reply": DialBackReply,
     "state_request": StateRequest,
     "state_reply": StateReply,
     "hello": Hello,

@@ -131,7 +131,7 @@ class AttackRun(AllReduceRun):
             return await super()._exchange(attempt, slices)
         group = self.group
         for index, bounds in enumerate(self.bounds):
-            peer = group.members[owner_of(index, len(group.members))]
+            peer = group.members[owner_of(index, group.reducers)]
             if peer != self.me:
                 await self._send(peer, "part", index, 1.0, self.sent[slice(*bounds)], 0)
         self.crash()

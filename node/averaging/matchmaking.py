@@ -49,6 +49,13 @@ class Group:
     group_id: str
     posted_at: Tuple[float, ...] = ()  # when each member said it was ready (swarm clock)
     message_bytes: int = 0  # bytes per averaging message the members agreed on; 0: the manifest's size
+    # Indices (into members) of the members that reduce slices; () means every member. Members nobody can
+    # dial (behind NAT) reduce none: they send parts and take results on streams they open themselves.
+    reducer_indices: Tuple[int, ...] = ()
+
+    @property
+    def reducers(self) -> Tuple[int, ...]:
+        return self.reducer_indices or tuple(range(len(self.members)))
 
     @property
     def needs_resync(self) -> bool:
@@ -80,10 +87,15 @@ def make_group(
     # different groups (a partial round) instead of cutting the vector differently. The manifest's
     # size leaves the id as older peers compute it.
     grown = f"|{message}" if message else ""
-    key = f"{module}|{round_number}|{'|'.join(members)}|{'|'.join(hashes)}{grown}"
+    # Who reduces is part of the identity too (it changes the layout); a group where every member reduces
+    # (or none can: then all try) keeps the id older peers compute.
+    reducers = tuple(i for i, m in enumerate(members) if records[m].reduces is not False)
+    reducers = () if len(reducers) in (0, len(members)) else reducers
+    senders = f"|r{','.join(map(str, reducers))}" if reducers else ""
+    key = f"{module}|{round_number}|{'|'.join(members)}|{'|'.join(hashes)}{grown}{senders}"
     digest = hashlib.sha256(key.encode()).hexdigest()
     posted = tuple(records[m].posted_at for m in members)
-    return Group(module, round_number, members, hashes, digest[:16], posted, message)
+    return Group(module, round_number, members, hashes, digest[:16], posted, message, reducers)
 
 
 def window_length(opener: ReadyRecord, gather_seconds: float) -> float:
@@ -118,9 +130,11 @@ class Matchmaker:
         gather_seconds: float,
         clock: Optional[Callable[[], float]] = None,
         smallest_message: int = 0,
+        reduces: bool = True,
     ) -> None:
         """``smallest_message``: the manifest's averaging message size in bytes (0: groups keep it, whatever
-        their members ask)."""
+        their members ask). ``reduces`` False: nobody can dial this node (node/swarm/reachability.py)."""
+        self.reduces = reduces
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._gather = gather_seconds
@@ -150,12 +164,13 @@ class Matchmaker:
     ) -> Group:
         """Post our ReadyRecord and return our window's group (possibly just ourselves).
         ``window_seconds``: the window we ask for if ours is the first post (see module doc);
-        ``message_bytes``: the averaging message size we ask for (``agreed_message_bytes``)."""
+        ``message_bytes``: the averaging message size we ask for (``agreed_message_bytes``). A matchmaker
+        whose ``reduces`` is False (nobody can dial us) says so: we reduce no slice (Group.reducers)."""
         me = self._swarm.peer_id
         posted_at = self._clock()
         record = ReadyRecord(
             posted_at=posted_at, params_hash=params_hash, numel=numel, window_seconds=window_seconds,
-            message_bytes=message_bytes,
+            message_bytes=message_bytes, reduces=None if self.reduces else False,
         )  # fmt: skip
         key = ready_key(self._swarm_id, module, round_number)
         await self._swarm.store(key, me, record.dict(), posted_at + expiration_seconds)

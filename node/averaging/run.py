@@ -126,7 +126,7 @@ class AllReduceRun:
         self.dtype: WireDtype = WIRE_DTYPE_OF[spec.compression if compress else "none"]
         self.regions = list(regions or [vector.size])
         chunk_elements = (group.message_bytes or spec.message_bytes) // 4
-        self.bounds = region_bounds(self.regions, len(group.members), slice_values(chunk_elements, self.dtype))
+        self.bounds = region_bounds(self.regions, len(group.reducers), slice_values(chunk_elements, self.dtype))
         self.sent = self._encode_own(vector)  # our vector as every receiver decodes it
         self.deadline = self.started + spec.round_timeout_seconds
         self.result = self.sent.copy()
@@ -183,9 +183,10 @@ class AllReduceRun:
         self._refuse_early_strangers()
         await self._exchange(attempt=0, slices=list(range(len(self.bounds))))
         self._settle_pending()
-        mine, size = group.index_of(me), len(group.members)
-        failed = [i for i in range(len(self.bounds)) if owner_of(i, size) != mine and not self.averaged[i]]
-        if failed and size > 2:
+        mine, reducers = group.index_of(me), group.reducers
+        failed = [i for i in range(len(self.bounds)) if owner_of(i, reducers) != mine and not self.averaged[i]]
+        # A backup needs a second reducer, and someone besides the failed reducer and itself to average with.
+        if failed and len(reducers) > 1 and len(group.members) > 2:
             await self._exchange(attempt=1, slices=failed)
             self._settle_pending()
         return self._outcome()
@@ -240,8 +241,9 @@ class AllReduceRun:
     async def _exchange(self, attempt: int, slices: List[int]) -> None:
         """Send parts of ``slices`` to their reducers, reduce the ones that are ours, collect and check the rest."""
         group, me, clock = self.group, self.me, self.context.clock
-        size = len(group.members)
-        reducer_of = {i: group.members[owner_of(i, size) if attempt == 0 else backup_of(i, size)] for i in slices}
+        reducers = group.reducers
+        reducer_of = {i: group.members[owner_of(i, reducers) if attempt == 0 else backup_of(i, reducers)]
+                      for i in slices}  # fmt: skip
         started = clock()
         deadlines = self.memory.deadlines
         parts_wait = deadlines.timeout("parts", self.nbytes)
@@ -295,7 +297,7 @@ class AllReduceRun:
         lo, hi = self.bounds[index]
         expected = set(group.members) - {me}
         if attempt:
-            expected.discard(group.members[owner_of(index, len(group.members))])  # the reducer that failed it
+            expected.discard(group.members[owner_of(index, group.reducers)])  # the reducer that failed it
         got, complete = await self.inbox.wait_for(self.key(index, attempt), expected, deadline)
         if expected and attempt == 0 and last:  # our last chunk: the whole parts phase
             if complete:
@@ -346,7 +348,7 @@ class AllReduceRun:
         reduced = {
             i: self.result[slice(*self.bounds[i])]
             for i in range(len(self.bounds))
-            if owner_of(i, size) == me and self.averaged[i]
+            if owner_of(i, self.group.reducers) == me and self.averaged[i]
         }
         verdicts = check_results(
             {i: values for i, (_, values) in results.items()}, self.sent, self.bounds, self.regions,
@@ -371,6 +373,8 @@ class AllReduceRun:
         self.result[slice(*self.bounds[index])] = values
         self.averaged[index] = weight > 1
         self.contributors.add(reducer)
+        if weight >= len(self.group.members):  # every member's part is in it (send-only members are seen only so)
+            self.contributors.update(self.group.members)
 
     def _settle_pending(self) -> None:
         """Apply the held-back re-sync results if the vector with them passes ``verify``; else refuse them."""

@@ -50,11 +50,11 @@ def region_bounds(regions: Sequence[int], size: int, chunk_elements: int) -> Lis
     return bounds
 
 
-def owner_of(index: int, size: int) -> int:
-    """The member (index in the group) that reduces slice ``index``."""
-    return index % size
+def owner_of(index: int, reducers: Sequence[int]) -> int:
+    """The member (index in the group) that reduces slice ``index``: the reducers take slices in turn."""
+    return reducers[index % len(reducers)]
 
 
-def backup_of(index: int, size: int) -> int:
-    """The member that reduces slice ``index`` again when its reducer failed."""
-    return (index + 1) % size
+def backup_of(index: int, reducers: Sequence[int]) -> int:
+    """The member that reduces slice ``index`` again when its reducer failed: the next reducer."""
+    return reducers[(index + 1) % len(reducers)]

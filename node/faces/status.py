@@ -29,6 +29,7 @@ def swarm_status(view: SwarmView, swarm_id: str, modules: Sequence[str] = ()) ->
                 "device": record.device,
                 "version": record.version,
                 "data": record.data,
+                "reachability": record.reachability or "unknown",
             }
         )
     hosted = {m for record in view.peers.values() for m in record.modules}
@@ -75,7 +76,8 @@ def read_swarm(
 
 def format_table(status: Dict[str, Any]) -> str:
     lines = [f"swarm {status['swarm_id']}: {len(status['peers'])} peer(s)", ""]
-    header = f"{'peer':<14} {'round':>5} {'steps':>7} {'loss':>7} {'samples/s':>10}  {'data':<13}  modules"
+    header = f"{'peer':<14} {'round':>5} {'steps':>7} {'loss':>7} {'samples/s':>10}  {'reach':<7}  {'data':<13}"
+    header += "  modules"
     lines.append(header)
     for peer in status["peers"]:
         loss = f"{peer['loss']:.3f}" if peer["loss"] is not None else "-"
@@ -85,7 +87,8 @@ def format_table(status: Dict[str, Any]) -> str:
         short_id = "…" + peer["peer_id"][-12:]
         counters = f"{peer['outer_round']:>5} {peer['local_steps']:>7} {loss:>7} {rate:>10}"
         data = (peer.get("data") or "-")[:13]  # "sha256:" and the first 6 hex digits tell corpora apart
-        lines.append(f"{short_id:<14} {counters}  {data:<13}  {modules}")
+        reach = peer.get("reachability") or "unknown"
+        lines.append(f"{short_id:<14} {counters}  {reach:<7}  {data:<13}  {modules}")
     lines.append("")
     lines.append("replicas: " + ", ".join(f"{m['module']}={m['replicas']}" for m in status["modules"]))
     expert_count = sum(1 for m in status["modules"] if m["module"] != "trunk")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from node._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
+    from node.net.addresses import ip_and_port as ip_and_port
     from node.net.addresses import peer_id_of as peer_id_of
     from node.net.addresses import validate_maddr as validate_maddr
     from node.net.addresses import validate_peer_maddr as validate_peer_maddr
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.net.inprocess import InProcessNetwork as InProcessNetwork
     from node.net.inprocess import InProcessSwarm as InProcessSwarm
     from node.net.loop import LoopThread as LoopThread
+    from node.net.port import REMOTE_ADDRESS as REMOTE_ADDRESS
     from node.net.port import Clock as Clock
     from node.net.port import Handler as Handler
     from node.net.port import SwarmPort as SwarmPort

@@ -49,3 +49,20 @@ def peer_id_of(maddr: str, what: str = "peer multiaddr") -> str:
             f"{what}: {maddr!r} has no /p2p/<peer id> part; copy the whole multiaddr a running node printed"
         )
     return peer_id
+
+
+def ip_and_port(maddr: str) -> "tuple[Optional[str], Optional[int]]":
+    """The IP address and TCP port a multiaddr names, each None when it names none (or does not parse):
+    ``/ip4/10.0.0.2/tcp/4001/p2p/Qm...`` -> ("10.0.0.2", 4001)."""
+    try:
+        address = multiaddr.Multiaddr(maddr)
+    except Exception:  # py-multiaddr raises several unrelated types for bad input
+        return None, None
+    ip: Optional[str] = None
+    port: Optional[int] = None
+    for protocol, value in address.items():
+        if protocol.name in ("ip4", "ip6") and ip is None:
+            ip = str(value)
+        elif protocol.name == "tcp" and port is None:
+            port = int(value)
+    return ip, port

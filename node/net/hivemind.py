@@ -23,7 +23,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from node.errors import PeerUnreachable
 from node.net.loop import LoopThread
-from node.net.port import Handler
+from node.net.port import REMOTE_ADDRESS, Handler
 from node.net.streams import STREAM_IDLE_SECONDS, Stream, StreamPool, read_frame, write_frame
 from node.ops import children_of, die_with_parent, read_stat
 from protocol.frames import FrameError
@@ -195,6 +195,7 @@ class HivemindSwarm:
 
         async def _serve(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             peer = str(info.peer_id)
+            REMOTE_ADDRESS.set(str(info.addr) if getattr(info, "addr", None) is not None else None)
             try:
                 while True:
                     try:

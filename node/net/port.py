@@ -19,9 +19,13 @@ Contract (tests/port_contract.py: the same checks, run against both):
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Dict, Protocol, Tuple
+from contextvars import ContextVar
+from typing import Any, Awaitable, Callable, Dict, Optional, Protocol, Tuple
 
 Handler = Callable[[str, bytes], Awaitable[bytes]]
+# While a handler runs: the multiaddr the caller's connection comes from, as this node sees it (a peer behind
+# NAT shows its router's address); None where the network cannot tell (the in-process swarm).
+REMOTE_ADDRESS: ContextVar[Optional[str]] = ContextVar("remote_address", default=None)
 # A monotonic clock in seconds (time.monotonic, or an event loop's time() under a virtual clock).
 Clock = Callable[[], float]
 

@@ -131,7 +131,15 @@ class NodeMetrics:
         self.checkpoint_bytes = Gauge(
             "checkpoint_bytes", "Size of the last checkpoint written", namespace=ns, registry=r
         )
+        self.reachability = Gauge(
+            "reachability", "1 for whether other peers can dial this node: public, private or unknown (dial-back)",
+            ["state"], namespace=ns, registry=r,
+        )  # fmt: skip
         ProcessCollector(registry=r)
+
+    def set_reachability(self, state: str) -> None:
+        for each in ("public", "private", "unknown"):
+            self.reachability.labels(each).set(1 if each == state else 0)
 
     def set_swarm(self, swarm_id: str) -> None:
         """The swarm id is known once the model is built (a custom model changes it)."""

@@ -75,7 +75,7 @@ class AffinityMeter:
         Experts nobody hosts, or whose hosts all fail, keep the model's own gate."""
         donors: Dict[str, List[str]] = {}
         for module in experts:
-            hosts = view.hosts_of(module, exclude=self._swarm.peer_id)
+            hosts = view.donors_of(module, exclude=self._swarm.peer_id)
             if hosts:  # a random few, so that nodes measuring in the same round do not all ask one host
                 donors[module] = random.sample(hosts, min(GATE_DONORS, len(hosts)))
         if not donors:

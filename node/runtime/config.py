@@ -25,6 +25,7 @@ ENV_PREFIX = "COMMONS_"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+REACHABILITY = ("auto", "public", "private")
 
 
 def _option(default: Any, metavar: str, help: str) -> Any:
@@ -42,6 +43,9 @@ class NodeConfig:
     )
     host_maddrs: Tuple[str, ...] = _option(("/ip4/127.0.0.1/tcp/0",), "MADDR", "multiaddrs to listen on")
     announce_maddrs: Tuple[str, ...] = _option((), "MADDR", "multiaddrs other peers should dial (behind NAT)")
+    reachability: str = _option(
+        "auto", "|".join(REACHABILITY), "whether others can dial this node (auto: ask a bootstrap peer to dial back)"
+    )
     identity: Optional[str] = _option(
         None, "PATH", "private key file; created if missing; keeps the peer id across restarts"
     )
@@ -80,6 +84,10 @@ class NodeConfig:
             raise ConfigError(f"--experts must be >= 0, got {self.experts}")
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.reachability not in REACHABILITY:
+            raise ConfigError(
+                f"--reachability must be one of {', '.join(REACHABILITY)}, got {self.reachability!r}"
+            )
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.log_level not in LOG_LEVELS:

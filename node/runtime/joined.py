@@ -41,10 +41,12 @@ from node.runtime.context import NodeContext
 from node.runtime.rounds import RoundAverager
 from node.runtime.status_page import outcome_counts, page_status
 from node.swarm import (
+    DialBackServer,
     Greeter,
     Membership,
     StateServer,
     SwarmView,
+    Verdict,
     check_bootstrap_peers,
     choose_experts,
     download_modules,
@@ -114,9 +116,10 @@ class Joined:
 
     def __init__(
         self, context: NodeContext, swarm: HivemindSwarm, trainer: Trainer, checkpoints: Optional[CheckpointStore],
-        data_seed: int, *, custom_model: bool, state_server_class: Type[StateServer],
+        data_seed: int, *, custom_model: bool, state_server_class: Type[StateServer], reachability: Verdict,
     ) -> None:  # fmt: skip
         manifest = context.manifest
+        self.reachability = reachability
         self.context = context
         self.swarm = swarm
         self.peer_id = swarm.peer_id
@@ -140,8 +143,10 @@ class Joined:
         averaging = manifest.averaging
         self.greeter = Greeter(swarm, self.swarm_id, manifest.name, self.module_names)
         self.matchmaker = Matchmaker(swarm, self.swarm_id, averaging.gather_seconds,
-                                     smallest_message=averaging.message_bytes)  # fmt: skip
+                                     smallest_message=averaging.message_bytes,
+                                     reduces=reachability.reachability != "private")  # fmt: skip
         self.averager = Averager(swarm, self.swarm_id, hosted=lambda: set(self.hosting.states), spec=averaging)
+        self.dialback = DialBackServer(swarm)
         self.membership = Membership(swarm, self.swarm_id, self.describe_self)
         self.round_averager = RoundAverager(self.peer_id, self.matchmaker, self.averager, self.membership, averaging)
         self.state_server = state_server_class(
@@ -153,15 +158,18 @@ class Joined:
     def join(
         cls, context: NodeContext, swarm: HivemindSwarm, data: TextData, device: torch.device,
         checkpoints: Optional[CheckpointStore], model_factory: Optional[ModelFactory] = None,
-        state_server_class: Type[StateServer] = StateServer,
+        state_server_class: Type[StateServer] = StateServer, reachability: Optional[Verdict] = None,
     ) -> "Joined":  # fmt: skip
         """Build the trainer, resume or place, start serving and announcing, catch up; raise CommonsError.
         The caller closes ``swarm`` if this raises."""
         config, manifest = context.config, context.manifest
         trainer = Trainer(manifest, data, device, model_factory)
-        joined = cls(context, swarm, trainer, checkpoints, data.seed, custom_model=model_factory is not None,
-                     state_server_class=state_server_class)  # fmt: skip
+        joined = cls(
+            context, swarm, trainer, checkpoints, data.seed, custom_model=model_factory is not None,
+            state_server_class=state_server_class, reachability=reachability or Verdict("unknown"),
+        )  # fmt: skip
         context.metrics.set_swarm(joined.swarm_id)
+        context.metrics.set_reachability(joined.reachability.reachability)
         logger.info("manifest %r, swarm id %s", manifest.name, joined.swarm_id)
         restored = checkpoints.latest(joined.swarm_id) if checkpoints is not None else None
         if restored is not None:  # continue the data stream where it was
@@ -169,7 +177,7 @@ class Joined:
             trainer.restart_data(restored.data_position)
         elif checkpoints is not None:
             logger.info("no usable checkpoint in %s: starting from scratch", checkpoints.directory)
-        for service in (joined.greeter, joined.averager, joined.state_server):
+        for service in (joined.greeter, joined.averager, joined.state_server, joined.dialback):
             swarm.run(service.start())
         if config.initial_peers:
             swarm.run(check_bootstrap_peers(swarm, joined.swarm_id, manifest.name, config.initial_peers,
@@ -222,7 +230,11 @@ class Joined:
             affinity = self._measure_affinity()
             if affinity is None:
                 logger.warning("placement follow_data: no routing affinity (model or data): placing by replicas")
-        return choose_experts(experts, replicas, config.experts, self.peer_id, affinity)
+        avoid: List[str] = []
+        if self.reachability.reachability == "private":  # experts only other undialable peers host
+            avoid = [e for e in experts if (hosts := view.hosts_of(e, exclude=self.peer_id))
+                     and all(view.peers[p].reachability == "private" for p in hosts)]  # fmt: skip
+        return choose_experts(experts, replicas, config.experts, self.peer_id, affinity, avoid)
 
     def _catch_up(self, from_checkpoint: bool, modules: Optional[List[str]] = None) -> None:
         """Newcomer (or far behind): fetch the current state of our modules (default: all) from their hosts."""
@@ -234,7 +246,7 @@ class Joined:
         """Download these hosted modules' current state from their hosts (those that have any) and move our
         round up to theirs; False when no module has a host to ask."""
         view, states = self.membership.view, {m: self.hosting.states[m] for m in modules}
-        donors = {m: view.hosts_of(m, exclude=self.peer_id) for m in modules}
+        donors = {m: view.donors_of(m, exclude=self.peer_id) for m in modules}
         timeout = self.context.manifest.averaging.part_timeout_seconds
         adopted = download_modules(self.swarm, self.swarm_id, states, donors, timeout, self.swarm.run)
         if adopted:
@@ -326,12 +338,16 @@ class Joined:
             peer_id=self.peer_id, modules=self.hosting.modules, outer_round=self.progress.outer_round,
             local_steps=trainer.local_steps, loss=trainer.loss_ema, samples_per_second=trainer.samples_per_second,
             maddrs=self.maddrs[:16], device=self.device.type, version=__version__,
-            data=self.trainer.data.commitment()["commitment"],
+            data=self.trainer.data.commitment()["commitment"], reachability=self.reachability.reachability,
         )  # fmt: skip
 
     def ready_event(self) -> Dict[str, Any]:
         self.maddrs = self.swarm.visible_maddrs()
         manifest = self.context.manifest
+        # Nobody can dial a private node: joiners go through the peer it joined by.
+        private = self.reachability.reachability == "private"
+        through = list(self.context.config.initial_peers) if private else self.maddrs
+        join_through = through[0] if through else None
         return {
             "event": "ready",
             "peer_id": self.peer_id,
@@ -344,7 +360,8 @@ class Joined:
             "outer_round": self.progress.outer_round,
             "device": self.device.type,
             "data": self.trainer.data.commitment(),
-            "join": join_command(self.maddrs[0], self.context.config.manifest) if self.maddrs else None,
+            "reachability": self.reachability.reachability,
+            "join": join_command(join_through, self.context.config.manifest) if join_through else None,
             "metrics_url": self.endpoints.url("/metrics") if self.endpoints else None,
         }
 

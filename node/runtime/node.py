@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
 
 from prometheus_client import CollectorRegistry
 
 from node import __version__
-from node.net import HivemindSwarm
+from node.net import HivemindSwarm, peer_id_of
 from node.ops import CheckpointStore, Health, NodeMetrics
 from node.runtime.config import NodeConfig
 from node.runtime.context import NodeContext
 from node.runtime.joined import Joined
 from node.runtime.loop import RoundLoop
 from node.runtime.report import ModuleOutcome, RoundSummary
-from node.swarm import StateServer
+from node.swarm import StateServer, Verdict, listen_ports, probe
 from node.training import ModelFactory, TextData, resolve_device
 from protocol.manifest import Manifest, load_manifest
 
@@ -90,22 +90,48 @@ class Node:
         logger.info("data: %s (sampling seed %d)", data.describe(), data_seed)
         # The DHT process is forked here, before torch builds the model and starts its
         # thread pools: forking a process with live OpenMP threads is not safe.
-        swarm = self.swarm_class.open(
-            initial_peers=config.initial_peers,
-            host_maddrs=config.host_maddrs,
-            announce_maddrs=config.announce_maddrs,
-            identity_path=identity,
-            startup_timeout=config.bootstrap_timeout_seconds,
-        )
+        swarm, verdict = self._open_swarm(identity)
         try:
             joined = Joined.join(
-                self.context, swarm, data, device, checkpoints, self.model_factory, self.state_server_class
+                self.context, swarm, data, device, checkpoints, self.model_factory, self.state_server_class,
+                reachability=verdict,
             )
         except BaseException:
             swarm.close()
             raise
         self.joined, self._loop = joined, RoundLoop(self.context, joined)
         return joined
+
+    def _open_swarm(self, identity: Optional[str]) -> Tuple[HivemindSwarm, Verdict]:
+        """Start the DHT and join; then find out whether others can dial us (node/swarm/reachability.py). A node
+        found private starts its DHT again as a client (it serves no DHT requests: nobody could deliver them),
+        before anyone has seen it in a group."""
+        config = self.config
+        forced = config.reachability != "auto"
+
+        def open_swarm(client_mode: bool) -> HivemindSwarm:
+            return self.swarm_class.open(
+                initial_peers=config.initial_peers, host_maddrs=config.host_maddrs,
+                announce_maddrs=config.announce_maddrs, identity_path=identity,
+                startup_timeout=config.bootstrap_timeout_seconds, client_mode=client_mode,
+            )  # fmt: skip
+
+        if forced:
+            return open_swarm(config.reachability == "private"), Verdict(config.reachability, forced=True)  # type: ignore[arg-type]
+        swarm = open_swarm(False)
+        try:
+            ports = listen_ports(list(config.announce_maddrs) or swarm.visible_maddrs())
+            peers = [peer_id_of(maddr) for maddr in config.initial_peers]
+            verdict = swarm.run(probe(swarm, peers, ports, timeout=config.bootstrap_timeout_seconds))
+        except BaseException:
+            swarm.close()
+            raise
+        logger.info("reachability: %s", verdict.describe(), extra={"event": "reachability",
+                                                                    "reachability": verdict.reachability})
+        if verdict.reachability == "private":
+            swarm.close()
+            swarm = open_swarm(True)
+        return swarm, verdict
 
     def ready_event(self) -> Dict[str, Any]:
         """The JSON ready line's fields (peer id, addresses, swarm id, how to join...)."""

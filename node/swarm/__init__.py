@@ -3,6 +3,7 @@
 - hello       the hello exchange; refuses other manifests / protocol versions
 - membership  announces this node and reads every peer's record (SwarmView)
 - placement   which experts to host, from the replica counts in peer records (and this node's routing affinity)
+- reachability  can others dial us: the dial-back server and probe (public / private / unknown)
 - statesync   serving module state to newcomers, downloading it from several donors (or just its head: a gate)
 """
 
@@ -21,6 +22,11 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.swarm.placement import follow_swap as follow_swap
     from node.swarm.placement import rebalance as rebalance
     from node.swarm.placement import replica_counts as replica_counts
+    from node.swarm.reachability import DialBackServer as DialBackServer
+    from node.swarm.reachability import Verdict as Verdict
+    from node.swarm.reachability import ask_dialback as ask_dialback
+    from node.swarm.reachability import listen_ports as listen_ports
+    from node.swarm.reachability import probe as probe
     from node.swarm.statesync import StateServer as StateServer
     from node.swarm.statesync import download_modules as download_modules
     from node.swarm.statesync import fetch_heads as fetch_heads

@@ -47,6 +47,13 @@ class SwarmView:
             if module in r.modules and p != exclude and (round_number is None or r.outer_round <= round_number)
         )
 
+    def donors_of(self, module: str, exclude: Optional[str] = None) -> List[str]:
+        """Hosts of ``module`` to download its state from: those others can dial; hosts behind NAT (who can
+        answer only peers they connected to) only when no other host holds it."""
+        hosts = self.hosts_of(module, exclude=exclude)
+        dialable = [p for p in hosts if self.peers[p].reachability != "private"]
+        return dialable or hosts
+
     def max_round(self, exclude: Optional[str] = None) -> int:
         return max((r.outer_round for p, r in self.peers.items() if p != exclude), default=0)
 

@@ -38,9 +38,10 @@ def replica_counts(peer_modules: Mapping[str, Iterable[str]], exclude: Optional[
 
 def choose_experts(
     all_experts: Sequence[str], replicas: Mapping[str, int], count: int, peer_id: str,
-    affinity: Optional[Mapping[str, float]] = None,
+    affinity: Optional[Mapping[str, float]] = None, avoid: Collection[str] = (),
 ) -> List[str]:  # fmt: skip
-    """Pick ``count`` experts, one at a time by the smallest key.
+    """Pick ``count`` experts, one at a time by the smallest key; experts in ``avoid`` come last (a node
+    behind NAT avoids experts hosted only by others behind NAT: it could average them with nobody).
 
     Without ``affinity`` (least_replicated): fewest replicas, then spread over layers, then the hash tiebreak.
     With it (follow_data): uncovered experts first, then spread over layers, then the highest affinity, then
@@ -53,8 +54,8 @@ def choose_experts(
     def key(e: str) -> Tuple[object, ...]:
         spread, count_e = per_layer.get(layer_of(e), 0), replicas.get(e, 0)
         if affinity is None:
-            return count_e, spread, _tiebreak(peer_id, e)
-        return min(count_e, 1), spread, -affinity.get(e, 0.0), count_e, _tiebreak(peer_id, e)
+            return e in avoid, count_e, spread, _tiebreak(peer_id, e)
+        return e in avoid, min(count_e, 1), spread, -affinity.get(e, 0.0), count_e, _tiebreak(peer_id, e)
 
     for _ in range(min(count, len(candidates))):
         best = min(candidates, key=key)

@@ -60,12 +60,15 @@ class Peer:
             chunk_elements=args.chunk_elements,
             round_timeout_seconds=max(SPEC.round_timeout_seconds, 4 * args.part_timeout),
         )
-        self.swarm = Swarm.open(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs)
+        # --send-only: a peer behind NAT, as a node that found itself private runs: a DHT client, reducing nothing.
+        self.swarm = Swarm.open(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
+                                client_mode=args.send_only)  # fmt: skip
         self.averager = Attacker(self.swarm, SWARM_ID, hosted=lambda: {"trunk"}, spec=self.spec)
         self.default_attack = args.attack
         self.default_ask: Optional[int] = args.message_ask
         self.matchmaker = Matchmaker(
-            self.swarm, SWARM_ID, self.spec.gather_seconds, smallest_message=self.spec.message_bytes
+            self.swarm, SWARM_ID, self.spec.gather_seconds, smallest_message=self.spec.message_bytes,
+            reduces=not args.send_only,
         )
         self.swarm.run(self.averager.start())
         self.out = Path(args.out) if args.out else None
@@ -208,6 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--chunk-elements", type=int, default=SPEC.chunk_elements, help="values per chunk")
     parser.add_argument("--part-timeout", type=float, default=SPEC.part_timeout_seconds, help="slow links: longer")
     parser.add_argument("--message-ask", type=int, default=None, help="message bytes to post (0: none)")
+    parser.add_argument("--send-only", action="store_true", help="behind NAT: reduce no slice, DHT client")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")

@@ -80,7 +80,8 @@ def honest_aggregate(
 def attacker_slices(swarm: AveragingSwarm) -> List[Tuple[int, int]]:
     """Bounds of the slices the attacker reduces in a group of all four."""
     members = sorted(swarm.ids)
-    return [b for i, b in enumerate(chunked_bounds(NUMEL, 4, CHUNK)) if members[owner_of(i, 4)] == swarm.ids[ATTACKER]]
+    layout = chunked_bounds(NUMEL, 4, CHUNK)
+    return [b for i, b in enumerate(layout) if members[owner_of(i, range(4))] == swarm.ids[ATTACKER]]
 
 
 def failed_reducer_aggregate(swarm: AveragingSwarm, round_number: int) -> np.ndarray:
@@ -172,7 +173,7 @@ def test_a_resync_completes_when_a_peer_diverged_in_one_reducers_slices_only(fou
     reducer = sorted(four.ids).index(four.ids[1])
     layout = region_bounds([NUMEL] * 3, 4, CHUNK)
     diverge = [[lo - NUMEL, hi - NUMEL] for i, (lo, hi) in enumerate(layout)
-               if owner_of(i, 4) == reducer and NUMEL <= lo < 2 * NUMEL]  # fmt: skip
+               if owner_of(i, range(4)) == reducer and NUMEL <= lo < 2 * NUMEL]  # fmt: skip
     for index, peer in enumerate(four.peers):
         peer.send({"cmd": "resync", "round": r, "numel": NUMEL, "seed": index, "expected": four.ids,
                    "diverge": diverge if index == ATTACKER else [], "attack": attack if index == ATTACKER else "none"})

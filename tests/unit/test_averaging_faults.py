@@ -115,7 +115,8 @@ def aggregate(round_number: int, peers: Sequence[int], group_size: int = 4) -> n
 
 def slices_of(reducer: int, group_size: int = 4) -> List[Tuple[int, int]]:
     """Bounds of the slices peer ``reducer`` reduces in a group of all (ids sort as peer-0 < peer-1 < ...)."""
-    return [b for i, b in enumerate(chunked_bounds(NUMEL, group_size, CHUNK)) if owner_of(i, group_size) == reducer]
+    layout = chunked_bounds(NUMEL, group_size, CHUNK)
+    return [b for i, b in enumerate(layout) if owner_of(i, range(group_size)) == reducer]
 
 
 def failed_reducer_aggregate(round_number: int, reducer: int) -> np.ndarray:

@@ -282,7 +282,8 @@ def test_join_becomes_node_start(join: ModuleType, monkeypatch: pytest.MonkeyPat
     started: List[List[str]] = []
     monkeypatch.setattr(join, "initial_peers", lambda env: ["/ip4/10.0.0.1/tcp/31337/p2p/QmC"])
     monkeypatch.setattr(join.os, "execv", lambda program, argv: started.append(argv))
-    monkeypatch.delenv("COMMONS_INITIAL_PEERS", raising=False)
+    monkeypatch.setenv("COMMONS_INITIAL_PEERS", "")  # recorded, so the value join.main() sets is undone after
+    monkeypatch.delenv("COMMONS_INITIAL_PEERS")
     join.main()
     (argv,) = started
     check_start_command(argv, "join.py")

@@ -186,8 +186,8 @@ def test_chunked_bounds_give_each_member_one_slice_per_chunk(numel: int, size: i
         assert max(hi - lo for lo, hi in bounds) <= chunk
     assert chunks == 1 or numel > size * chunk
     for index in range(len(bounds)):  # every member reduces one slice of every chunk, and backs up the next one
-        assert owner_of(index, size) == index % size != backup_of(index, size) or size == 1
-    assert sorted(owner_of(i, size) for i in range(size)) == list(range(size))
+        assert owner_of(index, range(size)) == index % size != backup_of(index, range(size)) or size == 1
+    assert sorted(owner_of(i, range(size)) for i in range(size)) == list(range(size))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])

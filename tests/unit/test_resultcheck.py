@@ -45,12 +45,12 @@ def check(
     member = Member(own, bounds)
     results, reduced = {}, {}
     for i, (lo, hi) in enumerate(bounds):
-        if owner_of(i, size) == 0:
+        if owner_of(i, range(size)) == 0:
             member.result[lo:hi] = honest[lo:hi]
             member.averaged[i] = True
             reduced[i] = member.result[lo:hi]
         else:
-            values = honest[lo:hi] * (-10.0 if owner_of(i, size) == liar else 1.0)
+            values = honest[lo:hi] * (-10.0 if owner_of(i, range(size)) == liar else 1.0)
             results[i] = values.astype(np.float32)
     verdicts = check_results(
         results, own.astype(np.float32), bounds, regions, group_size=size, reduced=reduced, tolerance=3.0,
@@ -74,7 +74,7 @@ def test_honest_results_are_applied_and_a_lying_reducer_is_refused():
     np.testing.assert_array_equal(state.result, honest.astype(np.float32))
 
     state, verdicts = check(4, own, honest, liar=3)
-    liars = [i for i in range(len(state.bounds)) if owner_of(i, 4) == 3]
+    liars = [i for i in range(len(state.bounds)) if owner_of(i, range(4)) == 3]
     assert sorted(verdicts.refused) == liars and not verdicts.held
     assert not state.averaged[liars].any() and state.averaged.sum() == len(state.bounds) - len(liars)
     assert state.rejected == {"bad_result": len(liars)}
@@ -92,7 +92,7 @@ def test_a_resync_where_copies_differ_in_one_slice_only_applies_it():
     honest = own.copy()
     honest[:NUMEL] = np.mean(parts(3), axis=0)
     bounds = region_bounds([NUMEL] * 3, 3, chunk_elements=1 << 18)
-    diverged = next(i for i, (lo, _) in enumerate(bounds) if lo >= NUMEL and owner_of(i, 3) == 2)
+    diverged = next(i for i, (lo, _) in enumerate(bounds) if lo >= NUMEL and owner_of(i, range(3)) == 2)
     honest[slice(*bounds[diverged])] += 0.01  # the majority's copy differs from ours there
     state, verdicts = check(3, own, honest, regions=[NUMEL] * 3)
     assert state.averaged.all(), state.rejected
@@ -134,7 +134,7 @@ def test_a_resync_with_no_majority_state_applies_honest_copies_and_refuses_a_lia
     assert state.averaged.all(), state.rejected
 
     state, _ = check(4, own, honest, regions=[NUMEL] * 3, liar=2)
-    liars = [i for i in range(len(state.bounds)) if owner_of(i, 4) == 2]
+    liars = [i for i in range(len(state.bounds)) if owner_of(i, range(4)) == 2]
     assert not state.averaged[liars].any() and state.rejected == {"bad_result": len(liars)}
 
 
@@ -142,7 +142,7 @@ def test_with_a_majority_state_to_verify_a_resyncs_far_state_is_held_and_a_far_g
     """A re-sync whose state region moved far from our copy is held back for the state-hash check
     (the run applies it only if the whole verifies); the pseudo-gradient region is never held."""
     own, honest, bounds = resync_of_four()
-    state_slices = [i for i, (lo, _) in enumerate(bounds) if lo >= NUMEL and owner_of(i, 4) != 0]
+    state_slices = [i for i, (lo, _) in enumerate(bounds) if lo >= NUMEL and owner_of(i, range(4)) != 0]
     noise = np.random.default_rng(5)
     for i in state_slices:  # the others' copies differ a little from ours everywhere...
         lo, hi = bounds[i]
@@ -157,5 +157,5 @@ def test_with_a_majority_state_to_verify_a_resyncs_far_state_is_held_and_a_far_g
     np.testing.assert_array_equal(state.result, honest.astype(np.float32))
 
     _, verdicts = check(4, own, honest, regions=[NUMEL] * 3, liar=2, verifiable=True)
-    lying_gradient = [i for i, (lo, _) in enumerate(bounds) if owner_of(i, 4) == 2 and lo < NUMEL]
+    lying_gradient = [i for i, (lo, _) in enumerate(bounds) if owner_of(i, range(4)) == 2 and lo < NUMEL]
     assert set(lying_gradient) <= set(verdicts.refused)

@@ -34,6 +34,7 @@ def test_status_json_has_the_documented_shape():
     first = status["peers"][0]
     assert set(first) >= {"peer_id", "modules", "outer_round", "local_steps", "loss", "samples_per_second", "last_seen"}
     assert first["loss"] is None and first["samples_per_second"] == 120.5 and first["last_seen"] == 1000.0
+    assert first["reachability"] == "unknown"  # a record without the field (an older peer)
     assert status["modules"] == [
         {"module": "trunk", "replicas": 2},
         {"module": "expert.0.3", "replicas": 2},
