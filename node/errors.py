@@ -37,6 +37,12 @@ class SwarmMismatch(CommonsError):
     exit_code = 5
 
 
+class ChecksFailed(CommonsError):
+    """`node doctor` found a check that failed (each is printed with its fix)."""
+
+    exit_code = 6
+
+
 EXIT_CODES = {
     0: "clean exit (including Ctrl+C / SIGTERM)",
     1: "internal error (a bug: please report it with the traceback)",
@@ -44,4 +50,5 @@ EXIT_CODES = {
     DataPathError.exit_code: "training data path missing, empty or unreadable",
     PeerUnreachable.exit_code: "no bootstrap peer reachable, or the p2p daemon failed to start",
     SwarmMismatch.exit_code: "bootstrap peers train a different manifest or protocol version",
+    ChecksFailed.exit_code: "`node doctor`: a check failed (the FAIL lines say what to fix)",
 }

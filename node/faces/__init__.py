@@ -1,7 +1,8 @@
 """The doors users come through, on top of everything else.
 
-- cli     the `node` command: `node start`, `node status`, `node demo`
+- cli     the `node` command: `node start`, `node status`, `node doctor`, `node demo`
 - status  `node status`: the swarm as seen from the DHT, as a table, JSON or Prometheus text
+- doctor  `node doctor`: will `node start` work here? one pass/fail line per check, with its fix
 - demo    `node demo`: N local nodes as processes, shown live, every one stopped when it ends
 - api     CommonsNode: the Python API for notebooks and scripts
 """

@@ -1,4 +1,4 @@
-"""The `node` command: a thin layer over NodeConfig, Node and the status reader.
+"""The `node` command: a thin layer over NodeConfig, Node, the status reader and the doctor.
 
 One exit path: every user error is a CommonsError (or a ManifestError) printed as one
 line on stderr with its documented exit code; see EXIT_CODES in node.errors.
@@ -16,7 +16,7 @@ import typing
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 from node import __version__
-from node.errors import EXIT_CODES, CommonsError, ConfigError
+from node.errors import EXIT_CODES, ChecksFailed, CommonsError, ConfigError
 from node.faces.demo import add_demo_flags, run_demo
 from node.net import validate_peer_maddr
 from node.runtime import ENV_PREFIX, NodeConfig, build_config
@@ -24,6 +24,7 @@ from protocol.manifest import ManifestError, load_manifest
 from protocol.typed import field_kind
 
 if TYPE_CHECKING:  # imported when `node start` needs it: `node --help` must not wait for torch
+    from node.faces.doctor import Check
     from node.runtime import Node
 
 logger = logging.getLogger("node")
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"commons node {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{start,status,demo}", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="{start,status,doctor,demo}", parser_class=_Parser)
     commands.required = True
 
     start = commands.add_parser(
@@ -59,7 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    start.add_argument("--config", metavar="PATH", help=f"YAML file of options (also {ENV_PREFIX}CONFIG)")
     _add_config_flags(start)
 
     status = commands.add_parser("status", help="describe a running swarm", description="Describe a running swarm.")
@@ -67,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object (same as --format json)")
     status.add_argument("--format", choices=("table", "json", "prometheus"), default="table", help="output format")
     status.add_argument("--timeout", type=float, default=20.0, metavar="S", help="seconds to wait for the swarm")
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="check that `node start` would work here, and say what to fix",
+        description="Check, one line each, what `node start` with the same options needs: the p2p daemon runs, "
+        "the listen ports are free, each bootstrap peer answers (and with which swarm id), others can dial this "
+        "machine (a bootstrap peer dials back), the identity key is not in use, the checkpoint directory is "
+        "writable and has room, the data is readable, the device, and the clock skew against the peers. Checks "
+        "that need a bootstrap peer are skipped without --initial-peers.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_flags(doctor)
+    doctor.add_argument("--json", action="store_true", help='print one JSON object: {"ok": ..., "checks": [...]}')
+    doctor.add_argument(
+        "--timeout", type=float, default=20.0, metavar="S", help="seconds to wait for the swarm, and for each answer"
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -81,10 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per NodeConfig field, named after it; type, metavar, help and default all come from the field.
+    """--config, then one flag per NodeConfig field, named after it; type, metavar, help and default all come
+    from the field; --public and --private are short for --reachability public / private.
 
     Flags left out parse as None, so that the environment and the config file can still set them.
     """
+    parser.add_argument("--config", metavar="PATH", help=f"YAML file of options (also {ENV_PREFIX}CONFIG)")
+    reachability = parser.add_mutually_exclusive_group()
     hints = typing.get_type_hints(NodeConfig)
     defaults = NodeConfig()
     for option in dataclasses.fields(NodeConfig):
@@ -94,7 +114,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         text = option.metadata["help"] + (f" (default: {shown})" if shown not in (None, "") else "")
         flag = "--" + option.name.replace("_", "-")
         shape: Dict[str, Any] = {"nargs": "+"} if many else {"type": kind}
-        parser.add_argument(flag, dest=option.name, metavar=option.metadata["metavar"], help=text, **shape)
+        group = reachability if option.name == "reachability" else parser
+        group.add_argument(flag, dest=option.name, metavar=option.metadata["metavar"], help=text, **shape)
+    for setting in ("public", "private"):
+        reachability.add_argument(
+            f"--{setting}", dest="reachability", action="store_const", const=setting, help=f"--reachability {setting}"
+        )
 
 
 def main(argv: Optional[Sequence[str]] = None, make_node: Optional[Callable[[NodeConfig], "Node"]] = None) -> int:
@@ -104,6 +129,8 @@ def main(argv: Optional[Sequence[str]] = None, make_node: Optional[Callable[[Nod
             return _start(args, make_node)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "doctor":
+            return _doctor(args)
         return _status(args)
     except ManifestError as e:
         return _fail(str(e), ConfigError.exit_code)
@@ -120,8 +147,7 @@ def _fail(message: str, code: int) -> int:
 
 def _start(args: argparse.Namespace, make_node: Optional[Callable[[NodeConfig], "Node"]] = None) -> int:
     """`node start`; ``make_node`` lets a test harness run a Node subclass through the same path."""
-    flags = {name: getattr(args, name) for name in NodeConfig.field_names()}
-    config = build_config(flags, config_path=args.config)  # before the heavy imports: config errors come fast
+    config = _config(args)  # before the heavy imports: config errors come fast
 
     from node.ops import keep_freed_memory
 
@@ -142,6 +168,38 @@ def _start(args: argparse.Namespace, make_node: Optional[Callable[[NodeConfig], 
     finally:
         node.close()
     return 0
+
+
+def _config(args: argparse.Namespace) -> NodeConfig:
+    """The config of `node start` (and of `node doctor`, which checks what `node start` would use)."""
+    flags = {name: getattr(args, name) for name in NodeConfig.field_names()}
+    return build_config(flags, config_path=args.config)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    """`node doctor`: one line per check as it is done (or one JSON object); exit 6 when any failed."""
+    config = _config(args)
+    manifest = load_manifest(config.manifest)
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout must be > 0, got {args.timeout:g}")
+    from node.faces.doctor import report, run_doctor, summary
+    from node.ops import setup_logging
+
+    setup_logging("text", "warning")
+    if config.initial_peers:  # joining and asking takes seconds: say so, on stderr (stdout is the answer)
+        sys.stderr.write(f"asking {len(config.initial_peers)} peer(s) (up to {args.timeout:g}s each)...\n")
+        sys.stderr.flush()
+
+    def show(check: "Check") -> None:
+        if not args.json:
+            print(check.line(), flush=True)
+
+    checks = run_doctor(config, manifest, args.timeout, emit=show)
+    if args.json:
+        print(json.dumps(report(checks)))
+    else:
+        print(summary(checks))
+    return 0 if all(c.ok for c in checks) else ChecksFailed.exit_code
 
 
 def _demo(args: argparse.Namespace) -> int:

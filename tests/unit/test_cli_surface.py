@@ -1,8 +1,9 @@
 """The `node` command's flags, frozen: a flag added or removed without its documentation fails here.
 
 For `node start` the documented set is README.md's option table and NodeConfig's fields (each field is
-one flag; `--config` names the file they may come from); for `node status` it is README.md's section; for
-`node demo` the option table of README.md's "A local demo".
+one flag; `--config` names the file they may come from; `--public` and `--private` are short for
+`--reachability public|private`); `node doctor` takes the same, plus the flags its README.md section names;
+for `node status` it is README.md's section; for `node demo` the option table of README.md's "A local demo".
 Everything is read in-process from ``build_parser()``: no subprocess, no network.
 """
 
@@ -44,17 +45,35 @@ def readme_section(heading: str) -> str:
     return text[start : end if end != -1 else len(text)]
 
 
+def readme_subsection(heading: str) -> str:
+    """The text under the level-3 heading ``heading`` of README.md, up to the next heading of level 2 or 3."""
+    text = README.read_text()
+    start = text.index(f"\n### {heading}\n")
+    ends = [i for i in (text.find("\n## ", start + 1), text.find("\n### ", start + 1)) if i != -1]
+    return text[start : min(ends, default=len(text))]
+
+
 def readme_table_flags(heading: str) -> Set[str]:
     """The flags named in the first column of the tables of a README.md section."""
     rows = [line for line in readme_section(heading).splitlines() if line.startswith("| `--")]
-    return {flag for row in rows for flag in re.findall(r"--[a-z][a-z-]*", row.split("|")[1])}
+    cells = [re.split(r"(?<!\\)\|", row)[1] for row in rows]  # a cell may hold an escaped \| (auto\|cpu)
+    return {flag for cell in cells for flag in re.findall(r"--[a-z][a-z-]*", cell)}
 
 
 def test_start_flags_are_the_documented_ones() -> None:
     flags = long_flags(subcommands(build_parser())["start"])
     fields = {"--" + field.name.replace("_", "-") for field in dataclasses.fields(NodeConfig)}
     assert flags == readme_table_flags("`node start`")
-    assert flags - {"--config"} == fields
+    assert flags - {"--config", "--public", "--private"} == fields
+
+
+def test_doctor_takes_the_flags_of_start_and_documents_its_own() -> None:
+    parsers = subcommands(build_parser())
+    start, doctor = long_flags(parsers["start"]), long_flags(parsers["doctor"])
+    own = doctor - start
+    assert start <= doctor and own == {"--json", "--timeout"}
+    documented = set(re.findall(r"--[a-z][a-z-]*", readme_subsection("`node doctor`")))
+    assert own <= documented <= doctor
 
 
 def test_every_config_field_documents_its_flag() -> None:
@@ -74,5 +93,5 @@ def test_demo_flags_are_the_documented_ones() -> None:
     assert flags == readme_table_flags("A local demo")
 
 
-def test_commands_are_start_status_and_demo() -> None:
-    assert set(subcommands(build_parser())) == {"start", "status", "demo"}
+def test_commands_are_start_status_doctor_and_demo() -> None:
+    assert set(subcommands(build_parser())) == {"start", "status", "doctor", "demo"}
