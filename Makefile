@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
 .PHONY: install install-dev notebook system-packages start demo test test-unit lint bench bench-suite bench-wan bench-utilization \
-	bench-convergence bench-languages bench-overhead bench-scale bench-transport clean
+	bench-convergence bench-languages bench-nat bench-overhead bench-scale bench-transport clean
 
 # Progress goes to stderr so that `make start`'s stdout holds only the node's JSON ready line.
 $(BIN)/python:
@@ -43,18 +43,20 @@ demo: install
 
 # Debian's prometheus package (prometheus + promtool), for the tests that run a real Prometheus and promtool,
 # Debian's chromium, for the test that loads the swarm page in a headless browser, and Debian's systemd for
-# systemd-analyze (deploy/commons-node.service's verify and security tests; systemd need not be running).
+# systemd-analyze (deploy/commons-node.service's verify and security tests; systemd need not be running), and
+# Debian's nftables for the NAT routers of the reachability tests (tests/system/test_nat.py).
 # Nothing to do when all are on PATH; as root (CI), apt-get installs them; otherwise those tests are skipped.
 system-packages:
 	@if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v chromium >/dev/null \
-		&& command -v systemd-analyze >/dev/null; then :; \
+		&& command -v systemd-analyze >/dev/null && command -v nft >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing Debian's prometheus, chromium and systemd packages" >&2; \
+		echo "installing Debian's prometheus, chromium, systemd and nftables packages" >&2; \
 		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends prometheus chromium systemd >&2; \
+		apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends prometheus chromium systemd \
+			nftables >&2; \
 	else \
-		echo "prometheus/promtool, chromium or systemd-analyze not found: their tests will be skipped." \
-			"To run them: sudo apt-get install --no-install-recommends prometheus chromium systemd" >&2; \
+		echo "prometheus/promtool, chromium, systemd-analyze or nft not found: their tests will be skipped." \
+			"To run them: sudo apt-get install --no-install-recommends prometheus chromium systemd nftables" >&2; \
 	fi
 
 # The notebook extra in .venv, registered as a Jupyter kernel ("Commons") for the current user.
@@ -114,6 +116,12 @@ bench-suite: install-dev
 
 bench-utilization: install-dev
 	$(BIN)/python -m bench.utilization --out bench-results/utilization
+
+# Issue 19: the averaging round and the utilization with 2 of 4 members behind NAT routers, beside all public.
+bench-nat: install-dev system-packages
+	$(BIN)/python -m bench.wan_averaging --systems commons --compression none int8 --mbit 20 --mbytes 10 --rounds 4 \
+		--private 2 --out bench-results/nat-averaging
+	$(BIN)/python -m bench.utilization --mbit 20 --private 2 --rounds 8 --out bench-results/nat-utilization
 
 bench-convergence: install-dev
 	$(BIN)/python -m bench.convergence --out bench-results/convergence
