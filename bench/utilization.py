@@ -1,6 +1,6 @@
 """Benchmark: compute utilization of a swarm of real nodes on the default manifest over slow links.
 
-Usage (root): python -m bench.utilization [--peers 4] [--mbit 20 100] [--rounds 10] [--out DIR]
+Usage (root): python -m bench.utilization [--peers 4] [--mbit 20 100] [--rounds 10] [--private K] [--out DIR]
 Each peer is a real ``python -m node start`` in its own network namespace (bench/netns.py), every
 link ``--mbit`` up and down, default manifest, default options. Nodes join one after another; the
 measured rounds are those every node trained through after the last node's warm-up round (joining,
@@ -12,6 +12,9 @@ first resync), before the first node's last round (drained while leaving). From 
 * not-waiting share = 1 - time training stood still for averaging / the same wall time (the issue's
   "computing, not waiting for averaging");
 * per round: averaging seconds on the network, seconds training waited, trunk group size, fraction.
+
+``--private K`` runs each link rate a second time, in the same run, with the last K nodes behind NAT routers
+(bench/netns.py): they find themselves private and take part as send-only members.
 
 Writes results.md and results.png into ``--out`` and prints the table. Nothing passes or fails on a number.
 Needs root; otherwise prints why and exits 0.
@@ -65,9 +68,10 @@ def node_figures(entries: List[Dict[str, Any]], window: range, peers: int) -> Di
     }
 
 
-def run_swarm(mbit: float, args: argparse.Namespace, logs: Path) -> List[Dict[str, Any]]:
-    """Start ``args.peers`` nodes in their own namespaces, let them train, return every node's round entries."""
-    with TestNetwork(hosts=args.peers, mbit=mbit) as net:
+def run_swarm(mbit: float, args: argparse.Namespace, logs: Path, private: int = 0) -> List[Dict[str, Any]]:
+    """Start ``args.peers`` nodes in their own namespaces (the last ``private`` behind NAT), let them train,
+    return every node's round entries."""
+    with TestNetwork(hosts=args.peers, mbit=mbit, private=range(args.peers - private, args.peers)) as net:
         nodes: List[JsonProcess] = []
         for host in range(args.peers):
             argv = [sys.executable, "-m", "node", "start", "--log-format", "json",
@@ -75,7 +79,7 @@ def run_swarm(mbit: float, args: argparse.Namespace, logs: Path) -> List[Dict[st
                     "--max-rounds", str(4 * args.rounds + 10)]  # fmt: skip
             if nodes:
                 argv += ["--initial-peers", nodes[0].ready["maddrs"][0]]
-            workdir = logs / f"{mbit:g}mbit-{host}"
+            workdir = logs / f"{mbit:g}mbit-{private}nat-{host}"
             workdir.mkdir(parents=True, exist_ok=True)
             node = JsonProcess(net, host, argv, workdir / "node.log", cwd=workdir, env=child_env())
             node.ready = node.expect("ready", 180)
@@ -94,13 +98,16 @@ def run_swarm(mbit: float, args: argparse.Namespace, logs: Path) -> List[Dict[st
         return [log_records(node.log_path, "round") for node in nodes]
 
 
-def summarize(mbit: float, per_node: List[List[Dict[str, Any]]], peers: int, most: int) -> Dict[str, Any]:
+def summarize(
+    mbit: float, per_node: List[List[Dict[str, Any]]], peers: int, most: int, private: int = 0
+) -> Dict[str, Any]:
     window = common_rounds(per_node, most) if all(per_node) else range(0)
     if len(per_node) < peers or len(window) == 0:
-        return {"mbit": mbit, "error": "the nodes shared no round after warm-up (see the logs)"}
+        return {"mbit": mbit, "private": private, "error": "the nodes shared no round after warm-up (see the logs)"}
     figures = [node_figures(entries, window, peers) for entries in per_node]
     return {
         "mbit": mbit,
+        "private": private,
         "nodes": len(figures),
         "rounds": min(f["rounds"] for f in figures),
         "compute_share": [f["compute_share"] for f in figures],
@@ -116,18 +123,20 @@ def summarize(mbit: float, per_node: List[List[Dict[str, Any]]], peers: int, mos
 
 def table(rows: List[Dict[str, Any]], peers: int) -> str:
     lines = [
-        f"| link | nodes | measured rounds | compute share (min–max) | not waiting for averaging (min–max) | "
+        "| link | nodes (behind NAT) | measured rounds | compute share (min–max) | "
+        "not waiting for averaging (min–max) | "
         f"training waited s/round | averaging s/round on the network | steps/s per node | "
         f"rounds with all {peers} in the trunk group | lowest fraction averaged |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['mbit']:g} Mbit/s | | | {r['error']} | | | | | | |")
+            lines.append(f"| {r['mbit']:g} Mbit/s | ({r['private']}) | | {r['error']} | | | | | | |")
             continue
         share, free = r["compute_share"], r["not_waiting_share"]
         lines.append(
-            f"| {r['mbit']:g} Mbit/s | {r['nodes']} | {r['rounds']} | {min(share):.1%}–{max(share):.1%} | "
+            f"| {r['mbit']:g} Mbit/s | {r['nodes']} ({r['private']}) | {r['rounds']} | "
+            f"{min(share):.1%}–{max(share):.1%} | "
             f"{min(free):.1%}–{max(free):.1%} | {r['waited_per_round']:.2f} | {r['averaging_per_round']:.2f} | "
             f"{r['steps_per_second']:.2f} | {r['full_groups']} | {r['min_fraction']:.2f} |"
         )
@@ -149,7 +158,7 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
                     label=f"node {index}: averaging on the network")  # fmt: skip
             ax.plot([e["round"] for e in measured], [e["waited_seconds"] for e in measured], "x--",
                     label=f"node {index}: training waited")  # fmt: skip
-        ax.set_title(f"{r['mbit']:g} Mbit/s links")
+        ax.set_title(f"{r['mbit']:g} Mbit/s links, {r['private']} node(s) behind NAT")
         ax.set_xlabel("outer round")
         ax.set_ylabel("seconds")
         ax.legend(fontsize=6)
@@ -163,6 +172,7 @@ def main() -> None:
     parser.add_argument("--mbit", type=float, nargs="+", default=[20.0, 100.0])
     parser.add_argument("--rounds", type=int, default=10, help="rounds to measure (nodes run more)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds a swarm may take")
+    parser.add_argument("--private", type=int, default=0, help="also run each rate with this many nodes behind NAT")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "utilization")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -170,9 +180,12 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for mbit in args.mbit:
-                started = time.perf_counter()
-                rows.append(summarize(mbit, run_swarm(mbit, args, Path(tmp)), args.peers, args.rounds))
-                print(f"  {mbit:g} Mbit/s swarm done in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+                for private in sorted({0, args.private}):
+                    started = time.perf_counter()
+                    per_node = run_swarm(mbit, args, Path(tmp), private)
+                    rows.append(summarize(mbit, per_node, args.peers, args.rounds, private))
+                    seconds = time.perf_counter() - started
+                    print(f"  {mbit:g} Mbit/s swarm ({private} behind NAT) done in {seconds:.0f}s", file=sys.stderr)
     except SkipBenchmark as skip:
         print(skip)
         return

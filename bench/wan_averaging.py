@@ -1,12 +1,16 @@
 """Benchmark: one averaging round of a big fp32 vector among peers on rate-limited links, side by side.
 
-Usage: python -m bench.wan_averaging [--peers 4] [--mbytes 40] [--mbit 100] [--rounds 3] [--out DIR]
+Usage: python -m bench.wan_averaging [--peers 4] [--mbytes 40] [--mbit 100] [--rounds 3] [--private K] [--out DIR]
 Needs root (network namespaces, see bench/netns.py); otherwise prints why and exits 0.
 Each peer is its own process in its own namespace (10.77.0.i), every link ``--mbit`` up and down.
 Compared: Commons (tests/swarm/averaging_peer.py) per compression, hivemind DecentralizedAverager,
 torch.distributed gloo all_reduce, and the bandwidth floor 2(n-1)/n * size / rate. One warm-up round,
 then ``--rounds`` measured; a round lasts as long as its slowest peer says. Writes results.md and
 results.png into ``--out`` and prints the table. Nothing passes or fails on a number.
+
+``--private K`` adds, in the same run, each Commons compression again on a second network of the same links
+where the last K hosts sit behind NAT routers (bench/netns.py: masquerade out, nothing new in): those peers
+are send-only, as nodes that found themselves private are (node/swarm/reachability.py).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def run_peers(net: TestNetwork, result: Result, argv: Callable[[int, Optional[st
               logs: Path, bootstrap: bool) -> Result:  # fmt: skip
     """Start one peer per host (``bootstrap``: the first one's maddr goes to the others), run warm-up + rounds."""
     peers: List[JsonProcess] = []
-    tag = f"{result.system.split()[0]}-{result.compression}"
+    tag = f"{result.system.split()[0]}{'-nat' if 'NAT' in result.system else ''}-{result.compression}"
     try:
         for host in range(args.peers):
             first = peers[0].ready["maddrs"][0] if bootstrap and peers else None
@@ -268,7 +272,19 @@ def commons_argv(net: TestNetwork, args: argparse.Namespace, compression: str, h
     argv = [sys.executable, "-m", "tests.swarm.averaging_peer", "--host-maddrs", f"/ip4/{net.ip(host)}/tcp/0",
             "--compression", compression, "--aggregator", args.aggregator, "--chunk-elements", str(args.chunk_elements),
             "--part-timeout", "60"]  # 10 MB slices on 100 Mbit/s; no --out: it saves every averaged vector
+    argv += ["--send-only"] if host in net.private else []
     return argv + (["--initial-peers", first] if first else [])
+
+
+def measure_private(args: argparse.Namespace, logs: Path) -> List[Result]:
+    """Commons again, on links of the same rate with the last ``args.private`` hosts behind NAT."""
+    results: List[Result] = []
+    with TestNetwork(hosts=args.peers, mbit=args.mbit, private=range(args.peers - args.private, args.peers)) as net:
+        for name in args.compression:
+            commons = functools.partial(commons_argv, net, args, name)
+            label = f"Commons {args.aggregator}, {args.private} behind NAT"
+            results.append(run_peers(net, Result(label, name), commons, args, logs, bootstrap=True))
+    return results
 
 
 def measure(net: TestNetwork, args: argparse.Namespace, logs: Path) -> List[Result]:
@@ -299,6 +315,7 @@ def main() -> int:
     parser.add_argument("--chunk-elements", type=int, default=AveragingSpec.chunk_elements, help="Commons")
     parser.add_argument("--systems", nargs="+", default=["gloo", "hivemind", "commons"])
     parser.add_argument("--round-timeout", type=float, default=300.0)
+    parser.add_argument("--private", type=int, default=0, help="also Commons with this many peers behind NAT")
     parser.add_argument("--worker", choices=["hivemind", "gloo"], help=argparse.SUPPRESS)
     for hidden in ("--index", "--host", "--master", "--initial-peers"):
         parser.add_argument(hidden, nargs="*" if hidden == "--initial-peers" else None, help=argparse.SUPPRESS)
@@ -317,6 +334,8 @@ def main() -> int:
             (out / "logs").mkdir(parents=True, exist_ok=True)
             print(f"writing to {out}", flush=True)
             results = measure(net, args, out / "logs")
+        if args.private:
+            results += measure_private(args, out / "logs")
     except (SkipBenchmark, KeyboardInterrupt) as reason:
         return stopped(reason)
     text = table(results, floor, args, f"{load}, {os.getloadavg()[0]:.2f} after")
