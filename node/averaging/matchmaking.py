@@ -52,6 +52,7 @@ class Group:
     # Indices (into members) of the members that reduce slices; () means every member. Members nobody can
     # dial (behind NAT) reduce none: they send parts and take results on streams they open themselves.
     reducer_indices: Tuple[int, ...] = ()
+    nobody_dialable: bool = False  # every member said it cannot be dialed: they all try to reduce, as before
 
     @property
     def reducers(self) -> Tuple[int, ...]:
@@ -90,12 +91,13 @@ def make_group(
     # Who reduces is part of the identity too (it changes the layout); a group where every member reduces
     # (or none can: then all try) keeps the id older peers compute.
     reducers = tuple(i for i, m in enumerate(members) if records[m].reduces is not False)
+    nobody = len(members) > 1 and not reducers
     reducers = () if len(reducers) in (0, len(members)) else reducers
     senders = f"|r{','.join(map(str, reducers))}" if reducers else ""
     key = f"{module}|{round_number}|{'|'.join(members)}|{'|'.join(hashes)}{grown}{senders}"
     digest = hashlib.sha256(key.encode()).hexdigest()
     posted = tuple(records[m].posted_at for m in members)
-    return Group(module, round_number, members, hashes, digest[:16], posted, message, reducers)
+    return Group(module, round_number, members, hashes, digest[:16], posted, message, reducers, nobody)
 
 
 def window_length(opener: ReadyRecord, gather_seconds: float) -> float:

@@ -11,12 +11,15 @@ asks whether a part of it exists yet.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
+import random
 import shlex
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, TextIO, Type
 
@@ -51,6 +54,8 @@ from node.swarm import (
     choose_experts,
     download_modules,
     follow_swap,
+    listen_ports,
+    probe,
     rebalance,
     replica_counts,
 )
@@ -67,6 +72,7 @@ from protocol.manifest import OuterOptimizerSpec
 from protocol.records import PeerRecord
 
 logger = logging.getLogger("node")
+RECHECK_SECONDS = 300.0  # how often a node not known public asks again whether others can dial it
 
 
 @dataclass
@@ -147,6 +153,8 @@ class Joined:
                                      reduces=reachability.reachability != "private")  # fmt: skip
         self.averager = Averager(swarm, self.swarm_id, hosted=lambda: set(self.hosting.states), spec=averaging)
         self.dialback = DialBackServer(swarm)
+        self._recheck: Optional["concurrent.futures.Future[Verdict]"] = None  # a re-check in flight
+        self._recheck_at = time.monotonic() + RECHECK_SECONDS
         self.membership = Membership(swarm, self.swarm_id, self.describe_self)
         self.round_averager = RoundAverager(self.peer_id, self.matchmaker, self.averager, self.membership, averaging)
         self.state_server = state_server_class(
@@ -330,6 +338,48 @@ class Joined:
         with self.model_lock:
             self.host([e for e in self.hosting.hosted if e != drop] + [add])
             self._adopt([add])
+
+    def recheck_reachability(self) -> None:
+        """Once per round: every ``RECHECK_SECONDS`` a node that is not known public (and was not told what it is)
+        asks peers to dial it back again, in the background; a changed answer takes effect at once (a port that
+        was opened on the router makes the node reduce slices again), and is logged. Its DHT stays as it began."""
+        verdict = self.reachability
+        if verdict.forced:
+            return
+        pending, self._recheck = self._recheck, None
+        if pending is not None and not pending.done():
+            self._recheck = pending
+            return
+        if pending is not None:
+            try:
+                found = pending.result()
+            except Exception as e:  # the probe never raises for a peer's failure; this is ours
+                logger.debug("reachability re-check failed: %s", e)
+                return
+            if found.reachability != "unknown" and found.reachability != verdict.reachability:
+                self._set_reachability(found)
+            return
+        if verdict.reachability == "public" or time.monotonic() < self._recheck_at:
+            return
+        self._recheck_at = time.monotonic() + RECHECK_SECONDS
+        view = self.membership.view
+        peers = [p for p, r in sorted(view.peers.items()) if p != self.peer_id and r.reachability != "private"]
+        if peers:
+            ports = listen_ports(list(self.context.config.announce_maddrs) or self.maddrs)
+            timeout = self.context.manifest.averaging.part_timeout_seconds
+            self._recheck = self.swarm.submit(probe(self.swarm, random.sample(peers, min(2, len(peers))), ports,
+                                                    timeout=timeout))  # fmt: skip
+
+    def _set_reachability(self, verdict: Verdict) -> None:
+        before = self.reachability.reachability
+        self.reachability = verdict
+        self.matchmaker.reduces = verdict.reachability != "private"
+        self.context.metrics.set_reachability(verdict.reachability)
+        logger.info(
+            "reachability: now %s (was %s): %s", verdict.describe(), before,
+            "this node reduces slices again" if self.matchmaker.reduces else "this node reduces no slice from now on",
+            extra={"event": "reachability", "reachability": verdict.reachability, "was": before},
+        )  # fmt: skip
 
     # --- what others see -----------------------------------------------------------------
     def describe_self(self) -> PeerRecord:

@@ -188,6 +188,7 @@ class RoundLoop:
         progress.outer_round = max(round_number + 1, membership.view.max_round(exclude=joined.peer_id))
         membership.watch_round = progress.outer_round
         joined.rebalance()
+        joined.recheck_reachability()
         membership.nudge()
         if progress.rounds_done % node.config.checkpoint_every_rounds == 0:
             joined.save_checkpoint()

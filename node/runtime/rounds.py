@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ from node.runtime.report import ModuleOutcome, classify
 from node.swarm import Membership
 from node.training import ModuleState, state_hash
 from protocol.manifest import AveragingSpec
+
+logger = logging.getLogger("node")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,21 @@ class RoundAverager:
         self._averager = averager
         self._membership = membership
         self._spec = spec
+        self._stranded: Set[str] = set()  # modules whose last group had no member others can dial
+
+    def _say_if_nobody_dialable(self, module: str, stranded: bool) -> None:
+        """Once when a module's group is only members behind NAT (nobody can reduce for them: a relay-less swarm
+        needs one public host per module), and once when that is over."""
+        if stranded and module not in self._stranded:
+            self._stranded.add(module)
+            logger.warning(
+                "%s: every member of its group is behind NAT, so none can receive the others' parts; it averages "
+                "once a public node hosts it (this node keeps trying every round)", module,
+                extra={"event": "no_public_member", "module_name": module},
+            )  # fmt: skip
+        elif not stranded and module in self._stranded:
+            self._stranded.discard(module)
+            logger.info("%s: a public member is in its group again", module)
 
     async def average(
         self, prepared: Dict[str, Prepared], round_number: int, window_seconds: Optional[float] = None
@@ -93,6 +111,7 @@ class RoundAverager:
             name, round_number, item.params_hash, state.numel, others, self._spec.round_timeout_seconds,
             window_seconds, self._averager.message_ask(name),
         )  # fmt: skip
+        self._say_if_nobody_dialable(name, group.nobody_dialable)
         resync = group.needs_resync
         if resync:  # members hold different global copies: average those too, uncompressed
             vector = state.payload(True, item.delta)

@@ -80,3 +80,65 @@ def test_losing_a_public_reducer_leaves_the_other_to_reduce_for_everyone() -> No
     for i, (members, result) in after.items():
         assert len(members) == 3 and result.averaged_fraction == 1.0, (i, result)
         np.testing.assert_allclose(result.vector, expected, rtol=0, atol=2e-2)
+
+
+def test_a_group_of_members_nobody_can_dial_is_flagged_and_said_once(caplog) -> None:  # type: ignore[no-untyped-def]
+    from node.runtime.rounds import RoundAverager
+
+    stranded = make_group("expert.0.1", 3, {p: _ready(False) for p in "ab"})
+    assert stranded.nobody_dialable
+    assert not make_group("expert.0.1", 3, {"a": _ready(False), "b": _ready(True)}).nobody_dialable
+    assert not make_group("expert.0.1", 3, {"a": _ready(False)}).nobody_dialable  # alone: nothing to reduce anyway
+    rounds = RoundAverager("a", None, None, None, SPEC)  # type: ignore[arg-type]
+    caplog.set_level("INFO", logger="node")
+    for flag in (True, True, False, False, True):
+        rounds._say_if_nobody_dialable("expert.0.1", flag)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 3 and "behind NAT" in said[0] and "public member" in said[1] and "behind NAT" in said[2]
+
+
+def test_a_node_found_private_is_asked_again_and_reduces_once_reachable() -> None:
+    """Joined.recheck_reachability on the attributes it uses: the re-check runs in the background, its answer
+    switches the matchmaker's flag, the metric and the record's reachability."""
+    import concurrent.futures
+    import types
+
+    from node.ops import NodeMetrics
+    from node.runtime.joined import Joined
+    from node.swarm import Verdict
+    from protocol.records import PeerRecord
+
+    asked: List[List[str]] = []
+    answer: "concurrent.futures.Future[Verdict]" = concurrent.futures.Future()
+
+    def submit(coro):  # type: ignore[no-untyped-def]
+        asked.append(list(coro.cr_frame.f_locals["peers"]))  # the probe, not started: whom it would ask
+        coro.close()
+        return answer
+
+    async def _never(*_):  # type: ignore[no-untyped-def]
+        raise AssertionError
+
+    metrics = NodeMetrics(version="t", protocol_version=2)
+    view = types.SimpleNamespace(peers={p: PeerRecord(peer_id=p, modules=["trunk"], outer_round=0, local_steps=0,
+                                                      reachability=r) for p, r in (("me", "private"), ("pub", "public"),
+                                                                                   ("nat", "private"))})  # fmt: skip
+    node = types.SimpleNamespace(
+        reachability=Verdict("private", {"pub": "reached port(s) [] of [1]"}), _recheck=None, _recheck_at=0.0,
+        membership=types.SimpleNamespace(view=view), peer_id="me", maddrs=["/ip4/10.0.0.2/tcp/4001"],
+        context=types.SimpleNamespace(config=types.SimpleNamespace(announce_maddrs=()), metrics=metrics,
+                                      manifest=types.SimpleNamespace(averaging=SPEC)),
+        swarm=types.SimpleNamespace(submit=submit, run=_never),
+        matchmaker=types.SimpleNamespace(reduces=False),
+    )  # fmt: skip
+    node._set_reachability = lambda verdict: Joined._set_reachability(node, verdict)  # type: ignore[arg-type]
+    Joined.recheck_reachability(node)  # type: ignore[arg-type]
+    assert asked == [["pub"]] and node._recheck is answer  # only peers that can be dialed are asked
+    Joined.recheck_reachability(node)  # type: ignore[arg-type]
+    assert len(asked) == 1  # still in flight: not asked twice
+    answer.set_result(Verdict("public", {"pub": "reached port(s) [4001] of [4001]"}))
+    Joined.recheck_reachability(node)  # type: ignore[arg-type]
+    assert node.reachability.reachability == "public" and node.matchmaker.reduces is True
+    assert metrics.registry.get_sample_value("commons_reachability", {"state": "public"}) == 1.0
+    Joined.recheck_reachability(node)  # type: ignore[arg-type]
+    assert len(asked) == 1  # public now: no more asking
