@@ -317,6 +317,14 @@ class Joined:
         # An expert taken on at the last check stays for one more: its first rounds here move its gate (the
         # balance loss pushes the gate of a busy expert away from this node's tokens), so it could swap back.
         keep = {e for e, taken in self.taken_at_check.items() if taken >= check - 1}
+        # Decide on records read now, not up to half a second ago: the dropper of an expert at the last check
+        # has announced its swap by then, and a view without it would let this check's dropper leave the
+        # expert with no host (seen in tests/swarm/test_follow_data.py with a check every round).
+        try:
+            view = dict(self.refresh_view().modules_by_peer())
+        except Exception as e:  # a failed read: decide on the view we have
+            logger.debug("follow_data: could not re-read the peer records: %s", e)
+        view[self.peer_id] = self.hosting.modules
         swap = follow_swap(self.peer_id, view, self.module_names[1:], affinity, spec.swap_margin, check, keep)
         if swap is None:
             return
