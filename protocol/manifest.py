@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import yaml
 
-from protocol.typed import KeyPath, Rules, load
+from protocol.typed import KeyPath, Rules, load, read_small_text
 from protocol.version import PROTOCOL_VERSION
 
 DEFAULT_MANIFEST_NAME = "default_manifest.yaml"
@@ -31,6 +31,11 @@ class ManifestError(ValueError):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ManifestError(message)
+
+
+MAX_EXPERTS = 1024  # per layer; module names allow 4 digits (protocol/records.py MODULE_PATTERN)
+MAX_LAYERS = 256
+MAX_PARAMETERS = 2_000_000_000  # 8 GB of float32 values, and 4 more copies (global, momentum, AdamW's two)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,18 @@ class ModelSpec:
         _check(self.d_model % self.n_heads == 0, "model.d_model must be divisible by model.n_heads")
         _check(self.top_k <= self.n_experts, "model.top_k must be <= model.n_experts")
         _check(self.vocab_size <= 256, "model.vocab_size must be <= 256 (the model reads bytes)")
+        _check(self.n_experts <= MAX_EXPERTS, f"model.n_experts must be <= {MAX_EXPERTS} (per layer)")
+        _check(self.n_layers <= MAX_LAYERS, f"model.n_layers must be <= {MAX_LAYERS}")
+        count = self.parameter_count()
+        _check(count <= MAX_PARAMETERS, f"model has {count:,} parameters, more than the {MAX_PARAMETERS:,} a node "
+                                        "accepts; make d_model, expert_hidden, n_experts or n_layers smaller")
+
+    def parameter_count(self) -> int:
+        """Every parameter of the model (node/training/model.py), trunk and all experts."""
+        d, hidden = self.d_model, self.expert_hidden
+        expert = d + (d * hidden + hidden) + (hidden * d + d)  # gate, up, down
+        layer = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + self.n_experts * expert
+        return self.vocab_size * d + self.seq_len * d + self.n_layers * layer + 2 * d
 
     def module_names(self) -> Tuple[str, ...]:
         """Every averaging unit: the trunk, then ``expert.<layer>.<index>``."""
@@ -257,13 +274,8 @@ def load_manifest(path: str | Path | None = None) -> Manifest:
     if path is None:
         text = resources.files("protocol").joinpath(DEFAULT_MANIFEST_NAME).read_text()
         return parse_manifest(text, "(built-in default)")
-    path = Path(path)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ManifestError(
-            f"manifest file {path} does not exist; pass --manifest with an existing YAML file"
-        ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ManifestError(f"cannot read manifest file {path}: {e}") from None
+        text = read_small_text(str(path), "manifest file", "pass --manifest with the swarm's YAML manifest")
+    except ValueError as e:
+        raise ManifestError(str(e)) from None
     return parse_manifest(text, str(path))

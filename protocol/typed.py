@@ -143,3 +143,38 @@ def _refusal(raw: Any, hint: Any, path: KeyPath, rules: Rules, finite: bool = Fa
     else:
         expected = "a finite number" if finite else f"of type {type_name}"
     return rules.error(f"{rules.name(path)} must be {expected}, got {raw!r}")
+
+
+MAX_FILE_BYTES = 1 << 20  # a manifest or config file is a few KB; anything near this is not one
+
+
+def read_small_text(path: str, what: str, fix: str) -> str:
+    """The text of a manifest or config file: a regular file of at most ``MAX_FILE_BYTES``, UTF-8. Anything else
+    (missing, a directory, a FIFO or device that would block or never end, too large, not text) raises
+    ValueError with one line naming ``what`` and ``path``, ending in ``fix``; the caller re-raises it as its
+    own error type."""
+    import os
+    import stat
+
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist; {fix}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror or e}; {fix}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, device or socket)"
+        raise ValueError(f"{what} {path} is {kind}; {fix}")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ValueError(f"{what} {path} has {info.st_size:,} bytes, more than {MAX_FILE_BYTES:,}; {fix}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror or e}; {fix}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"{what} {path} grew past {MAX_FILE_BYTES:,} bytes while read; {fix}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte {e.start}); {fix}") from None

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.net.faults import Rule as Rule
     from node.net.faults import flip_bit as flip_bit
     from node.net.hivemind import HivemindSwarm as HivemindSwarm
+    from node.net.hivemind import check_identity_file as check_identity_file
     from node.net.hivemind import route_hivemind_logs as route_hivemind_logs
     from node.net.inprocess import InProcessNetwork as InProcessNetwork
     from node.net.inprocess import InProcessSwarm as InProcessSwarm

@@ -21,7 +21,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils.logging import use_hivemind_log_handler
 from hivemind.utils.timed_storage import get_dht_time
 
-from node.errors import PeerUnreachable
+from node.errors import ConfigError, PeerUnreachable
 from node.net.loop import LoopThread
 from node.net.port import REMOTE_ADDRESS, Handler
 from node.net.streams import STREAM_IDLE_SECONDS, Stream, StreamPool, read_frame, write_frame
@@ -59,6 +59,55 @@ class _DaemonShutdownNoise(logging.Filter):
             return False
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return True
+
+
+MAX_IDENTITY_BYTES = 64 << 10  # an RSA-4096 key in DER is under 3 KB
+
+
+def check_identity_file(path: str) -> None:
+    """Refuse, before any daemon starts, an identity file p2pd could not use (ConfigError, one line): an
+    existing one must be a regular, readable file holding a libp2p private key (protobuf; RSA in DER, as
+    hivemind writes them, or Ed25519); a missing one must be creatable (its directory exists, writable)."""
+    import stat
+
+    from cryptography.hazmat.primitives import serialization
+    from hivemind.proto import crypto_pb2
+
+    fix = "give --identity a key file written by a node (or a path where a new one may be created)"
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"identity file {path} does not exist and cannot be created in {directory}; {fix}"
+            ) from None
+        return
+    except OSError as e:
+        raise ConfigError(f"cannot read identity file {path}: {e.strerror or e}; {fix}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"identity file {path} is not a regular file; {fix}")
+    if info.st_size > MAX_IDENTITY_BYTES:
+        raise ConfigError(f"identity file {path} has {info.st_size:,} bytes: not a private key; {fix}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_IDENTITY_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"identity file {path} is not readable ({e.strerror or e}); fix its permissions") from None
+    if not raw:
+        raise ConfigError(f"identity file {path} is empty; {fix}")
+    try:
+        key = crypto_pb2.PrivateKey.FromString(raw)
+        if key.key_type == crypto_pb2.KeyType.RSA:
+            serialization.load_der_private_key(key.data, password=None)
+        elif key.key_type == crypto_pb2.KeyType.Ed25519:
+            if len(key.data) not in (32, 64):
+                raise ValueError(f"an Ed25519 key has 32 or 64 bytes, not {len(key.data)}")
+        else:
+            raise ValueError(f"key type {key.key_type} is not supported here (RSA or Ed25519)")
+    except Exception as e:  # protobuf and cryptography raise several types for garbage
+        reason = (str(e).splitlines()[0].split(". ")[0] if str(e) else "") or type(e).__name__
+        raise ConfigError(f"identity file {path} does not hold a libp2p private key ({reason}); {fix}") from None
 
 
 def now() -> float:

@@ -5,7 +5,10 @@ A generation ``N`` is two files: ``ckpt-N.safetensors`` (tensors only: never pic
 file, fsynced, renamed into place, and the directory fsynced. The JSON is written last,
 so a generation exists only once both files are whole; a crash at any point leaves the
 previous generations untouched. Loading walks generations newest first and skips any
-whose files are missing, truncated, bit-flipped (checksum) or unparsable.
+whose files are missing, truncated, bit-flipped (checksum) or unparsable, whose counters are out of
+range, whose tensor file is not its own (the generation, swarm and counters are also written inside the
+tensor file, so metadata pointing at another generation's tensors fails), or that the caller's ``check``
+refuses (e.g. tensors shaped for another model).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -32,7 +35,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the counters are bound into the tensor file; 1 (older nodes) is still read
+MAX_COUNTER = 10**12  # rounds, steps and data positions beyond this are not a node's own (a round per ms for 30 years)
 _NAME = re.compile(r"^ckpt-(\d{8})\.json$")
 
 
@@ -99,11 +103,10 @@ class CheckpointStore:
     def save(self, snapshot: Snapshot) -> Tuple[int, int]:
         """Write a new generation; return (generation, bytes). Raises OSError (e.g. ENOSPC) untouched."""
         generation = (self.generations() or [0])[0] + 1
-        blob = save_tensors({k: v.detach().cpu().contiguous() for k, v in snapshot.tensors.items()})
         tensor_path = self.directory / f"ckpt-{generation:08d}.safetensors"
-        write_atomic(tensor_path, blob)
-        meta = {
+        meta: Dict[str, object] = {
             "format": FORMAT_VERSION,
+            "generation": generation,
             "swarm_id": snapshot.swarm_id,
             "outer_round": snapshot.outer_round,
             "rounds_done": snapshot.rounds_done,
@@ -112,23 +115,30 @@ class CheckpointStore:
             "data_seed": snapshot.data_seed,
             "data_position": list(snapshot.data_position),
             "tensor_file": tensor_path.name,
-            "sha256": hashlib.sha256(blob).hexdigest(),
-            "bytes": len(blob),
         }
+        bound = {key: json.dumps(meta[key]) for key in _BOUND}
+        blob = save_tensors({k: v.detach().cpu().contiguous() for k, v in snapshot.tensors.items()}, metadata=bound)
+        write_atomic(tensor_path, blob)
+        meta.update(sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob))
         write_atomic(self.directory / f"ckpt-{generation:08d}.json", json.dumps(meta, indent=1).encode())
         self._prune()
         return generation, len(blob)
 
     def load(self, generation: int) -> Snapshot:
+        own_file = f"ckpt-{generation:08d}.safetensors"
         try:
             meta = json.loads((self.directory / f"ckpt-{generation:08d}.json").read_text())
-            blob = (self.directory / str(meta["tensor_file"])).read_bytes()
+            if meta["tensor_file"] != own_file:
+                raise ValueError(f"its metadata names the tensor file {meta['tensor_file']!r}")
+            blob = (self.directory / own_file).read_bytes()
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"generation {generation}: unreadable ({e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format") not in (1, FORMAT_VERSION):
             raise CheckpointError(f"generation {generation}: unknown format")
         if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
             raise CheckpointError(f"generation {generation}: checksum mismatch (torn or modified file)")
+        if meta["format"] >= 2:
+            _check_bound(generation, meta, blob)
         try:
             tensors = load_tensors(blob)
             snapshot = Snapshot(
@@ -144,16 +154,25 @@ class CheckpointStore:
             )
         except Exception as e:  # safetensors and int() raise several types for garbage
             raise CheckpointError(f"generation {generation}: malformed ({e})") from None
+        counters = {"outer_round": snapshot.outer_round, "rounds_done": snapshot.rounds_done,
+                    "local_steps": snapshot.local_steps, "data_position": max(snapshot.data_position),
+                    "data_seed": snapshot.data_seed}  # fmt: skip
+        for name, value in counters.items():
+            if not 0 <= value <= MAX_COUNTER or min(snapshot.data_position) < 0:
+                raise CheckpointError(f"generation {generation}: {name} {value} is out of range")
         for name, tensor in tensors.items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise CheckpointError(f"generation {generation}: tensor {name} holds NaN or infinity")
         return snapshot
 
-    def latest(self, swarm_id: str) -> Optional[Snapshot]:
-        """The newest usable generation, skipping broken ones (logged); refuses another swarm's."""
+    def latest(self, swarm_id: str, check: Optional[Callable[[Snapshot], None]] = None) -> Optional[Snapshot]:
+        """The newest usable generation, skipping broken ones (logged) and those ``check`` refuses with a
+        CheckpointError (e.g. tensors that do not fit the model); refuses another swarm's."""
         for generation in self.generations():
             try:
                 snapshot = self.load(generation)
+                if snapshot.swarm_id == swarm_id and check is not None:
+                    check(snapshot)
             except CheckpointError as e:
                 logger.warning("checkpoint %s is unusable, trying the previous one: %s", self.directory, e)
                 continue
@@ -176,6 +195,27 @@ class CheckpointStore:
                 path.unlink(missing_ok=True)  # a tensor file whose JSON never got written
         for path in self.directory.glob(".ckpt-*.tmp"):
             path.unlink(missing_ok=True)
+
+
+# What a tensor file repeats of its metadata, so that metadata and tensors of different generations never pair.
+_BOUND = ("generation", "swarm_id", "outer_round", "rounds_done", "local_steps", "data_seed", "data_position")
+
+
+def _check_bound(generation: int, meta: Dict[str, object], blob: bytes) -> None:
+    """The tensor file's own record of its generation and counters matches the metadata (format 2)."""
+    try:
+        header_size = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + header_size])
+        bound = header.get("__metadata__") or {}
+        inside = {key: json.loads(bound[key]) for key in _BOUND}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"generation {generation}: its tensor file does not say which generation it is ({e})"
+        ) from None
+    outside = {key: meta.get(key) for key in _BOUND}
+    if inside != outside:
+        differ = sorted(k for k in _BOUND if inside[k] != outside[k])
+        raise CheckpointError(f"generation {generation}: metadata and tensor file disagree on {', '.join(differ)}")
 
 
 def write_generation(store: CheckpointStore, snapshot: Snapshot, metrics: "NodeMetrics") -> bool:

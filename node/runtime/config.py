@@ -11,21 +11,21 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
 from node.errors import ConfigError
-from node.net import validate_maddr, validate_peer_maddr
+from node.net import ip_and_port, validate_maddr, validate_peer_maddr
 from node.ops import DEFAULT_METRICS_ADDR, validate_host_port
-from protocol.typed import KeyPath, Rules, load_fields
+from protocol.typed import KeyPath, Rules, load_fields, read_small_text
 
 ENV_PREFIX = "COMMONS_"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 REACHABILITY = ("auto", "public", "private")
+MAX_TIMEOUT_SECONDS = 3600.0  # p2pd takes its start-up timeout as a duration: far beyond this it overflows
 
 
 def _option(default: Any, metavar: str, help: str) -> Any:
@@ -101,10 +101,15 @@ class NodeConfig:
             raise ConfigError("--checkpoint-every-rounds and --checkpoint-keep must be >= 1")
         if not 0 < self.eval_share <= 1:
             raise ConfigError(f"--eval-share must be in (0, 1] (1: after every round), got {self.eval_share}")
-        if self.stall_seconds <= 0:
-            raise ConfigError("--stall-seconds must be > 0")
-        if self.bootstrap_timeout_seconds <= 0:
-            raise ConfigError("--bootstrap-timeout-seconds must be > 0")
+        if not 0 < self.bootstrap_timeout_seconds <= MAX_TIMEOUT_SECONDS:
+            raise ConfigError(f"--bootstrap-timeout-seconds must be in (0, {MAX_TIMEOUT_SECONDS:g}], "
+                              f"got {self.bootstrap_timeout_seconds:g}")  # fmt: skip
+        if not 0 < self.stall_seconds <= 30 * 24 * 3600:
+            raise ConfigError(f"--stall-seconds must be in (0, 2592000] (30 days), got {self.stall_seconds:g}")
+        for addr in self.announce_maddrs:
+            if ip_and_port(addr)[1] == 0:
+                raise ConfigError(f"--announce-maddrs {addr}: announce the port others dial, not port 0 "
+                                  "(e.g. the one you forward on your router)")  # fmt: skip
 
     @classmethod
     def field_names(cls) -> Tuple[str, ...]:
@@ -134,11 +139,11 @@ def read_values(values: Mapping[Any, Any], source: str, keyed: bool = True) -> D
 
 def read_config_file(path: str) -> Dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist; fix --config / COMMONS_CONFIG") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
+        text = read_small_text(path, "config file", "fix --config / COMMONS_CONFIG")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if data is None:

@@ -66,6 +66,7 @@ from node.training import (
     Trainer,
     architecture_swarm_id,
     capture_modules,
+    check_fits,
     restore_modules,
 )
 from protocol.manifest import OuterOptimizerSpec
@@ -179,7 +180,10 @@ class Joined:
         context.metrics.set_swarm(joined.swarm_id)
         context.metrics.set_reachability(joined.reachability.reachability)
         logger.info("manifest %r, swarm id %s", manifest.name, joined.swarm_id)
-        restored = checkpoints.latest(joined.swarm_id) if checkpoints is not None else None
+        model = trainer.model
+        sizes = {m: sum(p.numel() for p in model.module_parameters(m)) for m in joined.module_names}
+        fits = lambda snapshot: check_fits(snapshot.tensors, sizes)  # noqa: E731  # another model's: fall back
+        restored = checkpoints.latest(joined.swarm_id, check=fits) if checkpoints is not None else None
         if restored is not None:  # continue the data stream where it was
             data.seed = joined.data_seed = restored.data_seed
             trainer.restart_data(restored.data_position)

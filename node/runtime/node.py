@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
 from prometheus_client import CollectorRegistry
 
 from node import __version__
-from node.net import HivemindSwarm, peer_id_of
+from node.net import HivemindSwarm, check_identity_file, peer_id_of
 from node.ops import CheckpointStore, Health, NodeMetrics
 from node.runtime.config import NodeConfig
 from node.runtime.context import NodeContext
@@ -88,6 +88,8 @@ class Node:
             # Resuming means being the same peer: keep the key next to the checkpoints unless told otherwise.
             identity = identity or str(checkpoints.directory / "identity.key")
         logger.info("data: %s (sampling seed %d)", data.describe(), data_seed)
+        if identity:  # a bad key file is the user's to fix (exit 2), not a daemon that failed to start
+            check_identity_file(identity)
         # The DHT process is forked here, before torch builds the model and starts its
         # thread pools: forking a process with live OpenMP threads is not safe.
         swarm, verdict = self._open_swarm(identity)

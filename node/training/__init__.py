@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.training.data import TextData as TextData
     from node.training.diloco import ModuleState as ModuleState
     from node.training.diloco import capture_modules as capture_modules
+    from node.training.diloco import check_fits as check_fits
     from node.training.diloco import restore_modules as restore_modules
     from node.training.diloco import state_hash as state_hash
     from node.training.model import MoETransformer as MoETransformer

@@ -101,6 +101,20 @@ def capture_modules(states: Dict[str, ModuleState], optimizer: torch.optim.Optim
     return tensors
 
 
+def check_fits(tensors: Mapping[str, torch.Tensor], sizes: Mapping[str, int]) -> None:
+    """CheckpointError unless every module's global copy and momentum in ``tensors`` has the size of that module
+    in this model (``sizes``: module -> parameter count): a checkpoint of another model falls back, never half
+    restores."""
+    for key, tensor in tensors.items():
+        kind, _, module = key.partition("/")
+        if kind not in ("global", "momentum"):
+            continue
+        if module not in sizes:
+            raise CheckpointError(f"it holds {key}, a module this model does not have")
+        if tuple(tensor.shape) != (sizes[module],):
+            raise CheckpointError(f"{key} has shape {tuple(tensor.shape)}, the model needs ({sizes[module]},)")
+
+
 def restore_modules(
     tensors: Mapping[str, torch.Tensor], states: Dict[str, ModuleState], optimizer: torch.optim.Optimizer
 ) -> List[str]:

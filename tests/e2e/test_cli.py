@@ -144,6 +144,23 @@ def test_invalid_manifest(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("content", [b"garbage\n", b""])
+def test_a_bad_identity_file_is_a_user_error_before_any_daemon_starts(tmp_path: Path, content: bytes) -> None:
+    key = tmp_path / "identity.key"
+    key.write_bytes(content)
+    result = _start_tiny(tmp_path, str(key))
+    line = _assert_last_line_error(result, 2)  # was exit 4, "the p2p daemon failed to start"
+    assert str(key) in line and "identity file" in line
+    assert _p2pd_left_behind(str(key), grace=0.5) == []
+
+
+def test_a_config_that_never_ends_is_refused_at_once(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = _node(tmp_path, "start", "--config", "/dev/zero")  # was read until memory ran out
+    line = _assert_one_error_line(result, 2)
+    assert "/dev/zero" in line and "not a regular file" in line and time.monotonic() - started < 30
+
+
 def _start_tiny(tmp_path: Path, identity: str, *extra: str) -> subprocess.CompletedProcess:
     """`node start` on the tiny manifest and corpus, with a known identity file to find its p2pd by."""
     manifest, data = _tiny_inputs(tmp_path)

@@ -75,3 +75,66 @@ def test_data_position_is_saved_and_restored(tmp_path):
     store.save(saved)
     loaded = store.latest("s1")
     assert loaded is not None and loaded.data_position == (3, 8)
+
+
+def _rewrite(tmp_path, generation: int, **changes) -> None:  # type: ignore[no-untyped-def]
+    """Edit a generation's metadata as an attacker or a confused script would, keeping it self-consistent."""
+    import hashlib
+    import json
+
+    path = tmp_path / f"ckpt-{generation:08d}.json"
+    meta = json.loads(path.read_text())
+    meta.update(changes)
+    tensor_file = tmp_path / meta["tensor_file"]
+    if tensor_file.exists():
+        meta["sha256"] = hashlib.sha256(tensor_file.read_bytes()).hexdigest()
+    path.write_text(json.dumps(meta))
+
+
+def test_metadata_never_pairs_with_another_generations_tensors(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    for r in (1, 2, 3):
+        store.save(snapshot(r))
+    _rewrite(tmp_path, 3, tensor_file="ckpt-00000001.safetensors")  # pointing at an older tensor file
+    (tmp_path / "ckpt-00000002.safetensors").write_bytes((tmp_path / "ckpt-00000001.safetensors").read_bytes())
+    _rewrite(tmp_path, 2)  # an older tensor file copied over, checksum fixed
+    loaded = store.latest("s1")
+    assert loaded is not None and loaded.generation == 1 and loaded.outer_round == 1
+
+
+@pytest.mark.parametrize("field, value", [("outer_round", 10**18), ("local_steps", -1), ("rounds_done", 10**13)])
+def test_counters_out_of_range_fall_back(tmp_path, field, value):
+    store = CheckpointStore(tmp_path, keep=3)
+    store.save(snapshot(1))
+    store.save(snapshot(2))
+    _rewrite(tmp_path, 2, format=1, **{field: value})  # format 1: no counters inside the tensor file to compare
+    loaded = store.latest("s1")
+    assert loaded is not None and loaded.generation == 1
+
+
+def test_counters_edited_in_the_metadata_disagree_with_the_tensor_file(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    store.save(snapshot(1))
+    store.save(snapshot(2))
+    _rewrite(tmp_path, 2, outer_round=500)  # in range, but not what generation 2's tensor file says
+    assert store.latest("s1").generation == 1
+
+
+def test_tensors_of_another_model_fall_back_instead_of_half_restoring(tmp_path):
+    from node.training.diloco import check_fits
+
+    store = CheckpointStore(tmp_path, keep=3)
+    store.save(snapshot(1, size=1000))
+    store.save(snapshot(2, size=999))  # checksum and format fine, shapes not this model's
+    loaded = store.latest("s1", check=lambda s: check_fits(s.tensors, {"trunk": 1000}))
+    assert loaded is not None and loaded.generation == 1
+    with pytest.raises(ValueError, match="a module this model does not have"):
+        check_fits({"global/expert.9.9": torch.zeros(3)}, {"trunk": 1000})
+
+
+def test_a_generation_written_by_an_older_node_still_loads(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    store.save(snapshot(4))
+    _rewrite(tmp_path, 1, format=1)
+    loaded = store.latest("s1")
+    assert loaded is not None and loaded.outer_round == 4
