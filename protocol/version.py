@@ -1,6 +1,8 @@
 """Wire protocol version: bump on any change to what crosses the DHT or the wire.
 
 2: averaging acknowledgements carry a refusal code (protocol/wire.py: Refusal).
+3: every DHT record is signed by the peer its subkey names (node/net/hivemind.py: SignedRecords); unsigned
+   records are refused. Also new, optional for older readers: dial-back, reachability, send-only members.
 """
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3

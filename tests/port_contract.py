@@ -120,45 +120,61 @@ async def check_unknown_peer(client: SwarmPort, absent_peer: str) -> None:
 
 
 async def check_store_and_read(server: SwarmPort, client: SwarmPort) -> None:
-    """Each subkey keeps its own value and expiration; every peer reads them back as stored, as copies."""
+    """Each subkey (a peer's own id) keeps its own value and expiration; every peer reads them back as stored, as
+    copies."""
     expiration = client.now() + 60
     items: List[object] = [1, 2.5, "x"]
     first = {"list": items, "pair": (3, b"\x00\xff"), "none": None, "flag": True}
-    assert await client.store("contract/records", "first", first, expiration)
-    assert await client.store("contract/records", "second", "two", expiration + 1)
+    assert await client.store("contract/records", client.peer_id, first, expiration)
+    assert await server.store("contract/records", server.peer_id, "two", expiration + 1)
     items.append("changed after storing")
-    expected = {"first": ({"list": [1, 2.5, "x"], "pair": (3, b"\x00\xff"), "none": None, "flag": True}, expiration),
-                "second": ("two", expiration + 1)}
+    expected = {
+        client.peer_id: ({"list": [1, 2.5, "x"], "pair": (3, b"\x00\xff"), "none": None, "flag": True}, expiration),
+        server.peer_id: ("two", expiration + 1),
+    }
     for port in (server, client):
         found = await port.read("contract/records")
         assert found == expected
-        assert type(found["first"][0]["pair"]) is tuple and type(found["first"][0]["list"]) is list
-        found["first"][0]["list"].clear()  # our copy: the next read is unchanged
+        mine = found[client.peer_id][0]
+        assert type(mine["pair"]) is tuple and type(mine["list"]) is list
+        mine["list"].clear()  # our copy: the next read is unchanged
     assert await server.read("contract/records") == expected
     assert await server.read("contract/no-such-key") == {}
 
 
 async def check_newest_record_wins(server: SwarmPort, client: SwarmPort) -> None:
     """A record no newer than the one under its subkey, or already expired, is refused; a newer one replaces it."""
+    now, me = client.now(), client.peer_id
+    assert await client.store("contract/newest", me, "first", now + 30) is True
+    assert await client.store("contract/newest", me, "older", now + 20) is False
+    assert await client.store("contract/newest", me, "same", now + 30) is False
+    assert await client.store("contract/late", me, "expired", now - 1) is False
+    assert await server.read("contract/newest") == {me: ("first", now + 30)}
+    assert await server.read("contract/late") == {}
+    assert await client.store("contract/newest", me, "newer", now + 40) is True
+    assert await server.read("contract/newest") == {me: ("newer", now + 40)}
+
+
+async def check_only_the_owner_writes_its_subkey(server: SwarmPort, client: SwarmPort) -> None:
+    """A subkey is a peer id, and only that peer writes under it: another peer's store is refused (False), and the
+    owner's record stands for every reader."""
     now = client.now()
-    assert await client.store("contract/newest", "s", "first", now + 30) is True
-    assert await client.store("contract/newest", "s", "older", now + 20) is False
-    assert await client.store("contract/newest", "s", "same", now + 30) is False
-    assert await client.store("contract/newest", "late", "expired", now - 1) is False
-    assert await server.read("contract/newest") == {"s": ("first", now + 30)}
-    assert await server.store("contract/newest", "s", "newer", now + 40) is True
-    assert await client.read("contract/newest") == {"s": ("newer", now + 40)}
+    assert await client.store("contract/owned", client.peer_id, {"leaving": False}, now + 30) is True
+    assert await server.store("contract/owned", client.peer_id, {"leaving": True}, now + 40) is False
+    assert await server.store("contract/owned", "someone-else", "x", now + 40) is False
+    for port in (server, client):
+        assert await port.read("contract/owned") == {client.peer_id: ({"leaving": False}, now + 30)}
 
 
 async def check_records_expire(server: SwarmPort, client: SwarmPort) -> None:
     """A record is read until its expiration time on ``now()``, and never after."""
     now = client.now()
-    assert await client.store("contract/expiring", "short", 1, now + LIFETIME)
-    assert await client.store("contract/expiring", "long", 2, now + 60)
-    assert set(await server.read("contract/expiring")) == {"short", "long"}
+    assert await client.store("contract/expiring", client.peer_id, 1, now + LIFETIME)
+    assert await server.store("contract/expiring", server.peer_id, 2, now + 60)
+    assert set(await server.read("contract/expiring")) == {client.peer_id, server.peer_id}
     await asyncio.sleep(LIFETIME + 0.3)
     assert server.now() > now + LIFETIME
-    assert await server.read("contract/expiring") == {"long": (2, now + 60)}
+    assert await server.read("contract/expiring") == {server.peer_id: (2, now + 60)}
 
 
 async def check_now_is_shared_wall_time(server: SwarmPort, client: SwarmPort) -> None:
@@ -178,6 +194,7 @@ CHECKS: List[Check] = [
     check_unknown_handler,
     check_store_and_read,
     check_newest_record_wins,
+    check_only_the_owner_writes_its_subkey,
     check_records_expire,
     check_now_is_shared_wall_time,
 ]

@@ -4,7 +4,8 @@
 - addresses    multiaddrs as users give them: validate_maddr, validate_peer_maddr, peer_id_of (py-multiaddr)
 - loop         the uvloop event loop thread every network coroutine of a node runs on
 - streams      framed request/response over p2p streams; the pool of idle streams we reuse
-- hivemind     HivemindSwarm: hivemind's DHT and p2p streams (the only module that imports hivemind)
+- hivemind     HivemindSwarm: hivemind's DHT and p2p streams, SignedRecords (the only module importing hivemind)
+- identity     the identity key file: check, read, create (Ed25519); sign and verify; peer id of a public key
 - inprocess    InProcessNetwork / InProcessSwarm: peers in one event loop, with kill and byte counts (tests)
 - faults       the in-process network's fault rules: drop, delay, corrupt, truncate, close
 - virtualtime  run_virtual, VirtualClock: an event loop whose clock jumps to the next timer (tests)
@@ -23,8 +24,8 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.net.faults import Rule as Rule
     from node.net.faults import flip_bit as flip_bit
     from node.net.hivemind import HivemindSwarm as HivemindSwarm
-    from node.net.hivemind import check_identity_file as check_identity_file
     from node.net.hivemind import route_hivemind_logs as route_hivemind_logs
+    from node.net.identity import check_identity_file as check_identity_file
     from node.net.inprocess import InProcessNetwork as InProcessNetwork
     from node.net.inprocess import InProcessSwarm as InProcessSwarm
     from node.net.loop import LoopThread as LoopThread

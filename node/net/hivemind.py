@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
+import multiprocessing
 import os
 import re
+import shutil
 import signal
-from typing import Any, Awaitable, Dict, List, Optional, Sequence, Tuple, TypeVar
+import tempfile
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import hivemind  # node/__init__.py has chosen hivemind's memory sharing strategy already
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
 from hivemind.utils.logging import use_hivemind_log_handler
+from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
-from node.errors import ConfigError, PeerUnreachable
+from node.errors import PeerUnreachable
+from node.net.identity import Identity, peer_id_of_public_key, read_identity, verify, write_new_identity
 from node.net.loop import LoopThread
 from node.net.port import REMOTE_ADDRESS, Handler
 from node.net.streams import STREAM_IDLE_SECONDS, Stream, StreamPool, read_frame, write_frame
@@ -61,53 +68,109 @@ class _DaemonShutdownNoise(logging.Filter):
         return True
 
 
-MAX_IDENTITY_BYTES = 64 << 10  # an RSA-4096 key in DER is under 3 KB
+RECORD_TRAILER = b"CMS1"  # ends every signed value: ... public key, signature, their lengths (2 bytes each), this
+MAX_VALUE_BYTES = 256 << 10  # a peer record naming 4096 modules is under 100 KB
+DEFAULT_MAX_RECORD_SECONDS = 3600.0
 
 
-def check_identity_file(path: str) -> None:
-    """Refuse, before any daemon starts, an identity file p2pd could not use (ConfigError, one line): an
-    existing one must be a regular, readable file holding a libp2p private key (protobuf; RSA in DER, as
-    hivemind writes them, or Ed25519); a missing one must be creatable (its directory exists, writable)."""
-    import stat
+class SignedRecords(RecordValidatorBase):  # type: ignore[misc]  # hivemind has no type stubs
+    """Only a record's owner can write it: every DHT record of ours has a subkey that is a peer id, and its
+    value ends in that peer's public key and its signature over (key, subkey, value, expiration). A record
+    that fails (unsigned, signed by another key, tampered, too large, or expiring later than
+    ``max_record_seconds`` from now) is refused when a peer asks us to store it and dropped when a peer
+    returns it to us; ``refused`` counts them (shared with the DHT process, which does the checking).
 
-    from cryptography.hazmat.primitives import serialization
-    from hivemind.proto import crypto_pb2
+    The DHT process signs our own records with the key in ``identity_path`` (node/net/identity.py): the
+    key p2pd runs with, so the signer is the peer the network knows."""
 
-    fix = "give --identity a key file written by a node (or a path where a new one may be created)"
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
-            raise ConfigError(
-                f"identity file {path} does not exist and cannot be created in {directory}; {fix}"
-            ) from None
-        return
-    except OSError as e:
-        raise ConfigError(f"cannot read identity file {path}: {e.strerror or e}; {fix}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"identity file {path} is not a regular file; {fix}")
-    if info.st_size > MAX_IDENTITY_BYTES:
-        raise ConfigError(f"identity file {path} has {info.st_size:,} bytes: not a private key; {fix}")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_IDENTITY_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"identity file {path} is not readable ({e.strerror or e}); fix its permissions") from None
-    if not raw:
-        raise ConfigError(f"identity file {path} is empty; {fix}")
-    try:
-        key = crypto_pb2.PrivateKey.FromString(raw)
-        if key.key_type == crypto_pb2.KeyType.RSA:
-            serialization.load_der_private_key(key.data, password=None)
-        elif key.key_type == crypto_pb2.KeyType.Ed25519:
-            if len(key.data) not in (32, 64):
-                raise ValueError(f"an Ed25519 key has 32 or 64 bytes, not {len(key.data)}")
-        else:
-            raise ValueError(f"key type {key.key_type} is not supported here (RSA or Ed25519)")
-    except Exception as e:  # protobuf and cryptography raise several types for garbage
-        reason = (str(e).splitlines()[0].split(". ")[0] if str(e) else "") or type(e).__name__
-        raise ConfigError(f"identity file {path} does not hold a libp2p private key ({reason}); {fix}") from None
+    def __init__(self, identity_path: Optional[str], max_record_seconds: float = DEFAULT_MAX_RECORD_SECONDS) -> None:
+        self._identity_path = identity_path
+        self._identity: Optional[Identity] = None
+        self._subkey: Optional[bytes] = None
+        self.max_record_seconds = max_record_seconds
+        self.refused = multiprocessing.get_context("fork").Value("Q", 0, lock=True)
+
+    def _me(self) -> Optional[Identity]:
+        if self._identity is None and self._identity_path is not None:
+            self._identity = read_identity(self._identity_path)
+            self._subkey = MSGPackSerializer.dumps(self._identity.peer_id)
+        return self._identity
+
+    @staticmethod
+    def _message(record: DHTRecord, value: bytes) -> bytes:
+        packed = MSGPackSerializer.dumps((record.key, record.subkey, value, record.expiration_time))
+        return b"commons-record|" + bytes(packed)
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        me = self._me()
+        if me is None or record.subkey != self._subkey:
+            return bytes(record.value)  # not ours to sign: every peer will refuse it
+        signature = me.sign(self._message(record, record.value))
+        lengths = len(me.public).to_bytes(2, "big") + len(signature).to_bytes(2, "big")
+        return bytes(record.value) + me.public + signature + lengths + RECORD_TRAILER
+
+    @staticmethod
+    def _split(value: bytes) -> Optional[Tuple[bytes, bytes, bytes]]:
+        """(value, public key, signature) of a signed value, or None."""
+        if len(value) < 8 or not value.endswith(RECORD_TRAILER):
+            return None
+        key_length = int.from_bytes(value[-8:-6], "big")
+        signature_length = int.from_bytes(value[-6:-4], "big")
+        body = len(value) - 8 - key_length - signature_length
+        if body < 0:
+            return None
+        return value[:body], value[body : body + key_length], value[body + key_length : -8]
+
+    def validate(self, record: DHTRecord) -> bool:
+        ok = self._valid(record)
+        if not ok:
+            with self.refused.get_lock():
+                self.refused.value += 1
+        return ok
+
+    def _valid(self, record: DHTRecord) -> bool:
+        if len(record.value) > MAX_VALUE_BYTES or record.expiration_time > now() + self.max_record_seconds:
+            return False
+        parts = self._split(bytes(record.value))
+        if parts is None:
+            return False
+        value, public, signature = parts
+        try:
+            owner = MSGPackSerializer.loads(record.subkey)
+        except Exception:  # msgpack raises several types for garbage
+            return False
+        if not isinstance(owner, str) or peer_id_of_public_key(public) != owner:
+            return False
+        return verify(public, self._message(record, value), signature)
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        parts = self._split(bytes(record.value))
+        return parts[0] if parts is not None else bytes(record.value)
+
+    @property
+    def priority(self) -> int:
+        return 10  # before any validator that reads the value
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return False
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """For a copy sent to another process (hivemind's DHT process is forked, so it needs none): without the
+        key (read again from its file where it is needed) and counting on its own."""
+        state = self.__dict__.copy()
+        state["_identity"] = None
+        state["refused"] = _Count(int(self.refused.value))
+        return state
+
+
+class _Count:
+    """A counter with the interface of a multiprocessing.Value, for one process."""
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def get_lock(self) -> "contextlib.nullcontext[None]":
+        return contextlib.nullcontext()
 
 
 def now() -> float:
@@ -157,6 +220,8 @@ class HivemindSwarm:
         self._streams = StreamPool()
         self._peer_id = str(p2p.peer_id)
         self._closed = False
+        self._validator: Optional[SignedRecords] = None
+        self._clean_up: Callable[[], None] = lambda: None
 
     @property
     def peer_id(self) -> str:
@@ -175,14 +240,30 @@ class HivemindSwarm:
         identity_path: Optional[str] = None,
         client_mode: bool = False,
         startup_timeout: float = 20.0,
+        max_record_seconds: float = DEFAULT_MAX_RECORD_SECONDS,
     ) -> "HivemindSwarm":
-        """Start the DHT (and its p2pd) and join through ``initial_peers``; raise PeerUnreachable."""
+        """Start the DHT (and its p2pd) and join through ``initial_peers``; raise PeerUnreachable.
+
+        The node signs its DHT records with its identity key (SignedRecords), so it always has a key file:
+        ``identity_path``, created (Ed25519) if missing, or a new one in a temporary directory removed on close.
+        ``max_record_seconds``: the longest a record may still live when stored (the manifest's longest TTL)."""
+        temporary: Optional[str] = None
+        fresh = identity_path is None or not os.path.exists(identity_path)
+        if identity_path is None:
+            temporary = tempfile.mkdtemp(prefix="commons-identity-")
+            identity_path = os.path.join(temporary, "identity.key")
+        if fresh:
+            write_new_identity(identity_path)
+        validator = SignedRecords(identity_path, max_record_seconds)
         kwargs: Dict[str, Any] = dict(
             initial_peers=list(initial_peers),
             host_maddrs=list(host_maddrs),
             client_mode=client_mode,
             identity_path=identity_path,
             startup_timeout=startup_timeout,
+            record_validators=[validator],
+            # A key made a moment ago is nobody else's: skip hivemind's check (it starts a second daemon).
+            check_if_identity_free=not fresh,
             # Never reach for the LAN gateway (UPnP) or public relays on our own.
             nat_port_map=False,
             use_relay=False,
@@ -190,13 +271,17 @@ class HivemindSwarm:
         )
         if announce_maddrs:
             kwargs["announce_maddrs"] = list(announce_maddrs)
-        if identity_path and os.path.exists(identity_path) and not os.access(identity_path, os.R_OK):
-            raise PeerUnreachable(f"identity file {identity_path} is not readable; fix its permissions")
+
+        def clean_up() -> None:
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
+
         dht = _GuardedDHT(start=False, **kwargs)
         try:
             dht.run_in_background(await_ready=True, timeout=startup_timeout + 10)
         except Exception as e:
             dht_kill(dht, graceful=False)
+            clean_up()
             raise PeerUnreachable(_explain_start_failure(e, initial_peers, startup_timeout)) from None
         loop = LoopThread()
         try:
@@ -204,8 +289,16 @@ class HivemindSwarm:
         except Exception as e:
             loop.stop()
             dht_kill(dht)
+            clean_up()
             raise PeerUnreachable(f"cannot attach to the p2p daemon: {e}") from None
-        return cls(dht, loop, p2p)
+        swarm = cls(dht, loop, p2p)
+        swarm._validator, swarm._clean_up = validator, clean_up
+        return swarm
+
+    @property
+    def records_refused(self) -> int:
+        """DHT records refused or dropped by the signature and bound checks (SignedRecords), so far."""
+        return int(self._validator.refused.value) if self._validator is not None else 0
 
     # --- running coroutines -------------------------------------------------------
     def run(self, coro: Awaitable[T], timeout: Optional[float] = None) -> T:
@@ -323,6 +416,7 @@ class HivemindSwarm:
             pass
         self._loop.stop()
         dht_kill(self._dht)
+        self._clean_up()
 
 
 def dht_kill(dht: hivemind.DHT, graceful: bool = True) -> None:

@@ -159,6 +159,8 @@ class InProcessSwarm:
         """Store one subkey's value (msgpack-serializable, else TypeError) until ``expiration_time``."""
         self._check_alive()
         await asyncio.sleep(0)  # a DHT operation is never instantaneous: let the other tasks run
+        if subkey != self.peer_id:  # only the owner writes its subkey (the real swarm checks signatures)
+            return False
         return self.network._store(key, subkey, value, expiration_time)
 
     async def read(self, key: str) -> Dict[str, Tuple[Any, float]]:

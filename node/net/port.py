@@ -13,7 +13,9 @@ Contract (tests/port_contract.py: the same checks, run against both):
 - ``serve`` registers ``handler(peer_id, request) -> response`` under ``name``; a handler that raises
   closes the caller's stream (the caller sees ConnectionError) and is logged, never crashes the node.
 - ``store`` / ``read`` are the DHT: under a key, one value per subkey with an expiration time (on the
-  ``now()`` clock); ``read`` returns the live ones as {subkey: (value, expiration)}.
+  ``now()`` clock); ``read`` returns the live ones as {subkey: (value, expiration)}. A subkey is a peer id,
+  and only that peer can write under it: a store under another subkey returns False and changes nothing
+  (the real swarm signs every record: node/net/hivemind.py, SignedRecords).
 - ``now()`` is the clock DHT records are stamped with: wall time, shared by every peer of the swarm.
 """
 

@@ -135,6 +135,7 @@ class NodeMetrics:
             "reachability", "1 for whether other peers can dial this node: public, private or unknown (dial-back)",
             ["state"], namespace=ns, registry=r,
         )  # fmt: skip
+        self.set_reachability("unknown")
         ProcessCollector(registry=r)
 
     def set_reachability(self, state: str) -> None:
@@ -184,6 +185,21 @@ class AveragerCollector(Collector):
         for reason, count in sorted(stats.parts_rejected.items() if stats else ()):
             rejected.add_metric([reason], count)
         return [sent, received, rejected]
+
+
+class RecordsRefusedCollector(Collector):
+    """DHT records the node refused or dropped: unsigned, signed by another key than their subkey's peer, too
+    large or expiring too late (node/net/hivemind.py SignedRecords); read at scrape time."""
+
+    def __init__(self, count: Callable[[], int]) -> None:
+        self._count = count
+
+    def collect(self) -> Iterable[Metric]:
+        refused = CounterMetricFamily(
+            f"{NAMESPACE}_dht_records_refused", "DHT records refused: unsigned, forged, oversized or expiring too late"
+        )
+        refused.add_metric([], self._count())
+        return [refused]
 
 
 class HelperProcessCollector(Collector):

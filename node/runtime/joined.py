@@ -34,6 +34,7 @@ from node.ops import (
     CheckpointStore,
     Endpoints,
     HelperProcessCollector,
+    RecordsRefusedCollector,
     Snapshot,
     SwarmViewCollector,
     open_endpoints,
@@ -270,6 +271,7 @@ class Joined:
         metrics = self.context.metrics
         metrics.attach(AveragerCollector(lambda: self.averager.stats))
         metrics.attach(HelperProcessCollector())
+        metrics.attach(RecordsRefusedCollector(lambda: self.swarm.records_refused))
         swarm_registry = CollectorRegistry()
         swarm_registry.register(SwarmViewCollector(lambda: self.membership.view, self.module_names))
         return open_endpoints(self.context.config.metrics_addr, metrics.registry, swarm_registry, self.context.health,

@@ -23,6 +23,7 @@ from node.runtime.joined import Joined
 from node.runtime.loop import RoundLoop
 from node.runtime.report import ModuleOutcome, RoundSummary
 from node.swarm import StateServer, Verdict, listen_ports, probe
+from node.swarm.membership import RECORD_TTL_SECONDS
 from node.training import ModelFactory, TextData, resolve_device
 from protocol.manifest import Manifest, load_manifest
 
@@ -111,11 +112,16 @@ class Node:
         config = self.config
         forced = config.reachability != "auto"
 
+        # The longest a record of ours lives (a ready record: a round's timeout), with a minute for clock skew:
+        # peers refuse records that claim to live longer (node/net/hivemind.py, SignedRecords).
+        longest = max(RECORD_TTL_SECONDS, self.manifest.averaging.round_timeout_seconds) + 60.0
+
         def open_swarm(client_mode: bool) -> HivemindSwarm:
             return self.swarm_class.open(
                 initial_peers=config.initial_peers, host_maddrs=config.host_maddrs,
                 announce_maddrs=config.announce_maddrs, identity_path=identity,
                 startup_timeout=config.bootstrap_timeout_seconds, client_mode=client_mode,
+                max_record_seconds=longest,
             )  # fmt: skip
 
         if forced:

@@ -15,7 +15,13 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.averaging.averager import Averager, AveragingStats
-from node.ops.metrics import AveragerCollector, HelperProcessCollector, NodeMetrics, SwarmViewCollector
+from node.ops.metrics import (
+    AveragerCollector,
+    HelperProcessCollector,
+    NodeMetrics,
+    RecordsRefusedCollector,
+    SwarmViewCollector,
+)
 from node.runtime.report import ModuleOutcome
 from node.swarm.membership import SwarmView
 from protocol.manifest import AveragingSpec
@@ -47,6 +53,7 @@ def node_registry(stats: AveragingStats) -> Tuple[NodeMetrics, CollectorRegistry
     metrics = NodeMetrics(registry, version="9.9", swarm_id="abc", protocol_version=1)
     metrics.attach(AveragerCollector(lambda: stats))
     metrics.attach(HelperProcessCollector())
+    metrics.attach(RecordsRefusedCollector(lambda: 3))  # as node/runtime/joined.py attaches them
     return metrics, registry
 
 

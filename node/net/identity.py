@@ -1,0 +1,220 @@
+"""A node's identity key: the libp2p private key p2pd runs with, read here too so the node can sign its records.
+
+Key files are libp2p's protobuf ``PrivateKey`` (field 1: key type, field 2: key bytes), as p2pd reads them:
+RSA in DER (hivemind writes those) or Ed25519 (64 bytes: seed, then public key; what this module writes). A
+peer id is the multihash of the protobuf ``PublicKey``: the key itself ("identity" multihash) when that is at
+most 42 bytes (Ed25519: ``12D3KooW…``), else its SHA-256 (RSA: ``Qm…``). So a record's signature can be
+checked against the peer id that names its owner, with the public key carried beside the signature.
+
+No hivemind here: `node doctor`, the config checks and the record validator (node/net/hivemind.py) share it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tempfile
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import base58
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+
+from node.errors import ConfigError
+
+RSA, ED25519 = 0, 1  # libp2p KeyType values
+MAX_IDENTITY_BYTES = 64 << 10  # an RSA-4096 key in DER is under 3 KB
+_FIX = "give --identity a key file written by a node (or a path where a new one may be created)"
+PrivateKey = Union[rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey]
+
+
+class KeyFormatError(ValueError):
+    """Bytes that are not a libp2p key of a type we can use."""
+
+
+# --- protobuf, by hand: two fields ---------------------------------------------------------------------------------
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, at: int) -> Tuple[int, int]:
+    value, shift = 0, 0
+    while at < len(data) and shift < 64:
+        byte = data[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if not byte & 0x80:
+            return value, at
+    raise KeyFormatError("truncated varint")
+
+
+def encode_key(key_type: int, data: bytes) -> bytes:
+    """libp2p's ``PrivateKey`` / ``PublicKey`` message: {1: type, 2: data}."""
+    return b"\x08" + _varint(key_type) + b"\x12" + _varint(len(data)) + data
+
+
+def decode_key(raw: bytes) -> Tuple[int, bytes]:
+    """(type, data) of a ``PrivateKey`` / ``PublicKey`` message; KeyFormatError for anything else."""
+    key_type: Optional[int] = None
+    data = b""
+    at = 0
+    while at < len(raw):
+        tag, at = _read_varint(raw, at)
+        number, wire = tag >> 3, tag & 7
+        if number == 1 and wire == 0:
+            key_type, at = _read_varint(raw, at)
+        elif number == 2 and wire == 2:
+            length, at = _read_varint(raw, at)
+            if at + length > len(raw):
+                raise KeyFormatError("key bytes run past the end")
+            data, at = raw[at : at + length], at + length
+        else:
+            raise KeyFormatError(f"unexpected field {number} (wire type {wire})")
+    if key_type is None or not data:
+        raise KeyFormatError("no key type or no key bytes")
+    return key_type, bytes(data)
+
+
+# --- keys ----------------------------------------------------------------------------------------------------------
+def private_key_from(raw: bytes) -> PrivateKey:
+    key_type, data = decode_key(raw)
+    if key_type == RSA:
+        try:
+            key = serialization.load_der_private_key(data, password=None)
+        except (ValueError, TypeError) as e:
+            raise KeyFormatError(f"not an RSA key in DER ({str(e).split('.')[0]})") from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise KeyFormatError("the DER key is not RSA")
+        return key
+    if key_type == ED25519:
+        if len(data) not in (32, 64):
+            raise KeyFormatError(f"an Ed25519 key has 32 or 64 bytes, not {len(data)}")
+        return ed25519.Ed25519PrivateKey.from_private_bytes(data[:32])
+    raise KeyFormatError(f"key type {key_type} is not supported here (RSA or Ed25519)")
+
+
+def public_key_proto(key: PrivateKey) -> bytes:
+    """The protobuf ``PublicKey`` of ``key``, the bytes its peer id is the multihash of."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return encode_key(RSA, der)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return encode_key(ED25519, raw)
+
+
+def peer_id_of_public_key(proto: bytes) -> str:
+    """The base58 peer id of a protobuf ``PublicKey``."""
+    if len(proto) <= 42:
+        multihash = b"\x00" + _varint(len(proto)) + proto
+    else:
+        multihash = b"\x12\x20" + hashlib.sha256(proto).digest()
+    return str(base58.b58encode(multihash).decode())
+
+
+def sign(key: PrivateKey, message: bytes) -> bytes:
+    if isinstance(key, rsa.RSAPrivateKey):
+        return bytes(key.sign(message, padding.PKCS1v15(), hashes.SHA256()))
+    return bytes(key.sign(message))
+
+
+def verify(proto: bytes, message: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` over ``message`` was made by the private half of the protobuf ``PublicKey``."""
+    try:
+        key_type, data = decode_key(proto)
+        if key_type == RSA:
+            public = serialization.load_der_public_key(data)
+            if not isinstance(public, rsa.RSAPublicKey) or public.key_size > 8192:
+                return False
+            public.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+        elif key_type == ED25519 and len(data) == 32:
+            ed25519.Ed25519PublicKey.from_public_bytes(data).verify(signature, message)
+        else:
+            return False
+    except (InvalidSignature, KeyFormatError, ValueError, TypeError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A node's key, its public half as peers see it, and its peer id."""
+
+    key: PrivateKey
+    public: bytes
+    peer_id: str
+
+    def sign(self, message: bytes) -> bytes:
+        return sign(self.key, message)
+
+
+def read_identity(path: str) -> Identity:
+    """The identity in ``path``; ConfigError (one line, exit 2) if it is not a key file a node can use."""
+    check_identity_file(path)
+    with open(path, "rb") as f:
+        key = private_key_from(f.read(MAX_IDENTITY_BYTES + 1))
+    public = public_key_proto(key)
+    return Identity(key, public, peer_id_of_public_key(public))
+
+
+def write_new_identity(path: str) -> Identity:
+    """A new Ed25519 key in ``path`` (mode 0600, written to a temporary file and renamed into place)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    public_raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".identity-", suffix=".tmp")
+    try:
+        os.fchmod(handle, 0o600)
+        os.write(handle, encode_key(ED25519, seed + public_raw))
+        os.fsync(handle)
+        os.close(handle)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    public = public_key_proto(key)
+    return Identity(key, public, peer_id_of_public_key(public))
+
+
+def check_identity_file(path: str) -> None:
+    """Refuse, before any daemon starts, an identity file p2pd could not use (ConfigError, one line): an
+    existing one must be a regular, readable file holding a libp2p private key; a missing one must be
+    creatable (its directory exists and is writable)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"identity file {path} does not exist and cannot be created in {directory}; {_FIX}"
+            ) from None
+        return
+    except OSError as e:
+        raise ConfigError(f"cannot read identity file {path}: {e.strerror or e}; {_FIX}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(f"identity file {path} is not a regular file; {_FIX}")
+    if info.st_size > MAX_IDENTITY_BYTES:
+        raise ConfigError(f"identity file {path} has {info.st_size:,} bytes: not a private key; {_FIX}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_IDENTITY_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"identity file {path} is not readable ({e.strerror or e}); fix its permissions") from None
+    if not raw:
+        raise ConfigError(f"identity file {path} is empty; {_FIX}")
+    try:
+        private_key_from(raw)
+    except KeyFormatError as e:
+        raise ConfigError(f"identity file {path} does not hold a libp2p private key ({e}); {_FIX}") from None
+
+
+def identity_or_none(path: Optional[str]) -> Optional[Identity]:
+    return read_identity(path) if path and os.path.exists(path) else None
