@@ -148,11 +148,10 @@ def _refusal(raw: Any, hint: Any, path: KeyPath, rules: Rules, finite: bool = Fa
 MAX_FILE_BYTES = 1 << 20  # a manifest or config file is a few KB; anything near this is not one
 
 
-def read_small_text(path: str, what: str, fix: str) -> str:
-    """The text of a manifest or config file: a regular file of at most ``MAX_FILE_BYTES``, UTF-8. Anything else
-    (missing, a directory, a FIFO or device that would block or never end, too large, not text) raises
-    ValueError with one line naming ``what`` and ``path``, ending in ``fix``; the caller re-raises it as its
-    own error type."""
+def read_small_file(path: str, what: str, fix: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``. Anything else (missing, a directory, a FIFO or device
+    that would block or never end, too large, unreadable) raises ValueError with one line naming ``what`` and
+    ``path``, ending in ``fix``; the caller re-raises it as its own error type."""
     import os
     import stat
 
@@ -165,15 +164,21 @@ def read_small_text(path: str, what: str, fix: str) -> str:
     if not stat.S_ISREG(info.st_mode):
         kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, device or socket)"
         raise ValueError(f"{what} {path} is {kind}; {fix}")
-    if info.st_size > MAX_FILE_BYTES:
-        raise ValueError(f"{what} {path} has {info.st_size:,} bytes, more than {MAX_FILE_BYTES:,}; {fix}")
+    if info.st_size > max_bytes:
+        raise ValueError(f"{what} {path} has {info.st_size:,} bytes, more than {max_bytes:,}; {fix}")
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+            data = f.read(max_bytes + 1)
     except OSError as e:
         raise ValueError(f"cannot read {what} {path}: {e.strerror or e}; {fix}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ValueError(f"{what} {path} grew past {MAX_FILE_BYTES:,} bytes while read; {fix}")
+    if len(data) > max_bytes:
+        raise ValueError(f"{what} {path} grew past {max_bytes:,} bytes while read; {fix}")
+    return data
+
+
+def read_small_text(path: str, what: str, fix: str) -> str:
+    """The UTF-8 text of a manifest or config file (``read_small_file``); ValueError otherwise."""
+    data = read_small_file(path, what, fix)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

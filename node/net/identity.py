@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import tempfile
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from node.errors import ConfigError
+from protocol.typed import read_small_file
 
 RSA, ED25519 = 0, 1  # libp2p KeyType values
 MAX_IDENTITY_BYTES = 64 << 10  # an RSA-4096 key in DER is under 3 KB
@@ -188,26 +188,15 @@ def check_identity_file(path: str) -> None:
     """Refuse, before any daemon starts, an identity file p2pd could not use (ConfigError, one line): an
     existing one must be a regular, readable file holding a libp2p private key; a missing one must be
     creatable (its directory exists and is writable)."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
-            raise ConfigError(
-                f"identity file {path} does not exist and cannot be created in {directory}; {_FIX}"
-            ) from None
+            raise ConfigError(f"identity file {path} does not exist and cannot be created in {directory}; {_FIX}")
         return
-    except OSError as e:
-        raise ConfigError(f"cannot read identity file {path}: {e.strerror or e}; {_FIX}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigError(f"identity file {path} is not a regular file; {_FIX}")
-    if info.st_size > MAX_IDENTITY_BYTES:
-        raise ConfigError(f"identity file {path} has {info.st_size:,} bytes: not a private key; {_FIX}")
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_IDENTITY_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"identity file {path} is not readable ({e.strerror or e}); fix its permissions") from None
+        raw = read_small_file(path, "identity file", _FIX, MAX_IDENTITY_BYTES)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not raw:
         raise ConfigError(f"identity file {path} is empty; {_FIX}")
     try:

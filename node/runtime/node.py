@@ -22,8 +22,7 @@ from node.runtime.context import NodeContext
 from node.runtime.joined import Joined
 from node.runtime.loop import RoundLoop
 from node.runtime.report import ModuleOutcome, RoundSummary
-from node.swarm import StateServer, Verdict, listen_ports, probe
-from node.swarm.membership import RECORD_TTL_SECONDS
+from node.swarm import RECORD_TTL_SECONDS, StateServer, Verdict, listen_ports, probe
 from node.training import ModelFactory, TextData, resolve_device
 from protocol.manifest import Manifest, load_manifest
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.swarm.hello import Greeter as Greeter
     from node.swarm.hello import ask as ask
     from node.swarm.hello import check_bootstrap_peers as check_bootstrap_peers
+    from node.swarm.membership import RECORD_TTL_SECONDS as RECORD_TTL_SECONDS
     from node.swarm.membership import Membership as Membership
     from node.swarm.membership import SwarmView as SwarmView
     from node.swarm.membership import read_peers as read_peers

@@ -92,7 +92,7 @@ def test_identity_files_p2pd_cannot_use_are_refused_before_it_starts(tmp_path: P
             check_identity_file(str(tmp_path / name))
         assert "\n" not in str(refused.value) and len(str(refused.value)) < 300, refused.value
     (tmp_path / "dir.key").mkdir()
-    with pytest.raises(ConfigError, match="not a regular file"):
+    with pytest.raises(ConfigError, match="is a directory"):
         check_identity_file(str(tmp_path / "dir.key"))
     with pytest.raises(ConfigError, match="cannot be created"):
         check_identity_file(str(tmp_path / "missing" / "id.key"))
