@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Generator, List, Literal, NamedTuple, Op
 from node.errors import DataPathError, PeerUnreachable
 from node.net import SwarmPort, ip_and_port, peer_id_of
 from node.runtime import NodeConfig
-from node.swarm import ask, ask_dialback, listen_ports, read_peers
+from node.swarm import ask, ask_dialback, decide, listen_ports, read_peers
 from protocol.manifest import Manifest
 from protocol.wire import DialBackReply, WireError
 
@@ -251,13 +251,6 @@ def check_device(requested: str, cuda: Callable[[], Optional[str]] = cuda_device
 
 
 # --- the swarm -----------------------------------------------------------------------------------------------
-def identity_path(config: NodeConfig) -> Optional[str]:
-    """The key `node start` would use: --identity, else the one kept in --checkpoint-dir (node/runtime/node.py)."""
-    if config.identity:
-        return config.identity
-    return str(Path(config.checkpoint_dir) / "identity.key") if config.checkpoint_dir else None
-
-
 def read_identity(path: Optional[str], binary: Optional[Path]) -> "Check | str":
     """The peer id of the key at ``path``, or the check's outcome when there is no key to look for in the swarm."""
     if path is None:
@@ -339,22 +332,23 @@ async def dial_back(
 
 
 def check_reachability(samples: Sequence[DialSample], ports: Sequence[int], config: NodeConfig) -> Check:
-    """Can strangers connect to us? Judged from the dial-backs (node/swarm/reachability.py's rule)."""
+    """Can strangers connect to us? The verdict a node reaches at start (node/swarm/reachability.py ``decide``)
+    on these dial-backs, said with what the peers saw."""
     name = "reachable from outside"
     if not ports:
         return skipped(name, "this node listens on no TCP port: nothing to dial")
-    dialed = [s for s in samples if s.reply is not None and s.reply.tried]
-    for s in dialed:
-        assert s.reply is not None
-        if s.reply.reachable:
-            note = " (the node acts private all the same: --private)" if config.reachability == "private" else ""
-            where = f"{s.reply.observed} port {_ports(s.reply.reachable)}"
-            return passed(name, f"peer …{s.peer[-8:]} dialed {where} and connected{note}")
-    if not dialed:
+    verdict = decide([s.reply for s in samples])
+    if verdict == "unknown":
         said = "; ".join(f"…{s.peer[-8:]}: {s.error or (s.reply.reason if s.reply else '')}" for s in samples)
         return skipped(name, f"cannot tell, no peer dialed back ({said})")
-    s = dialed[0]
+    # the first peer that connected (public), or that dialed and did not (private)
+    public = verdict == "public"
+    s = [s for s in samples if s.reply is not None and (s.reply.reachable if public else s.reply.tried)][0]
     assert s.reply is not None
+    if public:
+        note = " (the node acts private all the same: --private)" if config.reachability == "private" else ""
+        where = f"{s.reply.observed} port {_ports(s.reply.reachable)}"
+        return passed(name, f"peer …{s.peer[-8:]} dialed {where} and connected{note}")
     dialed_at = f"{s.reply.observed}:{_ports(s.reply.tried)}"
     detail = f"not reachable from outside (peer …{s.peer[-8:]} dialed {dialed_at} and got no connection)"
     if config.reachability == "private":
@@ -417,7 +411,7 @@ def run_doctor(
     listening = [check_listen_port(m) for m in config.host_maddrs]
     for check in listening:
         add(check)
-    identity = read_identity(identity_path(config), binary if daemon.ok else None)
+    identity = read_identity(config.identity_file(), binary if daemon.ok else None)
     if not config.initial_peers or not daemon.ok:
         why = "needs the p2p daemon" if config.initial_peers else _NO_PEERS
         for name in ("bootstrap peers", "reachable from outside", "clock skew"):
@@ -465,7 +459,7 @@ def _ask_the_swarm(
         yield check_reachability(samples, ports, config)
         yield check_clock_skew(samples)
         if isinstance(identity, str):  # a key that exists: is a running peer using it?
-            asked = check_identity(swarm, identity, identity_path(config) or "", manifest.swarm_id, timeout)
+            asked = check_identity(swarm, identity, config.identity_file() or "", manifest.swarm_id, timeout)
             identity = swarm.run(asked, timeout + 5)
         yield identity
     finally:

@@ -203,7 +203,3 @@ def check_identity_file(path: str) -> None:
         private_key_from(raw)
     except KeyFormatError as e:
         raise ConfigError(f"identity file {path} does not hold a libp2p private key ({e}); {_FIX}") from None
-
-
-def identity_or_none(path: Optional[str]) -> Optional[Identity]:
-    return read_identity(path) if path and os.path.exists(path) else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
@@ -110,6 +111,13 @@ class NodeConfig:
             if ip_and_port(addr)[1] == 0:
                 raise ConfigError(f"--announce-maddrs {addr}: announce the port others dial, not port 0 "
                                   "(e.g. the one you forward on your router)")  # fmt: skip
+
+    def identity_file(self) -> Optional[str]:
+        """The identity key the node runs with: --identity, else the one kept in --checkpoint-dir (resuming means
+        being the same peer), else None (a new key for each run)."""
+        if self.identity:
+            return self.identity
+        return str(Path(self.checkpoint_dir) / "identity.key") if self.checkpoint_dir else None
 
     @classmethod
     def field_names(cls) -> Tuple[str, ...]:

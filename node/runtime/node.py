@@ -81,12 +81,10 @@ class Node:
         data_seed = int.from_bytes(os.urandom(4), "little")
         data = TextData(config.data, manifest.model.seq_len, seed=data_seed, field=config.data_field)
         device = resolve_device(config.device)
-        identity = config.identity
+        identity = config.identity_file()
         checkpoints: Optional[CheckpointStore] = None
         if config.checkpoint_dir:
             checkpoints = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint_keep)
-            # Resuming means being the same peer: keep the key next to the checkpoints unless told otherwise.
-            identity = identity or str(checkpoints.directory / "identity.key")
         logger.info("data: %s (sampling seed %d)", data.describe(), data_seed)
         if identity:  # a bad key file is the user's to fix (exit 2), not a daemon that failed to start
             check_identity_file(identity)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.swarm.reachability import DialBackServer as DialBackServer
     from node.swarm.reachability import Verdict as Verdict
     from node.swarm.reachability import ask_dialback as ask_dialback
+    from node.swarm.reachability import decide as decide
     from node.swarm.reachability import listen_ports as listen_ports
     from node.swarm.reachability import probe as probe
     from node.swarm.statesync import StateServer as StateServer

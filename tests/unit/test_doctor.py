@@ -155,9 +155,9 @@ def test_the_device_check_reports_what_torch_sees() -> None:
 
 # --- the identity key ----------------------------------------------------------------------------------------
 def test_the_identity_is_the_one_node_start_would_use(tmp_path: Path) -> None:
-    assert doctor.identity_path(NodeConfig()) is None
-    assert doctor.identity_path(NodeConfig(identity="id.key", checkpoint_dir="ck")) == "id.key"
-    assert doctor.identity_path(NodeConfig(checkpoint_dir="ck")) == str(Path("ck") / "identity.key")
+    assert NodeConfig().identity_file() is None
+    assert NodeConfig(identity="id.key", checkpoint_dir="ck").identity_file() == "id.key"
+    assert NodeConfig(checkpoint_dir="ck").identity_file() == str(Path("ck") / "identity.key")
 
 
 def test_an_identity_that_does_not_exist_yet_passes_without_asking_anyone(tmp_path: Path) -> None:
