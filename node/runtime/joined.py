@@ -182,7 +182,8 @@ class Joined:
         context.metrics.set_reachability(joined.reachability.reachability)
         logger.info("manifest %r, swarm id %s", manifest.name, joined.swarm_id)
         model = trainer.model
-        sizes = {m: model.count_parameters(m) for m in joined.module_names}
+        # module_parameters is what every model offers, a custom one too (node/training/model.py's protocol)
+        sizes = {m: sum(p.numel() for p in model.module_parameters(m)) for m in joined.module_names}
         fits = lambda snapshot: check_fits(snapshot.tensors, sizes)  # noqa: E731  # another model's: fall back
         restored = checkpoints.latest(joined.swarm_id, check=fits) if checkpoints is not None else None
         if restored is not None:  # continue the data stream where it was
