@@ -43,6 +43,12 @@ class ChecksFailed(CommonsError):
     exit_code = 6
 
 
+class NotAMember(CommonsError):
+    """A members-only swarm refuses this node: no invite, expired, signed by a non-founder, revoked."""
+
+    exit_code = 7
+
+
 EXIT_CODES = {
     0: "clean exit (including Ctrl+C / SIGTERM)",
     1: "internal error (a bug: please report it with the traceback)",
@@ -51,4 +57,5 @@ EXIT_CODES = {
     PeerUnreachable.exit_code: "no bootstrap peer reachable, or the p2p daemon failed to start",
     SwarmMismatch.exit_code: "bootstrap peers train a different manifest or protocol version",
     ChecksFailed.exit_code: "`node doctor`: a check failed (the FAIL lines say what to fix)",
+    NotAMember.exit_code: "members-only swarm: no invite, invite expired, not signed by its founders, or revoked",
 }

@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import yaml
 
+from protocol.keys import KeyFormatError
+from protocol.membership import Founders
 from protocol.typed import KeyPath, Rules, load, read_small_text
 from protocol.version import PROTOCOL_VERSION
 
@@ -195,6 +197,24 @@ class PlacementSpec:
 
 
 @dataclass(frozen=True)
+class MembershipSpec:
+    """Who may join (protocol/membership.py): no founders, an open swarm; else peers with an invite signed by
+    ``threshold`` of the founders (Ed25519 keys as `node keygen` prints them: ``ed25519:<hex>``)."""
+
+    founders: Tuple[str, ...] = ()
+    threshold: int = 1
+
+    def __post_init__(self) -> None:
+        try:
+            self.rules()
+        except KeyFormatError as e:
+            raise ManifestError(f"membership: {e}") from None
+
+    def rules(self) -> Founders:
+        return Founders(tuple(self.founders), self.threshold)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything peers must agree on to train together."""
 
@@ -207,6 +227,7 @@ class Manifest:
     outer_optimizer: OuterOptimizerSpec = field(default_factory=OuterOptimizerSpec)
     averaging: AveragingSpec = field(default_factory=AveragingSpec)
     placement: PlacementSpec = field(default_factory=PlacementSpec)
+    membership: MembershipSpec = field(default_factory=MembershipSpec)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and len(self.name) <= 64, "name must be a non-empty string of at most 64 characters")
@@ -240,7 +261,7 @@ class Manifest:
         return load(cls, data, _STRICT)
 
 
-_LATER_SECTIONS: Dict[str, Any] = {"placement": PlacementSpec()}
+_LATER_SECTIONS: Dict[str, Any] = {"placement": PlacementSpec(), "membership": MembershipSpec()}
 
 
 def _name(path: KeyPath) -> str:

@@ -39,6 +39,15 @@ def ready_key(swarm_id: str, module: str, round_number: int) -> str:
     return f"{KEY_PREFIX}/{swarm_id}/ready/{module}/{round_number}"
 
 
+def revocations_key(swarm_id: str) -> str:
+    """One key per swarm; subkey = peer id, value = the founders' revocations that peer knows (a list of
+    protocol/membership.py Revocation JSON strings): every member passes on what it has."""
+    return f"{KEY_PREFIX}/{swarm_id}/revocations"
+
+
+MAX_REVOCATIONS = 1024  # in one record
+
+
 class RecordError(ValueError):
     """A record read from the DHT does not match its schema."""
 
@@ -68,6 +77,9 @@ class PeerRecord(BaseModel):
     data: Optional[constr(regex=DATA_COMMITMENT_PATTERN, strict=True)] = None  # type: ignore[valid-type]
     # Whether others can dial this node (node/swarm/reachability.py); older peers send none (unknown).
     reachability: Optional[Literal["public", "private", "unknown"]] = None
+    # Members-only swarms: the founders' invite of this peer (protocol/membership.py, JSON); a founder's own
+    # node has none. Readers check it and leave out peers whose invite does not admit them.
+    invite: Optional[constr(max_length=4096, strict=True)] = None  # type: ignore[valid-type]
 
     class Config:
         extra = "ignore"  # newer peers may add fields; older peers read what they know

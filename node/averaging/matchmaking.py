@@ -133,10 +133,13 @@ class Matchmaker:
         clock: Optional[Callable[[], float]] = None,
         smallest_message: int = 0,
         reduces: bool = True,
+        refuses: Optional[Callable[[str], bool]] = None,
     ) -> None:
         """``smallest_message``: the manifest's averaging message size in bytes (0: groups keep it, whatever
-        their members ask). ``reduces`` False: nobody can dial this node (node/swarm/reachability.py)."""
+        their members ask). ``reduces`` False: nobody can dial this node (node/swarm/reachability.py).
+        ``refuses``: members-only swarms, the peers known to be out (revoked, expired): never in our groups."""
         self.reduces = reduces
+        self._refuses = refuses
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._gather = gather_seconds
@@ -147,6 +150,8 @@ class Matchmaker:
         raw = await self._swarm.read(ready_key(self._swarm_id, module, round_number))
         records: Dict[str, ReadyRecord] = {}
         for peer, (value, _) in raw.items():
+            if self._refuses is not None and self._refuses(peer):
+                continue
             try:
                 records[peer] = parse_record(ReadyRecord, value)
             except RecordError as e:

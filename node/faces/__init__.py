@@ -1,6 +1,7 @@
 """The doors users come through, on top of everything else.
 
-- cli     the `node` command: `node start`, `node status`, `node doctor`, `node demo`
+- cli     the `node` command: `node start`, `node status`, `node doctor`, `node demo`, and the founders' tools
+- members `node keygen`, `node invite`, `node revoke`: keys, invites and revocations of members-only swarms
 - status  `node status`: the swarm as seen from the DHT, as a table, JSON or Prometheus text
 - doctor  `node doctor`: will `node start` work here? one pass/fail line per check, with its fix
 - demo    `node demo`: N local nodes as processes, shown live, every one stopped when it ends

@@ -20,6 +20,7 @@ from node.errors import EXIT_CODES, ChecksFailed, CommonsError, ConfigError
 from node.faces.demo import add_demo_flags, run_demo
 from node.net import validate_peer_maddr
 from node.runtime import ENV_PREFIX, NodeConfig, build_config
+from node.swarm import REVOCATION_POLL_SECONDS
 from protocol.manifest import ManifestError, load_manifest
 from protocol.typed import field_kind
 
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"commons node {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{start,status,doctor,demo}", parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", metavar="{start,status,doctor,demo,keygen,invite,revoke}", parser_class=_Parser
+    )
     commands.required = True
 
     start = commands.add_parser(
@@ -67,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object (same as --format json)")
     status.add_argument("--format", choices=("table", "json", "prometheus"), default="table", help="output format")
     status.add_argument("--timeout", type=float, default=20.0, metavar="S", help="seconds to wait for the swarm")
+    status.add_argument("--identity", metavar="PATH", help="members-only swarms: the key your invite was issued for")
+    status.add_argument("--invite", metavar="PATH", help="members-only swarms: your invite (node invite)")
 
     doctor = commands.add_parser(
         "doctor",
@@ -94,7 +99,41 @@ def build_parser() -> argparse.ArgumentParser:
         "the exit code of the node that failed.",
     )
     add_demo_flags(demo)
+    _add_member_commands(commands)
     return parser
+
+
+def _add_member_commands(commands: Any) -> None:
+    """keygen, invite, revoke: members-only swarms (node/faces/members.py)."""
+    keygen = commands.add_parser(
+        "keygen", help="make a key (a node's identity, or a founder's)",
+        description="Write a new Ed25519 key to --out (mode 0600, never over an existing file) and print one JSON "
+        "line: peer_id (what a founder invites) and public_key (what a manifest lists as a founder).",
+    )  # fmt: skip
+    keygen.add_argument("--out", required=True, metavar="PATH", help="where to write the key")
+    invite = commands.add_parser(
+        "invite", help="admit a peer to a members-only swarm (founders)",
+        description="Sign an invite for one peer id with a founder's key, offline, and write it to --out; the peer "
+        "starts with --identity KEY --invite FILE. With a threshold above 1, other founders add their signatures "
+        "with --countersign FILE.",
+    )  # fmt: skip
+    revoke = commands.add_parser(
+        "revoke", help="take a peer's invites back (founders)",
+        description="Sign a revocation of every invite of --peer-id issued until now, write it to --out, and with "
+        "--initial-peers publish it to the swarm: every member refuses the peer within about "
+        f"{2 * REVOCATION_POLL_SECONDS:g} seconds of a member holding it.",
+    )  # fmt: skip
+    for parser in (invite, revoke):
+        parser.add_argument("--founder-key", required=True, metavar="PATH", help="a founder's key (node keygen)")
+        parser.add_argument("--peer-id", metavar="ID", help="the peer's id (its `node keygen` printed it)")
+        parser.add_argument("--manifest", metavar="PATH", help="the swarm's manifest, which lists its founders")
+        parser.add_argument("--countersign", metavar="PATH", help="add this founder's signature to that file's")
+    invite.add_argument("--org", metavar="NAME", help="the peer's organisation, shown beside its contributions")
+    invite.add_argument("--expires", metavar="DURATION", help="how long the invite holds: 30d, 12h, 90m, 3600s")
+    invite.add_argument("--out", required=True, metavar="PATH", help="where to write the invite")
+    revoke.add_argument("--out", metavar="PATH", help="where to write the revocation")
+    revoke.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR", help="publish through these peers")
+    revoke.add_argument("--timeout", type=float, default=20.0, metavar="S", help="seconds to wait for the swarm")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +170,8 @@ def main(argv: Optional[Sequence[str]] = None, make_node: Optional[Callable[[Nod
             return _demo(args)
         if args.command == "doctor":
             return _doctor(args)
+        if args.command in ("keygen", "invite", "revoke"):
+            return _members(args)
         return _status(args)
     except ManifestError as e:
         return _fail(str(e), ConfigError.exit_code)
@@ -202,6 +243,31 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else ChecksFailed.exit_code
 
 
+def _members(args: argparse.Namespace) -> int:
+    """`node keygen`, `node invite`, `node revoke`: one JSON line on stdout."""
+    from node.faces import members
+
+    if args.command == "keygen":
+        result = members.keygen(args.out)
+    elif args.command == "invite":
+        result = members.invite(args.manifest, args.founder_key, args.peer_id, args.org, args.expires, args.out,
+                                args.countersign)  # fmt: skip
+    else:
+        peers = [validate_peer_maddr(a, "--initial-peers") for a in args.initial_peers]
+        if args.timeout <= 0:
+            raise ConfigError(f"--timeout must be > 0, got {args.timeout:g}")
+        if peers:
+            from node.net import route_hivemind_logs
+            from node.ops import setup_logging
+
+            setup_logging("text", "warning")
+            route_hivemind_logs()
+        result = members.revoke(args.manifest, args.founder_key, args.peer_id, args.out, peers, args.timeout,
+                                args.countersign)  # fmt: skip
+    print(json.dumps(result), flush=True)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     """`node demo`; the manifest is checked here first, so a bad one fails fast (exit 2), not in every node."""
     if args.manifest is not None:
@@ -234,7 +300,10 @@ def _status(args: argparse.Namespace) -> int:
     # Joining the DHT as a light client and asking takes seconds: say so, on stderr (stdout is the answer).
     sys.stderr.write(f"asking {len(peers)} peer(s) about their swarm (up to {args.timeout:g}s)...\n")
     sys.stderr.flush()
-    swarm_id, view, modules = read_swarm(peers, timeout=args.timeout)
+    from node.swarm import presenting
+
+    admission = presenting(args.identity, args.invite)
+    swarm_id, view, modules = read_swarm(peers, timeout=args.timeout, identity=args.identity, admission=admission)
     output = "json" if args.json else args.format
     if output == "prometheus":
         sys.stdout.write(format_prometheus(view, modules))

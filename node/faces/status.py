@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from node.errors import PeerUnreachable, SwarmMismatch
-from node.net import HivemindSwarm, peer_id_of
+from node.errors import NotAMember, PeerUnreachable, SwarmMismatch
+from node.net import Admission, HivemindSwarm, Refused, peer_id_of
 from node.ops import module_coverage
 from node.swarm import SwarmView, ask, read_peers
+from protocol.membership import Invite, MembershipError
 from protocol.wire import WireError
 
 
@@ -30,6 +31,7 @@ def swarm_status(view: SwarmView, swarm_id: str, modules: Sequence[str] = ()) ->
                 "version": record.version,
                 "data": record.data,
                 "reachability": record.reachability or "unknown",
+                "org": organisation_of(record.invite),
             }
         )
     hosted = {m for record in view.peers.values() for m in record.modules}
@@ -45,6 +47,17 @@ def swarm_status(view: SwarmView, swarm_id: str, modules: Sequence[str] = ()) ->
     }
 
 
+def organisation_of(invite: Optional[str]) -> Optional[str]:
+    """The organisation an invite names (members-only swarms; the swarm's members checked its signatures before
+    they let the record in); None for a founder's node or an open swarm."""
+    if not invite:
+        return None
+    try:
+        return Invite.from_bytes(invite.encode()).org
+    except MembershipError:
+        return None
+
+
 def _module_order(module: str) -> Tuple[int, int]:
     if module == "trunk":
         return (-1, -1)
@@ -53,15 +66,22 @@ def _module_order(module: str) -> Tuple[int, int]:
 
 
 def read_swarm(
-    initial_peers: Sequence[str], timeout: float = 20.0, swarm_id: str = ""
+    initial_peers: Sequence[str], timeout: float = 20.0, swarm_id: str = "", identity: Optional[str] = None,
+    admission: Optional[Admission] = None,
 ) -> Tuple[str, SwarmView, List[str]]:
-    """Ask the first bootstrap peer that answers for its swarm id and modules, then read that swarm's records."""
-    swarm = HivemindSwarm.open(initial_peers=initial_peers, client_mode=True, startup_timeout=timeout)
+    """Ask the first bootstrap peer that answers for its swarm id and modules, then read that swarm's records.
+    A members-only swarm answers only a member: ``identity`` and ``admission`` (node/swarm/invites.py presenting)
+    show our invite; the key may be a running node's (this client serves nothing and leaves in seconds)."""
+    swarm = HivemindSwarm.open(initial_peers=initial_peers, client_mode=True, startup_timeout=timeout,
+                               identity_path=identity if admission is not None else None, admission=admission,
+                               check_identity_free=False, ensure_bootstrap=False)  # fmt: skip
     try:
         errors = []
         for maddr in initial_peers:
             try:
                 reply, modules = swarm.run(ask(swarm, peer_id_of(maddr), swarm_id, timeout), timeout=timeout + 5)
+            except Refused as e:
+                raise NotAMember(f"the swarm refused this client ({e.reason}): {e.message}") from None
             except (TimeoutError, ConnectionError, WireError) as e:
                 errors.append(str(e))
                 continue
@@ -77,7 +97,8 @@ def read_swarm(
 def format_table(status: Dict[str, Any]) -> str:
     lines = [f"swarm {status['swarm_id']}: {len(status['peers'])} peer(s)", ""]
     header = f"{'peer':<14} {'round':>5} {'steps':>7} {'loss':>7} {'samples/s':>10}  {'reach':<7}  {'data':<13}"
-    header += "  modules"
+    with_orgs = any(peer.get("org") for peer in status["peers"])  # a members-only swarm
+    header += f"  {'org':<16}  modules" if with_orgs else "  modules"
     lines.append(header)
     for peer in status["peers"]:
         loss = f"{peer['loss']:.3f}" if peer["loss"] is not None else "-"
@@ -88,7 +109,8 @@ def format_table(status: Dict[str, Any]) -> str:
         counters = f"{peer['outer_round']:>5} {peer['local_steps']:>7} {loss:>7} {rate:>10}"
         data = (peer.get("data") or "-")[:13]  # "sha256:" and the first 6 hex digits tell corpora apart
         reach = peer.get("reachability") or "unknown"
-        lines.append(f"{short_id:<14} {counters}  {reach:<7}  {data:<13}  {modules}")
+        org = f"{(peer.get('org') or '-')[:16]:<16}  " if with_orgs else ""
+        lines.append(f"{short_id:<14} {counters}  {reach:<7}  {data:<13}  {org}{modules}")
     lines.append("")
     lines.append("replicas: " + ", ".join(f"{m['module']}={m['replicas']}" for m in status["modules"]))
     expert_count = sum(1 for m in status["modules"] if m["module"] != "trunk")

@@ -15,25 +15,30 @@ import logging
 import multiprocessing
 import os
 import re
+import secrets
 import shutil
 import signal
 import tempfile
+from functools import partial
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import hivemind  # node/__init__.py has chosen hivemind's memory sharing strategy already
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
+from hivemind.utils.auth import AuthorizerBase
 from hivemind.utils.logging import use_hivemind_log_handler
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.errors import PeerUnreachable
-from node.net.identity import Identity, peer_id_of_public_key, read_identity, verify, write_new_identity
+from node.net.admission import INVITE_MARK, Admission, Refusal, read_refusal, refusal_frame
+from node.net.identity import Identity, read_identity, verify, write_new_identity
 from node.net.loop import LoopThread
-from node.net.port import REMOTE_ADDRESS, Handler
+from node.net.port import REMOTE_ADDRESS, Handler, Refused
 from node.net.streams import STREAM_IDLE_SECONDS, Stream, StreamPool, read_frame, write_frame
 from node.ops import children_of, die_with_parent, read_stat
 from protocol.frames import FrameError
+from protocol.keys import RSA, decode_key, peer_id_of_public_key
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -52,6 +57,20 @@ def route_hivemind_logs() -> None:
     daemon_logger = logging.getLogger("hivemind.p2p.p2p_daemon")
     if not any(isinstance(f, _DaemonShutdownNoise) for f in daemon_logger.filters):
         daemon_logger.addFilter(_DaemonShutdownNoise())
+    dht_logger = logging.getLogger("hivemind.dht.node")
+    if not any(isinstance(f, _UnansweredPing) for f in dht_logger.filters):
+        dht_logger.addFilter(_UnansweredPing())
+
+
+class _UnansweredPing(logging.Filter):
+    """Where a DHT starts without its bootstrap peers' answer (members-only swarms, `node status`), the hello
+    that follows says why in one line (refused, or nobody there); hivemind's own warning is debug output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "DHTNode bootstrap failed" not in record.getMessage():
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 class _DaemonShutdownNoise(logging.Filter):
@@ -163,6 +182,100 @@ class SignedRecords(RecordValidatorBase):  # type: ignore[misc]  # hivemind has 
         return state
 
 
+INVITE_MARK_LIMIT = len(INVITE_MARK) + 8192  # the first frame of a stream to a members-only node: an invite
+DHT_SKEW_SECONDS = 120.0  # how far a signed DHT request's time may be from ours
+_SEEN_NONCES = 100_000
+
+
+class InviteAuthorizer(AuthorizerBase):  # type: ignore[misc]  # hivemind has no type stubs
+    """Members-only DHT (node/net/admission.py), through hivemind's authorizer hook: each DHT request we send
+    carries our public key, our invite and a time and nonce, signed with our identity key; each we serve must
+    carry an invite that admits the signer, and a valid, fresh signature. A refused request gets no answer
+    (counted by reason, in the Admission's array shared with the main process). Runs in the DHT process.
+
+    hivemind's request field names are kept (``auth.client_access_token``): its ``public_key`` holds our key's
+    protobuf, its ``signature`` our invite."""
+
+    def __init__(self, admission: Admission, identity_path: str) -> None:
+        self.admission = admission
+        self._identity_path = identity_path
+        self._identity: Optional[Identity] = None
+        self._nonces: Dict[bytes, float] = {}
+
+    def _me(self) -> Identity:
+        if self._identity is None:
+            self._identity = read_identity(self._identity_path)
+        return self._identity
+
+    async def sign_request(self, request: Any, service_public_key: Any) -> None:
+        me = self._me()
+        auth = request.auth
+        auth.client_access_token.username = "commons"
+        auth.client_access_token.public_key = me.public
+        auth.client_access_token.signature = self.admission.own_invite or b""
+        auth.time = now()
+        auth.nonce = secrets.token_bytes(12)
+        auth.signature = b""
+        auth.signature = me.sign(b"commons-dht|" + request.SerializeToString())
+
+    async def validate_request(self, request: Any) -> bool:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            self.admission.count_dht(refusal.reason)
+            return False
+        return True
+
+    def _refusal(self, request: Any) -> Optional[Refusal]:
+        auth = request.auth
+        public = bytes(auth.client_access_token.public_key)
+        if not public:
+            return Refusal("no_invite", "unsigned DHT request")
+        try:
+            peer = peer_id_of_public_key(public)
+        except Exception:  # a key we cannot read at all
+            return Refusal("malformed", "unreadable public key")
+        refusal = self.admission.check(peer, bytes(auth.client_access_token.signature) or None)
+        if refusal is not None:
+            return refusal
+        stamp, nonce, signature = float(auth.time), bytes(auth.nonce), bytes(auth.signature)
+        if not abs(stamp - now()) <= DHT_SKEW_SECONDS or not 8 <= len(nonce) <= 32 or nonce in self._nonces:
+            return Refusal("malformed", "stale or replayed DHT request")
+        auth.signature = b""
+        message = b"commons-dht|" + request.SerializeToString()
+        auth.signature = signature
+        if not verify(public, message, signature):
+            return Refusal("malformed", "bad DHT request signature")
+        self._remember(nonce, stamp)
+        return None
+
+    def _remember(self, nonce: bytes, stamp: float) -> None:
+        self._nonces[nonce] = stamp
+        if len(self._nonces) > _SEEN_NONCES:
+            cutoff = now() - DHT_SKEW_SECONDS
+            self._nonces = {n: t for n, t in self._nonces.items() if t >= cutoff}
+            while len(self._nonces) > _SEEN_NONCES:  # a flood within the window: forget the oldest
+                self._nonces.pop(next(iter(self._nonces)))
+
+    async def sign_response(self, response: Any, request: Any) -> None:
+        return None  # members answer only members (validate_request), so a response needs no proof of its own
+
+    async def validate_response(self, response: Any, request: Any) -> bool:
+        return True
+
+
+async def _take_revocations(blobs: List[bytes], _dht: Any, node: Any) -> int:
+    """In the DHT process: give its authorizer the revocations the node knows (DHT.run_coroutine)."""
+    authorizer = getattr(node.protocol, "authorizer", None)
+    added = 0
+    if isinstance(authorizer, InviteAuthorizer):
+        for blob in blobs:
+            try:
+                added += authorizer.admission.add_revocation(blob) is not None
+            except ValueError:
+                continue
+    return added
+
+
 class _Count:
     """A counter with the interface of a multiprocessing.Value, for one process."""
 
@@ -194,6 +307,14 @@ class _GuardedDHT(hivemind.DHT):  # type: ignore[misc]  # hivemind has no type s
         super().run()
 
 
+def _is_rsa_key(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return decode_key(f.read(1 << 16))[0] == RSA
+    except (OSError, ValueError):
+        return False
+
+
 def _daemon_alive(dht_pid: Optional[int]) -> bool:
     """The DHT process still has its p2pd."""
     return dht_pid is not None and any(
@@ -221,6 +342,8 @@ class HivemindSwarm:
         self._peer_id = str(p2p.peer_id)
         self._closed = False
         self._validator: Optional[SignedRecords] = None
+        self._admission: Optional[Admission] = None
+        self.on_refused: Optional[Callable[[Refused], None]] = None  # told of every refusal of our requests
         self._clean_up: Callable[[], None] = lambda: None
 
     @property
@@ -241,12 +364,20 @@ class HivemindSwarm:
         client_mode: bool = False,
         startup_timeout: float = 20.0,
         max_record_seconds: float = DEFAULT_MAX_RECORD_SECONDS,
+        admission: Optional[Admission] = None,
+        check_identity_free: bool = True,
+        ensure_bootstrap: bool = True,
     ) -> "HivemindSwarm":
         """Start the DHT (and its p2pd) and join through ``initial_peers``; raise PeerUnreachable.
 
         The node signs its DHT records with its identity key (SignedRecords), so it always has a key file:
         ``identity_path``, created (Ed25519) if missing, or a new one in a temporary directory removed on close.
-        ``max_record_seconds``: the longest a record may still live when stored (the manifest's longest TTL)."""
+        ``max_record_seconds``: the longest a record may still live when stored (the manifest's longest TTL).
+        ``admission``: a members-only swarm's checks (node/net/admission.py): every request we serve must come
+        from a member, and every request we send presents our invite. ``check_identity_free``: False lets a
+        short-lived client (`node status`) run with the key of a node that is running. ``ensure_bootstrap`` False: start
+        even when no bootstrap peer answers the DHT's ping (the caller's hello then says why: a members-only swarm
+        answers an outsider's hello with its refusal, and its DHT nothing)."""
         temporary: Optional[str] = None
         fresh = identity_path is None or not os.path.exists(identity_path)
         if identity_path is None:
@@ -262,8 +393,9 @@ class HivemindSwarm:
             identity_path=identity_path,
             startup_timeout=startup_timeout,
             record_validators=[validator],
-            # A key made a moment ago is nobody else's: skip hivemind's check (it starts a second daemon).
-            check_if_identity_free=not fresh,
+            # A key made a moment ago is nobody else's: skip hivemind's check (it starts a second daemon). hivemind
+            # reads the key file as RSA there, so an Ed25519 key (ours) would fail it: `node doctor` checks those.
+            check_if_identity_free=check_identity_free and not fresh and _is_rsa_key(identity_path),
             # Never reach for the LAN gateway (UPnP) or public relays on our own.
             nat_port_map=False,
             use_relay=False,
@@ -271,6 +403,12 @@ class HivemindSwarm:
         )
         if announce_maddrs:
             kwargs["announce_maddrs"] = list(announce_maddrs)
+        if admission is not None:
+            kwargs["authorizer"] = InviteAuthorizer(admission, identity_path)
+        if admission is not None or not ensure_bootstrap:
+            # A peer that refuses us answers no ping: say why with the hello's refusal (node/swarm/hello.py),
+            # not with "no bootstrap peer answered".
+            kwargs["ensure_bootstrap_success"] = False
 
         def clean_up() -> None:
             if temporary is not None:
@@ -293,12 +431,22 @@ class HivemindSwarm:
             raise PeerUnreachable(f"cannot attach to the p2p daemon: {e}") from None
         swarm = cls(dht, loop, p2p)
         swarm._validator, swarm._clean_up = validator, clean_up
+        swarm._admission = admission
         return swarm
 
     @property
     def records_refused(self) -> int:
         """DHT records refused or dropped by the signature and bound checks (SignedRecords), so far."""
         return int(self._validator.refused.value) if self._validator is not None else 0
+
+    @property
+    def admission(self) -> Optional[Admission]:
+        return self._admission
+
+    async def take_revocations(self, blobs: Sequence[bytes]) -> int:
+        """Give the DHT process the founders' revocations the node has (it refuses those peers' DHT requests
+        from then on); how many were new there."""
+        return int(await self._dht.run_coroutine(partial(_take_revocations, list(blobs)), return_future=True))
 
     # --- running coroutines -------------------------------------------------------
     def run(self, coro: Awaitable[T], timeout: Optional[float] = None) -> T:
@@ -335,10 +483,15 @@ class HivemindSwarm:
         """Serve ``name``: a stream carries framed requests, each answered by one framed response, in turn,
         until the caller closes it or leaves it idle for ``STREAM_IDLE_SECONDS``."""
 
+        admission = self._admission if self._admission is not None and self._admission.serves else None
+        request_kind = name.rsplit("/", 1)[-1]
+
         async def _serve(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             peer = str(info.peer_id)
             REMOTE_ADDRESS.set(str(info.addr) if getattr(info, "addr", None) is not None else None)
             try:
+                if admission is not None and not await _admit(admission, peer, reader, writer, request_kind):
+                    return
                 while True:
                     try:
                         request = await read_frame(reader, idle_timeout=STREAM_IDLE_SECONDS)
@@ -346,6 +499,11 @@ class HivemindSwarm:
                         return  # the caller closed the stream, went away mid-frame, or left it idle
                     except FrameError as e:  # a frame we will not read: say so; the caller sees a closed stream
                         logger.info("refused a %s request from %s: %s", name, peer[-8:], e)
+                        return
+                    refusal = admission.still_admitted(peer) if admission is not None else None
+                    if refusal is not None:  # revoked or expired since the stream began
+                        admission.count(request_kind, peer, refusal)  # type: ignore[union-attr]
+                        await write_frame(writer, refusal_frame(refusal))
                         return
                     try:
                         response = await handler(peer, request)
@@ -375,15 +533,25 @@ class HivemindSwarm:
 
         async def _call() -> bytes:
             stream = self._streams.take(peer_id, name)
+            fresh = stream is None
             if stream is None:
                 _, reader, writer = await self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), name)
                 stream = Stream(reader, writer)
             try:
+                if fresh and self._admission is not None:  # members-only: each stream starts with our invite
+                    await write_frame(stream.writer, self._admission.preamble())
                 await write_frame(stream.writer, request)
                 response = await read_frame(stream.reader)
             except BaseException:
                 stream.close()  # half-written or half-read: never reused
                 raise
+            refusal = read_refusal(response)
+            if refusal is not None:  # also from a members-only swarm's node when we present nothing
+                stream.close()
+                error = Refused(peer_id, refusal.reason, refusal.message, refusal.revocation)
+                if self.on_refused is not None:
+                    self.on_refused(error)
+                raise error
             self._streams.give_back(peer_id, name, stream)
             return response
 
@@ -417,6 +585,27 @@ class HivemindSwarm:
         self._loop.stop()
         dht_kill(self._dht)
         self._clean_up()
+
+
+async def _admit(
+    admission: Admission, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request_kind: str
+) -> bool:
+    """Read the invite that starts a stream to a members-only node; answer a refusal and return False when it
+    does not admit ``peer``."""
+    try:
+        first = await read_frame(reader, idle_timeout=STREAM_IDLE_SECONDS, limit=INVITE_MARK_LIMIT)
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, FrameError):
+        return False
+    blob = first[len(INVITE_MARK) :] if first.startswith(INVITE_MARK) else None
+    refusal = admission.check(peer, blob)
+    if refusal is None:
+        return True
+    admission.count(request_kind, peer, refusal)
+    try:
+        await write_frame(writer, refusal_frame(refusal))
+    except ConnectionError:
+        pass
+    return False
 
 
 def dht_kill(dht: hivemind.DHT, graceful: bool = True) -> None:

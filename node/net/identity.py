@@ -11,76 +11,22 @@ No hivemind here: `node doctor`, the config checks and the record validator (nod
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Union
 
-import base58
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from node.errors import ConfigError
+from protocol.keys import ED25519, RSA, KeyFormatError, decode_key, encode_key, peer_id_of_public_key
 from protocol.typed import read_small_file
 
-RSA, ED25519 = 0, 1  # libp2p KeyType values
 MAX_IDENTITY_BYTES = 64 << 10  # an RSA-4096 key in DER is under 3 KB
 _FIX = "give --identity a key file written by a node (or a path where a new one may be created)"
 PrivateKey = Union[rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey]
-
-
-class KeyFormatError(ValueError):
-    """Bytes that are not a libp2p key of a type we can use."""
-
-
-# --- protobuf, by hand: two fields ---------------------------------------------------------------------------------
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _read_varint(data: bytes, at: int) -> Tuple[int, int]:
-    value, shift = 0, 0
-    while at < len(data) and shift < 64:
-        byte = data[at]
-        value |= (byte & 0x7F) << shift
-        at, shift = at + 1, shift + 7
-        if not byte & 0x80:
-            return value, at
-    raise KeyFormatError("truncated varint")
-
-
-def encode_key(key_type: int, data: bytes) -> bytes:
-    """libp2p's ``PrivateKey`` / ``PublicKey`` message: {1: type, 2: data}."""
-    return b"\x08" + _varint(key_type) + b"\x12" + _varint(len(data)) + data
-
-
-def decode_key(raw: bytes) -> Tuple[int, bytes]:
-    """(type, data) of a ``PrivateKey`` / ``PublicKey`` message; KeyFormatError for anything else."""
-    key_type: Optional[int] = None
-    data = b""
-    at = 0
-    while at < len(raw):
-        tag, at = _read_varint(raw, at)
-        number, wire = tag >> 3, tag & 7
-        if number == 1 and wire == 0:
-            key_type, at = _read_varint(raw, at)
-        elif number == 2 and wire == 2:
-            length, at = _read_varint(raw, at)
-            if at + length > len(raw):
-                raise KeyFormatError("key bytes run past the end")
-            data, at = raw[at : at + length], at + length
-        else:
-            raise KeyFormatError(f"unexpected field {number} (wire type {wire})")
-    if key_type is None or not data:
-        raise KeyFormatError("no key type or no key bytes")
-    return key_type, bytes(data)
 
 
 # --- keys ----------------------------------------------------------------------------------------------------------
@@ -108,15 +54,6 @@ def public_key_proto(key: PrivateKey) -> bytes:
         return encode_key(RSA, der)
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return encode_key(ED25519, raw)
-
-
-def peer_id_of_public_key(proto: bytes) -> str:
-    """The base58 peer id of a protobuf ``PublicKey``."""
-    if len(proto) <= 42:
-        multihash = b"\x00" + _varint(len(proto)) + proto
-    else:
-        multihash = b"\x12\x20" + hashlib.sha256(proto).digest()
-    return str(base58.b58encode(multihash).decode())
 
 
 def sign(key: PrivateKey, message: bytes) -> bytes:
@@ -155,9 +92,11 @@ class Identity:
         return sign(self.key, message)
 
 
-def read_identity(path: str) -> Identity:
+def read_identity(path: str, what: str = "identity file", fix: str = _FIX) -> Identity:
     """The identity in ``path``; ConfigError (one line, exit 2) if it is not a key file a node can use."""
-    check_identity_file(path)
+    if not os.path.exists(path):
+        raise ConfigError(f"{what} {path} does not exist; {fix}")
+    check_identity_file(path, what, fix)
     with open(path, "rb") as f:
         key = private_key_from(f.read(MAX_IDENTITY_BYTES + 1))
     public = public_key_proto(key)
@@ -184,22 +123,29 @@ def write_new_identity(path: str) -> Identity:
     return Identity(key, public, peer_id_of_public_key(public))
 
 
-def check_identity_file(path: str) -> None:
+def check_identity_file(path: str, what: str = "identity file", fix: str = _FIX) -> None:
     """Refuse, before any daemon starts, an identity file p2pd could not use (ConfigError, one line): an
-    existing one must be a regular, readable file holding a libp2p private key; a missing one must be
-    creatable (its directory exists and is writable)."""
+    existing one must be a regular file, readable by its owner alone (a private key others can read is no
+    longer private), holding a libp2p private key; a missing one must be creatable (its directory exists and
+    is writable). ``what`` and ``fix`` word the message (a founder's key: `node invite`, `node revoke`)."""
     if not os.path.lexists(path):
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
-            raise ConfigError(f"identity file {path} does not exist and cannot be created in {directory}; {_FIX}")
+            raise ConfigError(f"{what} {path} does not exist and cannot be created in {directory}; {fix}")
         return
     try:
-        raw = read_small_file(path, "identity file", _FIX, MAX_IDENTITY_BYTES)
+        raw = read_small_file(path, what, fix, MAX_IDENTITY_BYTES)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(
+            f"{what} {path} can be read by {'others' if mode & 0o007 else 'its group'} (mode {mode:04o}); a private "
+            f"key must be its owner's alone: chmod 600 {path}"
+        )
     if not raw:
-        raise ConfigError(f"identity file {path} is empty; {_FIX}")
+        raise ConfigError(f"{what} {path} is empty; {fix}")
     try:
         private_key_from(raw)
     except KeyFormatError as e:
-        raise ConfigError(f"identity file {path} does not hold a libp2p private key ({e}); {_FIX}") from None
+        raise ConfigError(f"{what} {path} does not hold a libp2p private key ({e}); {fix}") from None

@@ -16,6 +16,8 @@ Contract (tests/port_contract.py: the same checks, run against both):
   ``now()`` clock); ``read`` returns the live ones as {subkey: (value, expiration)}. A subkey is a peer id,
   and only that peer can write under it: a store under another subkey returns False and changes nothing
   (the real swarm signs every record: node/net/hivemind.py, SignedRecords).
+- In a members-only swarm a peer that is not a member is refused every request: ``call`` raises ``Refused``
+  (a ConnectionError) with the reason it was given (node/net/admission.py).
 - ``now()`` is the clock DHT records are stamped with: wall time, shared by every peer of the swarm.
 """
 
@@ -30,6 +32,15 @@ Handler = Callable[[str, bytes], Awaitable[bytes]]
 REMOTE_ADDRESS: ContextVar[Optional[str]] = ContextVar("remote_address", default=None)
 # A monotonic clock in seconds (time.monotonic, or an event loop's time() under a virtual clock).
 Clock = Callable[[], float]
+
+
+class Refused(ConnectionError):
+    """A peer refused our request: we are not a member of its swarm (no invite, expired, wrong signer, revoked…).
+    ``revocation``: the founders' revocation the peer holds against us, when that is the reason."""
+
+    def __init__(self, peer_id: str, reason: str, message: str, revocation: Optional[bytes] = None) -> None:
+        super().__init__(f"peer {peer_id[-8:]} refused us ({reason}): {message}")
+        self.peer_id, self.reason, self.message, self.revocation = peer_id, reason, message, revocation
 
 
 class SwarmPort(Protocol):

@@ -11,7 +11,7 @@ import asyncio
 import time
 from typing import Dict, List, Optional, Tuple
 
-from protocol.frames import STREAM_PREFIX_BYTES, stream_frame_size, stream_prefix
+from protocol.frames import STREAM_PREFIX_BYTES, FrameError, stream_frame_size, stream_prefix
 
 # A served stream waits this long for the next request, then closes; a caller reuses an idle
 # stream only well within that, so it never writes into a stream the other side is closing.
@@ -91,9 +91,14 @@ async def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
     await writer.drain()
 
 
-async def read_frame(reader: asyncio.StreamReader, idle_timeout: Optional[float] = None) -> bytes:
+async def read_frame(
+    reader: asyncio.StreamReader, idle_timeout: Optional[float] = None, limit: Optional[int] = None
+) -> bytes:
     """One stream frame; with ``idle_timeout``, asyncio.TimeoutError when none begins within that many
-    seconds; FrameError (a ValueError) for a frame over protocol.frames.MAX_FRAME_BYTES, before it is read."""
+    seconds; FrameError (a ValueError) for a frame over protocol.frames.MAX_FRAME_BYTES (or ``limit``), before
+    it is read."""
     head = reader.readexactly(STREAM_PREFIX_BYTES)
     size = stream_frame_size(await (asyncio.wait_for(head, idle_timeout) if idle_timeout else head))
+    if limit is not None and size > limit:
+        raise FrameError(f"frame of {size} bytes is over the {limit} limit here")
     return await reader.readexactly(size)

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.ops.metrics import HelperProcessCollector as HelperProcessCollector
     from node.ops.metrics import NodeMetrics as NodeMetrics
     from node.ops.metrics import RecordsRefusedCollector as RecordsRefusedCollector
+    from node.ops.metrics import RequestsRefusedCollector as RequestsRefusedCollector
     from node.ops.metrics import SwarmViewCollector as SwarmViewCollector
     from node.ops.metrics import module_coverage as module_coverage
     from node.ops.procs import children_of as children_of

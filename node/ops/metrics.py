@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import Callable, Dict, Iterable, Mapping, Optional, Protocol, Sequence, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -200,6 +200,26 @@ class RecordsRefusedCollector(Collector):
         )
         refused.add_metric([], self._count())
         return [refused]
+
+
+class RequestsRefusedCollector(Collector):
+    """Members-only swarms: requests refused because their peer is not a member, by request (hello, dialback,
+    avg, state, dht) and reason (no_invite, expired, wrong_signer, revoked, …; node/net/admission.py)."""
+
+    def __init__(self, counts: Callable[[], Dict[Tuple[str, str], int]], revocations: Callable[[], int]) -> None:
+        self._counts = counts
+        self._revocations = revocations
+
+    def collect(self) -> Iterable[Metric]:
+        refused = CounterMetricFamily(
+            f"{NAMESPACE}_requests_refused", "Requests refused from peers that are not members of this members-only "
+            "swarm", labels=["request", "reason"],
+        )  # fmt: skip
+        for (request, reason), count in sorted(self._counts().items()):
+            refused.add_metric([request, reason], count)
+        revocations = GaugeMetricFamily(f"{NAMESPACE}_revocations", "Founders' revocations this node knows")
+        revocations.add_metric([], self._revocations())
+        return [refused, revocations]
 
 
 class HelperProcessCollector(Collector):

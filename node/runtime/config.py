@@ -50,6 +50,9 @@ class NodeConfig:
     identity: Optional[str] = _option(
         None, "PATH", "private key file; created if missing; keeps the peer id across restarts"
     )
+    invite: Optional[str] = _option(
+        None, "PATH", "invite from the swarm's founders, for a members-only swarm (made by `node invite`)"
+    )
     data: Optional[str] = _option(None, "PATH", "your text: a file, a directory or a glob (default: embedded corpus)")
     data_field: str = _option(
         "text", "NAME", "the text field of JSON Lines records, the text column of Parquet and Arrow data"

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, List
+from typing import Callable, List, Optional
 
+from node.errors import CommonsError
 from node.ops import Health, NodeMetrics
 from node.runtime.config import NodeConfig
 from node.runtime.report import ModuleOutcome, RoundSummary
@@ -32,6 +33,8 @@ class NodeContext:
     after_round: RoundHook
     stop_requested: threading.Event = field(default_factory=threading.Event)
     history: List[RoundSummary] = field(default_factory=list)  # one summary per finished round
+    # Why the node stopped on its own as a user error (its invite expired or was revoked): raised once it has left.
+    fatal: Optional[CommonsError] = None
 
     def progress(self) -> None:
         """A training step or an averaging round finished: /healthz and the metrics see it."""

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from node import __version__
 from node.averaging import Averager, Matchmaker
+from node.errors import NotAMember
 from node.net import HivemindSwarm
 from node.ops import (
     AveragerCollector,
@@ -35,6 +36,7 @@ from node.ops import (
     Endpoints,
     HelperProcessCollector,
     RecordsRefusedCollector,
+    RequestsRefusedCollector,
     Snapshot,
     SwarmViewCollector,
     open_endpoints,
@@ -48,6 +50,7 @@ from node.swarm import (
     DialBackServer,
     Greeter,
     Membership,
+    Revocations,
     StateServer,
     SwarmView,
     Verdict,
@@ -149,15 +152,26 @@ class Joined:
                                       self.model_lock)  # fmt: skip
         self.taken_at_check: Dict[str, int] = {}  # follow_data: the check at which this node took on each expert
         averaging = manifest.averaging
+        # Members-only swarms (node/net/admission.py): peers we know are out (revoked, expired) are left out of
+        # groups, state donors and placement; the founders' revocations are read and passed on.
+        self.admission = swarm.admission
+        admission = self.admission if self.admission is not None and self.admission.serves else None
+        refuses = (lambda peer: admission.known_refusal(peer) is not None) if admission is not None else None
+        self.revocations = (
+            Revocations(swarm, admission, self.swarm_id, self._out, take=swarm.take_revocations)
+            if admission is not None else None
+        )  # fmt: skip
+        if self.revocations is not None:
+            swarm.on_refused = self.revocations.refused
         self.greeter = Greeter(swarm, self.swarm_id, manifest.name, self.module_names)
         self.matchmaker = Matchmaker(swarm, self.swarm_id, averaging.gather_seconds,
                                      smallest_message=averaging.message_bytes,
-                                     reduces=reachability.reachability != "private")  # fmt: skip
+                                     reduces=reachability.reachability != "private", refuses=refuses)  # fmt: skip
         self.averager = Averager(swarm, self.swarm_id, hosted=lambda: set(self.hosting.states), spec=averaging)
         self.dialback = DialBackServer(swarm)
         self._recheck: Optional["concurrent.futures.Future[Verdict]"] = None  # a re-check in flight
         self._recheck_at = time.monotonic() + RECHECK_SECONDS
-        self.membership = Membership(swarm, self.swarm_id, self.describe_self)
+        self.membership = Membership(swarm, self.swarm_id, self.describe_self, admission=admission)
         self.round_averager = RoundAverager(self.peer_id, self.matchmaker, self.averager, self.membership, averaging)
         self.state_server = state_server_class(
             swarm, self.swarm_id, lambda: self.hosting.states, lambda: self.progress.outer_round
@@ -196,6 +210,8 @@ class Joined:
         if config.initial_peers:
             swarm.run(check_bootstrap_peers(swarm, joined.swarm_id, manifest.name, config.initial_peers,
                                             config.bootstrap_timeout_seconds))  # fmt: skip
+        if joined.revocations is not None:
+            swarm.run(joined.revocations.start())
         swarm.run(joined.membership.start())
         joined._place(restored)
         joined.endpoints = joined._serve_endpoints()
@@ -273,6 +289,9 @@ class Joined:
         metrics.attach(AveragerCollector(lambda: self.averager.stats))
         metrics.attach(HelperProcessCollector())
         metrics.attach(RecordsRefusedCollector(lambda: self.swarm.records_refused))
+        admission = self.admission
+        if admission is not None and admission.serves:
+            metrics.attach(RequestsRefusedCollector(admission.refusals, lambda: len(admission.revocations())))
         swarm_registry = CollectorRegistry()
         swarm_registry.register(SwarmViewCollector(lambda: self.membership.view, self.module_names))
         return open_endpoints(self.context.config.metrics_addr, metrics.registry, swarm_registry, self.context.health,
@@ -404,7 +423,14 @@ class Joined:
             local_steps=trainer.local_steps, loss=trainer.loss_ema, samples_per_second=trainer.samples_per_second,
             maddrs=self.maddrs[:16], device=self.device.type, version=__version__,
             data=self.trainer.data.commitment()["commitment"], reachability=self.reachability.reachability,
+            invite=self.admission.own_invite.decode() if self.admission and self.admission.own_invite else None,
         )  # fmt: skip
+
+    def _out(self, why: str) -> None:
+        """Our own invite expired or was revoked: stop training, leave, and end with exit 7 (NotAMember)."""
+        logger.info("leaving the swarm: this node is no longer a member", extra={"event": "not_a_member"})
+        self.context.fatal = NotAMember(why)
+        self.context.stop_requested.set()
 
     def ready_event(self) -> Dict[str, Any]:
         self.maddrs = self.swarm.visible_maddrs()
@@ -465,6 +491,8 @@ class Joined:
         if self.endpoints is not None:
             self.endpoints.close()
         try:
+            if self.revocations is not None:
+                self.swarm.run(self.revocations.stop(), timeout=5)
             self.swarm.run(self.membership.stop(), timeout=5)
             self.swarm.run(self.membership.say_goodbye(), timeout=3)
         except Exception as e:

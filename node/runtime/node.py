@@ -15,14 +15,14 @@ from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
 from prometheus_client import CollectorRegistry
 
 from node import __version__
-from node.net import HivemindSwarm, check_identity_file, peer_id_of
+from node.net import Admission, HivemindSwarm, check_identity_file, peer_id_of
 from node.ops import CheckpointStore, Health, NodeMetrics
 from node.runtime.config import NodeConfig
 from node.runtime.context import NodeContext
 from node.runtime.joined import Joined
 from node.runtime.loop import RoundLoop
 from node.runtime.report import ModuleOutcome, RoundSummary
-from node.swarm import RECORD_TTL_SECONDS, StateServer, Verdict, listen_ports, probe
+from node.swarm import RECORD_TTL_SECONDS, StateServer, Verdict, admission_for, check_admitted, listen_ports, probe
 from node.training import ModelFactory, TextData, resolve_device
 from protocol.manifest import Manifest, load_manifest
 
@@ -88,9 +88,11 @@ class Node:
         logger.info("data: %s (sampling seed %d)", data.describe(), data_seed)
         if identity:  # a bad key file is the user's to fix (exit 2), not a daemon that failed to start
             check_identity_file(identity)
+        # Members-only: this node's own invite, checked offline before anything starts (exit 7).
+        admission = admission_for(manifest, manifest.swarm_id, identity, config.invite)
         # The DHT process is forked here, before torch builds the model and starts its
         # thread pools: forking a process with live OpenMP threads is not safe.
-        swarm, verdict = self._open_swarm(identity)
+        swarm, verdict = self._open_swarm(identity, admission)
         try:
             joined = Joined.join(
                 self.context, swarm, data, device, checkpoints, self.model_factory, self.state_server_class,
@@ -102,7 +104,7 @@ class Node:
         self.joined, self._loop = joined, RoundLoop(self.context, joined)
         return joined
 
-    def _open_swarm(self, identity: Optional[str]) -> Tuple[HivemindSwarm, Verdict]:
+    def _open_swarm(self, identity: Optional[str], admission: Optional[Admission]) -> Tuple[HivemindSwarm, Verdict]:
         """Start the DHT and join; then find out whether others can dial us (node/swarm/reachability.py). A node
         found private starts its DHT again as a client (it serves no DHT requests: nobody could deliver them),
         before anyone has seen it in a group."""
@@ -114,12 +116,19 @@ class Node:
         longest = max(RECORD_TTL_SECONDS, self.manifest.averaging.round_timeout_seconds) + 60.0
 
         def open_swarm(client_mode: bool) -> HivemindSwarm:
-            return self.swarm_class.open(
+            swarm = self.swarm_class.open(
                 initial_peers=config.initial_peers, host_maddrs=config.host_maddrs,
                 announce_maddrs=config.announce_maddrs, identity_path=identity,
                 startup_timeout=config.bootstrap_timeout_seconds, client_mode=client_mode,
-                max_record_seconds=longest,
+                max_record_seconds=longest, admission=admission,
             )  # fmt: skip
+            if admission is not None and config.initial_peers:  # an outsider learns why at once (exit 7)
+                try:
+                    swarm.run(check_admitted(swarm, config.initial_peers, config.bootstrap_timeout_seconds))
+                except BaseException:
+                    swarm.close()
+                    raise
+            return swarm
 
         if forced:
             return open_swarm(config.reachability == "private"), Verdict(config.reachability, forced=True)  # type: ignore[arg-type]
@@ -169,6 +178,8 @@ class Node:
         self.announce_ready(out)
         assert self._loop is not None  # set with joined
         self._loop.run(max_rounds=max_rounds, max_steps=max_steps, on_step=on_step)
+        if self.context.fatal is not None:  # the node stopped itself: its invite expired or was revoked
+            raise self.context.fatal
 
     def after_round(self, round_number: int, outcomes: List[ModuleOutcome], steps: int) -> None:
         """Called after each finished round; a test harness overrides it to record what the round did."""

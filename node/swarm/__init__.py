@@ -1,6 +1,7 @@
 """The swarm as each peer sees it: who is in it, who may train with us, who hosts what, state for newcomers.
 
 - hello       the hello exchange; refuses other manifests / protocol versions
+- invites     members-only swarms: this node's own invite, the founders' revocations spread through the DHT
 - membership  announces this node and reads every peer's record (SwarmView)
 - placement   which experts to host, from the replica counts in peer records (and this node's routing affinity)
 - reachability  can others dial us: the dial-back server and probe (public / private / unknown)
@@ -14,7 +15,13 @@ from node._lazy import lazy_exports
 if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.swarm.hello import Greeter as Greeter
     from node.swarm.hello import ask as ask
+    from node.swarm.hello import check_admitted as check_admitted
     from node.swarm.hello import check_bootstrap_peers as check_bootstrap_peers
+    from node.swarm.invites import REVOCATION_POLL_SECONDS as REVOCATION_POLL_SECONDS
+    from node.swarm.invites import Revocations as Revocations
+    from node.swarm.invites import admission_for as admission_for
+    from node.swarm.invites import presenting as presenting
+    from node.swarm.invites import read_invite_file as read_invite_file
     from node.swarm.membership import RECORD_TTL_SECONDS as RECORD_TTL_SECONDS
     from node.swarm.membership import Membership as Membership
     from node.swarm.membership import SwarmView as SwarmView

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from typing import List, Optional, Sequence, Tuple
 
-from node.errors import PeerUnreachable, SwarmMismatch
-from node.net import SwarmPort, peer_id_of
+from node.errors import NotAMember, PeerUnreachable, SwarmMismatch
+from node.net import Refused, SwarmPort, peer_id_of
 from protocol import handlers
 from protocol.version import PROTOCOL_VERSION
 from protocol.wire import Hello, HelloReply, WireError, decode, encode, module_names_payload, read_module_names
@@ -67,6 +67,23 @@ async def ask(swarm: SwarmPort, peer_id: str, swarm_id: str, timeout: float) -> 
     return reply, read_module_names(reply, payload)
 
 
+async def check_admitted(swarm: SwarmPort, initial_peers: Sequence[str], timeout: float) -> None:
+    """Members-only swarms, at start: raise NotAMember (one line: which check failed) when the bootstrap peers
+    refuse us; return once one admits us, or when none answers (check_bootstrap_peers says so later)."""
+    refusals: List[Refused] = []
+    for maddr in initial_peers:
+        try:
+            await ask(swarm, peer_id_of(maddr), "", timeout)
+            return
+        except Refused as e:
+            refusals.append(e)
+        except (TimeoutError, ConnectionError, WireError):
+            continue
+    if refusals:
+        first = refusals[0]
+        raise NotAMember(f"the swarm refused this node ({first.reason}): {first.message}")
+
+
 async def check_bootstrap_peers(
     swarm: SwarmPort, swarm_id: str, manifest_name: str, initial_peers: Sequence[str], timeout: float
 ) -> None:
@@ -77,6 +94,8 @@ async def check_bootstrap_peers(
         peer = peer_id_of(maddr)
         try:
             reply, _ = await ask(swarm, peer, swarm_id, timeout)
+        except Refused as e:
+            raise NotAMember(f"the swarm refused this node ({e.reason}): {e.message}") from None
         except (TimeoutError, ConnectionError, WireError) as e:
             errors.append(f"{peer[-8:]}: {e}")
             continue

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Dict, List, Optional
 
-from node.net import SwarmPort
+from node.net import Admission, SwarmPort
 from protocol.records import PeerRecord, RecordError, parse_record, peers_key, ready_key
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,9 @@ class SwarmView:
         return max((r.outer_round for p, r in self.peers.items() if p != exclude), default=0)
 
 
-async def read_peers(swarm: SwarmPort, swarm_id: str) -> SwarmView:
+async def read_peers(swarm: SwarmPort, swarm_id: str, admission: Optional[Admission] = None) -> SwarmView:
+    """Every live peer record of the swarm; with ``admission`` (members-only), only peers whose record's invite
+    admits them now (its signatures checked once; the rest is checked on every read)."""
     raw = await swarm.read(peers_key(swarm_id))
     view = SwarmView()
     for peer, (value, expiration) in raw.items():
@@ -72,6 +74,9 @@ async def read_peers(swarm: SwarmPort, swarm_id: str) -> SwarmView:
             view.rejected_records += 1
             continue
         if record.leaving:
+            continue
+        if admission is not None and admission.check(peer, record.invite.encode() if record.invite else None):
+            view.rejected_records += 1
             continue
         view.peers[peer] = record
         view.seen_at[peer] = expiration - RECORD_TTL_SECONDS
@@ -87,8 +92,11 @@ class Membership:
         swarm_id: str,
         describe_self: Callable[[], PeerRecord],
         clock: Optional[Callable[[], float]] = None,
+        admission: Optional[Admission] = None,
     ) -> None:
-        """``clock``: what records are stamped with (default: the swarm's ``now``)."""
+        """``clock``: what records are stamped with (default: the swarm's ``now``). ``admission``: members-only,
+        the view leaves out peers that are not members (read_peers)."""
+        self._admission = admission
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._describe_self = describe_self
@@ -107,7 +115,7 @@ class Membership:
     async def refresh(self) -> SwarmView:
         """Re-read every peer record, and whether someone is already averaging our round."""
         me = self._describe_self()
-        view = await read_peers(self._swarm, self._swarm_id)
+        view = await read_peers(self._swarm, self._swarm_id, self._admission)
         view.peers[me.peer_id] = me
         view.seen_at[me.peer_id] = self._clock()
         self.view = view

@@ -252,10 +252,13 @@ def test_unknown_placement_policy_is_one_clear_line() -> None:
     assert "\n" not in message
 
 
-def test_default_placement_leaves_the_swarm_id_as_it_was() -> None:
-    # Swarms started before the placement section existed keep their id: a default section is not hashed.
+def test_default_placement_and_membership_leave_the_swarm_id_as_it_was() -> None:
+    # Swarms started before the placement and membership sections existed keep their id: a default section is
+    # not hashed.
     assert "placement" not in json.loads(Manifest().canonical_json())
-    before = {k: v for k, v in dataclasses.asdict(Manifest()).items() if k != "placement"}
+    assert "membership" not in json.loads(Manifest().canonical_json())
+    later = ("placement", "membership")
+    before = {k: v for k, v in dataclasses.asdict(Manifest()).items() if k not in later}
     old_id = hashlib.sha256(json.dumps(before, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     assert load_manifest().swarm_id == Manifest().swarm_id == old_id
     assert parse_manifest(TINY + "placement: {policy: least_replicated}\n").swarm_id == parse_manifest(TINY).swarm_id

@@ -14,7 +14,8 @@ from hivemind.p2p import P2P
 from hivemind.utils.serializer import MSGPackSerializer
 
 from node.net.hivemind import MAX_VALUE_BYTES, SignedRecords
-from node.net.identity import decode_key, encode_key, read_identity, write_new_identity
+from node.net.identity import read_identity, write_new_identity
+from protocol.keys import decode_key, encode_key
 
 
 def record(owner: str, value: object = None, expires_in: float = 10.0) -> DHTRecord:

@@ -1,0 +1,183 @@
+"""`node keygen`, `node invite`, `node revoke`: the founders' tools for a members-only swarm (protocol/membership.py).
+
+A founder's key never leaves the founder's machine: `node invite` signs offline and writes a file the new member
+starts with; `node revoke` signs offline, writes the revocation, and (with --initial-peers) publishes it to the
+swarm as a short-lived client running with the founder's key (a founder is a member by its key), from where the
+members pass it on (node/swarm/invites.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from typing import Any, Dict, Optional, Sequence
+
+from node.errors import ConfigError, PeerUnreachable
+from node.net import Admission, Identity, read_identity, write_new_identity
+from protocol.keys import ED25519, PEER_ID_PATTERN, decode_key, founder_key_string
+from protocol.manifest import Manifest, load_manifest
+from protocol.membership import MAX_ORG_CHARS, Invite, MembershipError, Revocation
+from protocol.records import revocations_key
+
+MAX_EXPIRY_SECONDS = 10 * 365 * 24 * 3600
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_FOUNDER_FIX = "give --founder-key the key file `node keygen` wrote, whose public key the manifest lists as a founder"
+PUBLISH_RECORD_SECONDS = 60.0  # members refuse records that live longer than about a round timeout
+
+
+def keygen(out: str) -> Dict[str, Any]:
+    """A new Ed25519 key in ``out`` (0600, written atomically; an existing file is never overwritten)."""
+    if os.path.lexists(out):
+        raise ConfigError(f"{out} already exists; a key is never overwritten: choose another --out")
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise ConfigError(f"directory {directory} does not exist; create it or choose another --out")
+    identity = write_new_identity(out)
+    return {"peer_id": identity.peer_id, "public_key": public_key_of(identity), "path": os.path.abspath(out)}
+
+
+def public_key_of(identity: Identity) -> str:
+    key_type, raw = decode_key(identity.public)
+    if key_type != ED25519:
+        raise ConfigError("founder keys are Ed25519; make one with `node keygen --out FILE`")
+    return founder_key_string(raw)
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in "30d", "12h", "90m", "3600s", "2w" or a plain number of seconds; ConfigError otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text or "")
+    if not match:
+        raise ConfigError(f"--expires {text!r}: give a duration such as 30d, 12h, 90m or 3600s")
+    seconds = int(float(match.group(1)) * _UNITS[match.group(2) or "s"])
+    if not 0 < seconds <= MAX_EXPIRY_SECONDS:
+        raise ConfigError(f"--expires {text!r}: must be more than 0 and at most 10 years")
+    return seconds
+
+
+def _founder(manifest: Manifest, key_path: str) -> Identity:
+    founders = manifest.membership.rules()
+    if not founders.members_only:
+        raise ConfigError("the manifest names no founders (an open swarm needs no invites); add membership: "
+                          "{founders: [<public_key of `node keygen`>]} and give it with --manifest")  # fmt: skip
+    identity = read_identity(key_path, "founder key", _FOUNDER_FIX)
+    public = public_key_of(identity)
+    if public not in founders.keys:
+        raise ConfigError(f"founder key {key_path} ({public[:20]}…) is not one of the manifest's founders; "
+                          f"{_FOUNDER_FIX}")  # fmt: skip
+    return identity
+
+
+def _peer_id(text: str) -> str:
+    if not PEER_ID_PATTERN.match(text or ""):
+        raise ConfigError(f"--peer-id {text!r} is not a peer id (the peer_id `node keygen` printed for that node)")
+    return text
+
+
+def _write(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigError(f"directory {directory} does not exist; create it or choose another --out")
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".commons-", suffix=".tmp")
+    try:
+        os.fchmod(handle, 0o644)
+        os.write(handle, data + b"\n")
+        os.fsync(handle)
+        os.close(handle)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _read(path: str) -> bytes:
+    from node.swarm import read_invite_file
+
+    return read_invite_file(path).strip()
+
+
+def invite(
+    manifest_path: Optional[str], founder_key: str, peer_id: Optional[str], org: Optional[str],
+    expires: Optional[str], out: str, countersign: Optional[str] = None, now: Optional[float] = None,
+) -> Dict[str, Any]:  # fmt: skip
+    """Sign an invite (or add this founder's signature to ``countersign``'s) and write it to ``out``."""
+    manifest = load_manifest(manifest_path)
+    founder = _founder(manifest, founder_key)
+    founders, swarm_id = manifest.membership.rules(), manifest.swarm_id
+    if countersign:
+        try:
+            base = Invite.from_bytes(_read(countersign))
+        except MembershipError as e:
+            raise ConfigError(f"--countersign {countersign}: {e}") from None
+        if base.swarm_id != swarm_id:
+            raise ConfigError(f"--countersign {countersign} is for swarm {base.swarm_id}, not {swarm_id}")
+    else:
+        if not peer_id or not org or not expires:
+            raise ConfigError("node invite needs --peer-id, --org and --expires (or --countersign FILE)")
+        if not 0 < len(org) <= MAX_ORG_CHARS or not org.isprintable():
+            raise ConfigError(f"--org must be 1 to {MAX_ORG_CHARS} printable characters")
+        issued = int(time.time() if now is None else now)
+        base = Invite(swarm_id, _peer_id(peer_id), org, issued, issued + parse_duration(expires))
+    signed = base.signed(public_key_of(founder), founder.sign(base.body()))
+    _write(out, signed.to_bytes())
+    have = len(founders.signers(signed.body(), signed.signatures))
+    return {"invite": os.path.abspath(out), "swarm_id": swarm_id, "peer_id": signed.peer_id, "org": signed.org,
+            "expires": signed.expires, "signatures": have, "threshold": founders.threshold,
+            "complete": have >= founders.threshold}  # fmt: skip
+
+
+def revoke(
+    manifest_path: Optional[str], founder_key: str, peer_id: Optional[str], out: Optional[str],
+    initial_peers: Sequence[str], timeout: float, countersign: Optional[str] = None,
+) -> Dict[str, Any]:  # fmt: skip
+    """Sign a revocation (or countersign one), write it to ``out``, and publish it through ``initial_peers`` once
+    it has enough signatures."""
+    manifest = load_manifest(manifest_path)
+    founder = _founder(manifest, founder_key)
+    founders, swarm_id = manifest.membership.rules(), manifest.swarm_id
+    if countersign:
+        try:
+            base = Revocation.from_bytes(_read(countersign))
+        except MembershipError as e:
+            raise ConfigError(f"--countersign {countersign}: {e}") from None
+    else:
+        if not peer_id:
+            raise ConfigError("node revoke needs --peer-id (or --countersign FILE)")
+        base = Revocation(swarm_id, _peer_id(peer_id), int(time.time()))
+    signed = base.signed(public_key_of(founder), founder.sign(base.body()))
+    blob = signed.to_bytes()
+    if out:
+        _write(out, blob)
+    have = len(founders.signers(signed.body(), signed.signatures))
+    result: Dict[str, Any] = {"revoked": signed.peer_id, "swarm_id": swarm_id, "issued": signed.issued,
+                              "signatures": have, "threshold": founders.threshold,
+                              "revocation": os.path.abspath(out) if out else None, "published": False}  # fmt: skip
+    if have < founders.threshold or not initial_peers:
+        return result
+    _publish(founders, swarm_id, founder_key, blob, initial_peers, timeout)
+    result["published"] = True
+    return result
+
+
+def _publish(founders: Any, swarm_id: str, key_path: str, blob: bytes, peers: Sequence[str], timeout: float) -> None:
+    """Store the revocation under the founder's subkey of the swarm's revocations key, as a client of the swarm
+    running with the founder's key, and read it back."""
+    from node.net import HivemindSwarm
+
+    admission = Admission(founders, swarm_id, None)
+    swarm = HivemindSwarm.open(initial_peers=peers, client_mode=True, identity_path=key_path,
+                               startup_timeout=timeout, admission=admission, check_identity_free=False)  # fmt: skip
+    try:
+        key = revocations_key(swarm_id)
+        stored = swarm.run(swarm.store(key, swarm.peer_id, [blob.decode()], swarm.now() + PUBLISH_RECORD_SECONDS),
+                           timeout=timeout)  # fmt: skip
+        found = swarm.run(swarm.read(key), timeout=timeout)
+    finally:
+        swarm.close()
+    if not stored or swarm.peer_id not in found:
+        raise PeerUnreachable("the revocation was signed (and written with --out) but no peer of the swarm took it; "
+                              "check --initial-peers and try again")  # fmt: skip
+
+
+
