@@ -205,6 +205,11 @@ class MembershipSpec:
     threshold: int = 1
 
     def __post_init__(self) -> None:
+        # One set of founders is one swarm, in whatever order a file lists them.
+        object.__setattr__(self, "founders", tuple(sorted(self.founders)))
+        open_swarm = "a swarm without founders is open to anyone"
+        needs = f"membership.threshold needs membership.founders ({open_swarm})"
+        _check(bool(self.founders) or self.threshold == 1, needs)
         try:
             self.rules()
         except KeyFormatError as e:

@@ -77,10 +77,10 @@ def _load(blob: bytes, kind: str, fields: Tuple[str, ...], what: str) -> Tuple[D
     if data.get("kind") != kind:
         raise _malformed(what, f"kind is {str(data.get('kind'))[:40]!r}, not {kind!r}")
     if data.get("format") != FORMAT or isinstance(data.get("format"), bool):
-        raise _malformed(what, f"format {str(data.get('format'))[:20]} is not {FORMAT}; upgrade the node")
+        raise _malformed(what, f"format {str(data.get('format'))[:20]!r} is not {FORMAT}; upgrade the node")
     expected = set(fields) | {"kind", "format", "signatures"}
     if set(data) != expected:
-        raise _malformed(what, "fields " + ", ".join(sorted(map(str, set(data) ^ expected)))[:200])
+        raise _malformed(what, "fields " + ", ".join(sorted(map(repr, set(data) ^ expected)))[:200])
     values: Dict[str, Any] = {}
     for name in fields:
         value = data[name]
@@ -218,8 +218,9 @@ class Founders:
                 f"(signed with another key, or for another manifest's founders); {_ASK}",
             )
 
-    def check_invite(self, invite: Invite, swarm_id: str, peer_id: str, now: float) -> None:
-        """Raise MembershipError unless ``invite`` admits ``peer_id`` to ``swarm_id`` at ``now`` (revocations aside)."""
+    def check_invite(self, invite: Invite, swarm_id: str, peer_id: str, now: float, signatures: bool = True) -> None:
+        """Raise MembershipError unless ``invite`` admits ``peer_id`` to ``swarm_id`` at ``now`` (revocations aside);
+        ``signatures=False``: the caller has checked them already (node/net/admission.py, once per invite)."""
         if invite.swarm_id != swarm_id:
             raise MembershipError(
                 "wrong_swarm", f"the invite is for swarm {invite.swarm_id}, not {swarm_id}: use the manifest it was "
@@ -230,7 +231,8 @@ class Founders:
                               "it was issued for")  # fmt: skip
         if not math.isfinite(now) or now > invite.expires:
             raise MembershipError("expired", f"the invite expired at {_when(invite.expires)}; {_ASK}")
-        self.check_signed(invite.body(), invite.signatures, "invite")
+        if signatures:
+            self.check_signed(invite.body(), invite.signatures, "invite")
 
     def check_revocation(self, revocation: Revocation, swarm_id: str) -> None:
         if revocation.swarm_id != swarm_id:

@@ -50,7 +50,8 @@ def parse_duration(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text or "")
     if not match:
         raise ConfigError(f"--expires {text!r}: give a duration such as 30d, 12h, 90m or 3600s")
-    seconds = int(float(match.group(1)) * _UNITS[match.group(2) or "s"])
+    # min: a number too long for a float reads as infinity, which int() refuses (OverflowError, a traceback)
+    seconds = int(min(float(match.group(1)) * _UNITS[match.group(2) or "s"], MAX_EXPIRY_SECONDS + 1))
     if not 0 < seconds <= MAX_EXPIRY_SECONDS:
         raise ConfigError(f"--expires {text!r}: must be more than 0 and at most 10 years")
     return seconds

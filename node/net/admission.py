@@ -69,10 +69,10 @@ def read_refusal(frame: bytes) -> Optional[Refusal]:
     try:
         body = json.loads(frame[len(REFUSAL_MARK) : len(REFUSAL_MARK) + 16384].decode())
         reason = body["reason"] if body["reason"] in REASONS else "malformed"
-        message = str(body["message"])[:1000]
+        message = "".join(c if c.isprintable() else "?" for c in str(body["message"])[:1000])  # a terminal line
         revocation = base64.b64decode(body["revocation"]) if body.get("revocation") else None
         return Refusal(reason, message, revocation)
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return Refusal("malformed", "the peer refused us and said nothing we could read")
 
 
@@ -119,7 +119,7 @@ class Admission:
             assert error is not None
             return Refusal(error.reason, str(error))
         try:
-            self.founders.check_invite(invite, self.swarm_id, peer_id, self._clock())  # signatures: cached below
+            self.founders.check_invite(invite, self.swarm_id, peer_id, self._clock(), signatures=False)  # _verified
         except MembershipError as e:
             return Refusal(e.reason, str(e))
         refusal = self._revoked(invite)
