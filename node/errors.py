@@ -49,6 +49,12 @@ class NotAMember(CommonsError):
     exit_code = 7
 
 
+class EvidenceInvalid(CommonsError):
+    """`node contributions --verify`: the evidence does not hold (a signature, an invite, a total)."""
+
+    exit_code = 8
+
+
 EXIT_CODES = {
     0: "clean exit (including Ctrl+C / SIGTERM)",
     1: "internal error (a bug: please report it with the traceback)",
@@ -58,4 +64,5 @@ EXIT_CODES = {
     SwarmMismatch.exit_code: "bootstrap peers train a different manifest or protocol version",
     ChecksFailed.exit_code: "`node doctor`: a check failed (the FAIL lines say what to fix)",
     NotAMember.exit_code: "members-only swarm: no invite, invite expired, not signed by its founders, or revoked",
+    EvidenceInvalid.exit_code: "`node contributions --verify`: the evidence does not verify (the line says where)",
 }

@@ -16,6 +16,7 @@ from pydantic.v1 import (
     StrictInt,
     StrictStr,
     ValidationError,
+    conint,
     conlist,
     constr,
     validator,
@@ -46,6 +47,19 @@ def revocations_key(swarm_id: str) -> str:
 
 
 MAX_REVOCATIONS = 1024  # in one record
+
+
+def contributions_key(swarm_id: str) -> str:
+    """One key per swarm (members-only swarms); subkey = peer id, value = that peer's summary: the latest vouch
+    about it from each voucher, and its receipt log's length and head (node/swarm/contributions.py)."""
+    return f"{KEY_PREFIX}/{swarm_id}/contributions"
+
+
+def receipts_key(swarm_id: str, peer_id: str) -> str:
+    """One key per member (members-only swarms); subkey = a voucher's peer id, value = the voucher's newest
+    receipts for that member and its vouch (protocol/contributions.py). DHT values stay small: hivemind hands
+    them between processes through a pipe."""
+    return f"{KEY_PREFIX}/{swarm_id}/receipts/{peer_id}"
 
 
 class RecordError(ValueError):
@@ -110,6 +124,9 @@ class ReadyRecord(BaseModel):
     # False: this peer cannot be dialed (behind NAT) and reduces no slice; it sends its parts and takes the
     # results on streams it opens itself. Older peers send none, which counts as True.
     reduces: Optional[StrictBool] = None
+    # Members-only swarms: the samples this peer trained on since its last round, as it claims them; the members
+    # that reduce its parts sign receipts for it, capped at what one round allows (protocol/contributions.py).
+    samples: Optional[conint(ge=0, lt=1 << 53, strict=True)] = None  # type: ignore[valid-type]
 
     class Config:
         extra = "ignore"

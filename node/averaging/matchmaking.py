@@ -53,6 +53,7 @@ class Group:
     # dial (behind NAT) reduce none: they send parts and take results on streams they open themselves.
     reducer_indices: Tuple[int, ...] = ()
     nobody_dialable: bool = False  # every member said it cannot be dialed: they all try to reduce, as before
+    samples: Tuple[int, ...] = ()  # the samples each member claims for this round (members-only swarms; 0: none)
 
     @property
     def reducers(self) -> Tuple[int, ...]:
@@ -97,7 +98,8 @@ def make_group(
     key = f"{module}|{round_number}|{'|'.join(members)}|{'|'.join(hashes)}{grown}{senders}"
     digest = hashlib.sha256(key.encode()).hexdigest()
     posted = tuple(records[m].posted_at for m in members)
-    return Group(module, round_number, members, hashes, digest[:16], posted, message, reducers, nobody)
+    samples = tuple(records[m].samples or 0 for m in members)
+    return Group(module, round_number, members, hashes, digest[:16], posted, message, reducers, nobody, samples)
 
 
 def window_length(opener: ReadyRecord, gather_seconds: float) -> float:
@@ -140,6 +142,7 @@ class Matchmaker:
         ``refuses``: members-only swarms, the peers known to be out (revoked, expired): never in our groups."""
         self.reduces = reduces
         self._refuses = refuses
+        self.samples: Optional[int] = None  # claimed in our ready records (members-only swarms: receipts)
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._gather = gather_seconds
@@ -177,7 +180,7 @@ class Matchmaker:
         posted_at = self._clock()
         record = ReadyRecord(
             posted_at=posted_at, params_hash=params_hash, numel=numel, window_seconds=window_seconds,
-            message_bytes=message_bytes, reduces=None if self.reduces else False,
+            message_bytes=message_bytes, reduces=None if self.reduces else False, samples=self.samples,
         )  # fmt: skip
         key = ready_key(self._swarm_id, module, round_number)
         await self._swarm.store(key, me, record.dict(), posted_at + expiration_seconds)

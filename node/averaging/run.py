@@ -28,6 +28,7 @@ ModuleMemory (node/averaging/memory.py): deadlines, error feedback, the message 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Literal, Mapping, Optional, Sequence, Set, Tuple
@@ -81,6 +82,19 @@ class AllReduceResult:
     dropped: Tuple[str, ...] = ()  # members whose part or result we did not get or refused
     unaveraged: Tuple[Tuple[int, int], ...] = ()  # ranges of the vector that kept our own values
     excluded: Mapping[str, str] = field(default_factory=dict)  # member -> why it was out of our round
+    # The parts we reduced, per member: what a receipt vouches for (protocol/contributions.py).
+    received: Mapping[str, "Received"] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Received:
+    """What one member's parts gave our slices in one round: elements, bytes on the wire, a SHA-256 over the parts
+    (in slice order), and the elements it sent to reducers in all (its vector less the slices it reduces)."""
+
+    elements: int
+    bytes: int
+    part_hash: str
+    total: int
 
 
 @dataclass(frozen=True)
@@ -137,6 +151,7 @@ class AllReduceRun:
         self.pending: Dict[int, Tuple[float, np.ndarray, str]] = {}  # slice -> held-back re-sync result
         self.settled: Set[int] = set()  # attempts whose results we stopped waiting for
         self._gates: Dict[str, asyncio.Semaphore] = {}  # per peer: our messages on the wire
+        self._taken: Dict[str, Dict[int, bytes]] = {}  # member -> slice -> digest of its part we reduced (attempt 0)
 
     # --- what the run knows about its round -------------------------------------------
     @property
@@ -204,7 +219,22 @@ class AllReduceRun:
             size = len(group.members)
             self.memory.message_ask = int(self.nbytes * 2 * (size - 1) / size / seconds * MESSAGE_SECONDS)
         excluded = {p: why for p, why in self.exclusions.items() if p in group.members}
-        return AllReduceResult(self.result, fraction, contributors, seconds, dropped, unaveraged, excluded)
+        return AllReduceResult(self.result, fraction, contributors, seconds, dropped, unaveraged, excluded,
+                               self._received())  # fmt: skip
+
+    def _received(self) -> Dict[str, Received]:
+        """Per member whose parts we reduced (and that is not out of the round): what a receipt vouches for."""
+        group, bounds = self.group, self.bounds
+        out: Dict[str, Received] = {}
+        for sender, digests in self._taken.items():
+            if self.is_excluded(sender) or sender not in group.members:
+                continue
+            index = group.index_of(sender)
+            own = sum(hi - lo for i, (lo, hi) in enumerate(bounds) if owner_of(i, group.reducers) == index)
+            elements = sum(bounds[i][1] - bounds[i][0] for i in digests)
+            digest = hashlib.sha256(b"".join(digests[i] for i in sorted(digests))).hexdigest()
+            out[sender] = Received(elements, payload_bytes(elements, self.dtype), digest, self.sent.size - own)
+        return out
 
     def _refuse_early_strangers(self) -> None:
         """Members whose parts for this round arrived, before it started, under another group id,
@@ -328,6 +358,10 @@ class AllReduceRun:
             group.module, group.round, index, attempt, _short(got), _short(expected - set(got)),
             _short(combined.outliers), _short(combined.clipped),
         )  # fmt: skip
+        if attempt == 0:
+            for sender in combined.used:
+                if sender != me:
+                    self._taken.setdefault(sender, {})[index] = hashlib.sha256(parts[sender].tobytes()).digest()
         reduced = wire_round_trip(combined.values, self.dtype)  # exactly what the others will apply
         self.result[lo:hi] = reduced
         self.averaged[index] = len(combined.used) > 1

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"commons node {__version__}")
     commands = parser.add_subparsers(
-        dest="command", metavar="{start,status,doctor,demo,keygen,invite,revoke}", parser_class=_Parser
+        dest="command", metavar="{start,status,doctor,demo,keygen,invite,revoke,contributions}", parser_class=_Parser
     )
     commands.required = True
 
@@ -134,6 +134,16 @@ def _add_member_commands(commands: Any) -> None:
     revoke.add_argument("--out", metavar="PATH", help="where to write the revocation")
     revoke.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR", help="publish through these peers")
     revoke.add_argument("--timeout", type=float, default=20.0, metavar="S", help="seconds to wait for the swarm")
+    contributions = commands.add_parser(
+        "contributions", help="export or verify the evidence of a member's contributions",
+        description="Export the receipts other members signed for the node whose --checkpoint-dir this is (with "
+        "their vouchers' invites and the totals), as one JSON object; or, with --verify FILE, check such an export "
+        "with the founders' keys of --manifest alone (exit 8 and one line if it does not hold).",
+    )  # fmt: skip
+    contributions.add_argument("--checkpoint-dir", metavar="DIR", help="the node's checkpoint directory (export)")
+    contributions.add_argument("--verify", metavar="FILE", help="check an export instead")
+    contributions.add_argument("--manifest", metavar="PATH", help="the swarm's manifest, which lists its founders")
+    contributions.add_argument("--json", action="store_true", help="one JSON object on stdout (the only format)")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -170,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None, make_node: Optional[Callable[[Nod
             return _demo(args)
         if args.command == "doctor":
             return _doctor(args)
-        if args.command in ("keygen", "invite", "revoke"):
+        if args.command in ("keygen", "invite", "revoke", "contributions"):
             return _members(args)
         return _status(args)
     except ManifestError as e:
@@ -249,6 +259,13 @@ def _members(args: argparse.Namespace) -> int:
 
     if args.command == "keygen":
         result = members.keygen(args.out)
+    elif args.command == "contributions":
+        if bool(args.verify) == bool(args.checkpoint_dir):
+            raise ConfigError("node contributions needs --checkpoint-dir DIR (export) or --verify FILE (check)")
+        if args.verify:
+            result = members.verify_evidence(args.verify, args.manifest)
+        else:
+            result = members.export_evidence(args.checkpoint_dir, args.manifest)
     elif args.command == "invite":
         result = members.invite(args.manifest, args.founder_key, args.peer_id, args.org, args.expires, args.out,
                                 args.countersign)  # fmt: skip

@@ -8,18 +8,21 @@ members pass it on (node/swarm/invites.py).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 import time
 from typing import Any, Dict, Optional, Sequence
 
-from node.errors import ConfigError, PeerUnreachable
+from node.errors import ConfigError, EvidenceInvalid, PeerUnreachable
 from node.net import Admission, Identity, read_identity, write_new_identity
+from protocol.contributions import ContributionError, Receipt, receipts_totals, totals
 from protocol.keys import ED25519, PEER_ID_PATTERN, decode_key, founder_key_string
 from protocol.manifest import Manifest, load_manifest
 from protocol.membership import MAX_ORG_CHARS, Invite, MembershipError, Revocation
 from protocol.records import revocations_key
+from protocol.typed import read_small_file
 
 MAX_EXPIRY_SECONDS = 10 * 365 * 24 * 3600
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -181,4 +184,89 @@ def _publish(founders: Any, swarm_id: str, key_path: str, blob: bytes, peers: Se
                               "check --initial-peers and try again")  # fmt: skip
 
 
+# --- evidence of contributions ------------------------------------------------------------------------------------
+EVIDENCE_KIND = "commons-evidence"
 
+
+def export_evidence(checkpoint_dir: str, manifest_path: Optional[str]) -> Dict[str, Any]:
+    """The receipts other members signed for the node whose --checkpoint-dir this is, with their vouchers'
+    invites and the totals they add up to: everything a verifier needs besides the founders' keys."""
+    from node.swarm import LOG_NAME, ReceiptLog
+
+    manifest = load_manifest(manifest_path)
+    founders = manifest.membership.rules()
+    if not founders.members_only:
+        raise ConfigError("the manifest names no founders: contributions are kept in members-only swarms only")
+    path = os.path.join(checkpoint_dir, LOG_NAME)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} does not exist: give --checkpoint-dir of a node of a members-only swarm")
+    log = ReceiptLog(path)
+    try:
+        receipts = [Receipt.from_bytes(e["receipt"].encode()) for e in log.entries]
+    except (ContributionError, AttributeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} holds a line that is not a receipt ({e}); it is not a log a node wrote") from None
+    peers = {r.peer for r in receipts}
+    if len(peers) > 1:
+        raise ConfigError(f"{path} holds receipts for {len(peers)} peers; a log is one node's")
+    return {
+        "kind": EVIDENCE_KIND, "format": 1, "swarm_id": manifest.swarm_id, "peer": peers.pop() if peers else None,
+        "founders": list(founders.keys), "threshold": founders.threshold,
+        "entries": [{"receipt": e["receipt"], "invite": e.get("invite")} for e in log.entries],
+        "log_head": log.head, "totals": totals(receipts_totals(receipts)).as_dict(),
+    }  # fmt: skip
+
+
+def verify_evidence(path: str, manifest_path: Optional[str], now: Optional[float] = None) -> Dict[str, Any]:
+    """Check an export with the founders' keys of ``manifest_path`` alone: every receipt signed by its voucher,
+    every voucher a member (its invite signed by the founders) other than the peer, no receipt twice, the chain
+    head and the totals as stated. EvidenceInvalid (one line: which entry, what) otherwise."""
+    from node.net import verify
+    from node.swarm import chain_head
+
+    manifest = load_manifest(manifest_path)
+    founders, swarm_id = manifest.membership.rules(), manifest.swarm_id
+    try:
+        data = json.loads(read_small_file(path, "evidence file", "give --verify the file `node contributions` wrote",
+                                          64 << 20))  # fmt: skip
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise EvidenceInvalid(f"{path} is not an evidence file: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or data.get("kind") != EVIDENCE_KIND or not isinstance(data.get("entries"), list):
+        raise EvidenceInvalid(f"{path} is not a {EVIDENCE_KIND} file")
+    if data.get("swarm_id") != swarm_id:
+        shown = str(data.get("swarm_id"))[:20]
+        raise EvidenceInvalid(f"the evidence is for swarm {shown!r}, the manifest's is {swarm_id}")
+    founder_peers = founders.founder_peer_ids()
+    seen, receipts, orgs = set(), [], {}
+    for number, entry in enumerate(data["entries"], 1):
+        try:
+            receipt = Receipt.from_bytes(str(entry["receipt"]).encode())
+            receipt.check(verify)
+        except (ContributionError, KeyError, TypeError) as e:
+            raise EvidenceInvalid(f"entry {number}: {e}") from None
+        if receipt.peer != data.get("peer") or receipt.swarm_id != swarm_id:
+            raise EvidenceInvalid(f"entry {number}: a receipt for another peer or swarm")
+        key = (receipt.voucher, receipt.module, receipt.round)
+        if key in seen:
+            what = f"{receipt.module} round {receipt.round}"
+            raise EvidenceInvalid(f"entry {number}: {receipt.voucher} vouched for {what} twice")
+        seen.add(key)
+        if receipt.voucher in founder_peers:
+            orgs[receipt.voucher] = "(founder)"
+        else:
+            try:
+                invite = Invite.from_bytes(str(entry.get("invite") or "").encode())
+                if invite.peer_id != receipt.voucher or invite.swarm_id != swarm_id:
+                    raise MembershipError("wrong_peer", "the invite is not the voucher's, or not for this swarm")
+                founders.check_signed(invite.body(), invite.signatures, "invite")
+            except MembershipError as e:
+                raise EvidenceInvalid(f"entry {number}: voucher {receipt.voucher} is not a member: {e}") from None
+            orgs[receipt.voucher] = invite.org
+        receipts.append(receipt)
+    head = chain_head((str(e["receipt"]), e.get("invite")) for e in data["entries"])
+    if head != data.get("log_head"):
+        raise EvidenceInvalid("the entries do not chain to the stated log head (changed, moved or removed)")
+    found = totals(receipts_totals(receipts)).as_dict()
+    if found != data.get("totals"):
+        raise EvidenceInvalid(f"the stated totals differ from what the receipts add up to: {json.dumps(found)}")
+    return {"ok": True, "peer": data.get("peer"), "swarm_id": swarm_id, "totals": found,
+            "vouchers": {peer: orgs[peer] for peer in sorted(orgs)}}  # fmt: skip

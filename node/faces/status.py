@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from node.errors import NotAMember, PeerUnreachable, SwarmMismatch
-from node.net import Admission, HivemindSwarm, Refused, peer_id_of
+from node.net import Admission, HivemindSwarm, Refused, peer_id_of, verify
 from node.ops import module_coverage
-from node.swarm import SwarmView, ask, read_peers
+from node.swarm import SwarmView, ask, by_organisation, read_peers, vouches_in
+from protocol.contributions import totals
 from protocol.membership import Invite, MembershipError
+from protocol.records import contributions_key
 from protocol.wire import WireError
 
 
@@ -34,12 +36,23 @@ def swarm_status(view: SwarmView, swarm_id: str, modules: Sequence[str] = ()) ->
                 "org": organisation_of(record.invite),
             }
         )
+        if view.vouches is not None:  # only vouchers that are members now (their records are in the view)
+            vouched = totals(v for voucher, v in view.vouches.get(peer_id, {}).items() if voucher in view.peers)
+            peers[-1]["contributed"] = vouched.as_dict()
     hosted = {m for record in view.peers.values() for m in record.modules}
     known = sorted(set(modules) | hosted, key=_module_order)  # a peer's module the hello did not name still shows
     coverage = module_coverage(view.peers.values(), known)
+    organisations = None
+    if view.vouches is not None:
+        vouches = view.vouches
+        members = set(view.peers)
+        per_peer = {p: totals(v for voucher, v in vouches.get(p, {}).items() if voucher in members) for p in members}
+        orgs = {p["peer_id"]: p["org"] for p in peers}
+        organisations = by_organisation(per_peer, orgs.get)
     return {
         "swarm_id": swarm_id,
         "peers": peers,
+        **({"organisations": organisations} if organisations is not None else {}),
         "modules": [{"module": m, "replicas": n} for m, n in coverage.replicas.items()],
         "uncovered_modules": coverage.uncovered,
         "expert_capacity": coverage.expert_capacity,
@@ -88,6 +101,9 @@ def read_swarm(
             if not reply.accepted:
                 raise SwarmMismatch(f"peer {peer_id_of(maddr)[-8:]} refused: {reply.reason}")
             view = swarm.run(read_peers(swarm, reply.swarm_id), timeout=timeout)
+            if admission is not None:  # members-only: what the members vouched for each other
+                found = swarm.run(swarm.read(contributions_key(reply.swarm_id)), timeout=timeout)
+                view.vouches = vouches_in(found, admission.swarm_id, verify)
             return reply.swarm_id, view, modules
         raise PeerUnreachable("no bootstrap peer answered as a Commons node (" + "; ".join(errors) + ")")
     finally:
@@ -118,6 +134,14 @@ def format_table(status: Dict[str, Any]) -> str:
     line += f" (the peers host {status['expert_capacity']} expert(s) in all"
     beyond = status["uncovered_beyond_capacity"]
     lines.append(line + (f"; {beyond} could be covered and are not)" if beyond else ")"))
+    if "organisations" in status:  # members-only: what the other members vouched for
+        lines += ["", "contributions vouched for by other members (rounds: trunk rounds' worth of parts received):",
+                  f"{'who':<22} {'rounds':>8} {'samples':>10} {'MB sent':>9} {'receipts':>8}  modules"]  # fmt: skip
+        rows = [("…" + p["peer_id"][-12:] + f" {(p['org'] or '')[:8]}", p["contributed"]) for p in status["peers"]]
+        rows += [(f"org {org[:18]}", figures) for org, figures in status["organisations"].items()]
+        for who, c in rows:
+            lines.append(f"{who:<22} {c['rounds']:>8.2f} {c['samples']:>10} {c['bytes'] / 1e6:>9.2f} "
+                         f"{c['receipts']:>8}  {len(c['modules'])}")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -153,6 +153,14 @@ class Admission:
             return Refusal("revoked", revoked_message(revocation), revocation.to_bytes())
         return None
 
+    def is_founder(self, peer_id: str) -> bool:
+        return peer_id in self._founder_peers
+
+    def invite_of(self, peer_id: str) -> Optional[str]:
+        """The invite (JSON) a member we know of was admitted with."""
+        invite = self._invites.get(peer_id)
+        return invite.to_bytes().decode() if invite is not None else None
+
     def organisation(self, peer_id: str) -> Optional[str]:
         invite = self._invites.get(peer_id)
         return invite.org if invite is not None else None

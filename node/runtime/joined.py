@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from node import __version__
 from node.averaging import Averager, Matchmaker
 from node.errors import NotAMember
-from node.net import HivemindSwarm
+from node.net import HivemindSwarm, read_identity, verify
 from node.ops import (
     AveragerCollector,
     CheckpointStore,
@@ -47,8 +47,10 @@ from node.runtime.context import NodeContext
 from node.runtime.rounds import RoundAverager
 from node.runtime.status_page import outcome_counts, page_status
 from node.swarm import (
+    LOG_NAME,
     DialBackServer,
     Greeter,
+    Ledger,
     Membership,
     Revocations,
     StateServer,
@@ -163,6 +165,14 @@ class Joined:
         )  # fmt: skip
         if self.revocations is not None:
             swarm.on_refused = self.revocations.refused
+        # Members-only swarms: receipts for the parts this node reduces, vouches, the receipt log.
+        self.ledger: Optional[Ledger] = None
+        identity_path = context.config.identity_file()
+        if admission is not None and identity_path is not None:
+            log = os.path.join(context.config.checkpoint_dir, LOG_NAME) if context.config.checkpoint_dir else None
+            per_round = manifest.training.batch_size * manifest.training.inner_steps
+            self.ledger = Ledger(swarm, manifest.swarm_id, read_identity(identity_path), admission, verify, log,
+                                 max_samples=per_round)  # fmt: skip
         self.greeter = Greeter(swarm, self.swarm_id, manifest.name, self.module_names)
         self.matchmaker = Matchmaker(swarm, self.swarm_id, averaging.gather_seconds,
                                      smallest_message=averaging.message_bytes,
@@ -173,6 +183,11 @@ class Joined:
         self._recheck_at = time.monotonic() + RECHECK_SECONDS
         self.membership = Membership(swarm, self.swarm_id, self.describe_self, admission=admission)
         self.round_averager = RoundAverager(self.peer_id, self.matchmaker, self.averager, self.membership, averaging)
+        ledger = self.ledger
+        if ledger is not None:
+            self.round_averager.on_averaged = lambda group, result: ledger.vouch(
+                group.module, group.round, result.received, dict(zip(group.members, group.samples, strict=False))
+            )
         self.state_server = state_server_class(
             swarm, self.swarm_id, lambda: self.hosting.states, lambda: self.progress.outer_round
         )
@@ -212,6 +227,8 @@ class Joined:
                                             config.bootstrap_timeout_seconds))  # fmt: skip
         if joined.revocations is not None:
             swarm.run(joined.revocations.start())
+        if joined.ledger is not None:
+            swarm.run(joined.ledger.start())
         swarm.run(joined.membership.start())
         joined._place(restored)
         joined.endpoints = joined._serve_endpoints()
@@ -493,6 +510,8 @@ class Joined:
         try:
             if self.revocations is not None:
                 self.swarm.run(self.revocations.stop(), timeout=5)
+            if self.ledger is not None:
+                self.swarm.run(self.ledger.stop(), timeout=5)
             self.swarm.run(self.membership.stop(), timeout=5)
             self.swarm.run(self.membership.say_goodbye(), timeout=3)
         except Exception as e:

@@ -138,6 +138,8 @@ class RoundLoop:
             prepared = prepare(joined.hosting.states)
         # The others notice our ready post between two of their steps: ask for a window that covers that.
         window = self.node.manifest.averaging.gather_seconds + 2.0 * joined.trainer.recent_step_seconds
+        if joined.ledger is not None:  # members-only: the samples we claim, capped by those who vouch for them
+            joined.matchmaker.samples = steps * self.node.manifest.training.batch_size
         future = joined.swarm.submit(joined.round_averager.average(prepared, progress.outer_round, window))
         self.pending = PendingRound(progress.outer_round, steps, prepared, future, compute_seconds, time.perf_counter())
         joined.membership.watch_round = progress.outer_round + 1  # who is ready for the next one (_swarm_moved_on)

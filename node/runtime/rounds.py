@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set
 import numpy as np
 import torch
 
-from node.averaging import AllReduceResult, Averager, Matchmaker
+from node.averaging import AllReduceResult, Averager, Group, Matchmaker
 from node.runtime.report import ModuleOutcome, classify
 from node.swarm import Membership
 from node.training import ModuleState, state_hash
@@ -72,6 +72,8 @@ class RoundAverager:
         self._membership = membership
         self._spec = spec
         self._stranded: Set[str] = set()  # modules whose last group had no member others can dial
+        # Told of every finished all-reduce (members-only swarms sign receipts for the parts we reduced).
+        self.on_averaged: Optional[Callable[[Group, AllReduceResult], object]] = None
 
     def _say_if_nobody_dialable(self, module: str, stranded: bool) -> None:
         """Once when a module's group is only members behind NAT (nobody can reduce for them: a relay-less swarm
@@ -122,6 +124,11 @@ class RoundAverager:
         else:
             result = await self._averager.all_reduce(group, delta)
         leave_unstepped(result, state.numel)
+        if self.on_averaged is not None and result.received:
+            try:
+                self.on_averaged(group, result)
+            except Exception:  # receipts are bookkeeping: a bug there must not cost the round
+                logger.exception("signing receipts for %s round %d failed", name, round_number)
         size = len(group.members)
         outcome = ModuleOutcome(
             name,

@@ -1,5 +1,6 @@
 """The swarm as each peer sees it: who is in it, who may train with us, who hosts what, state for newcomers.
 
+- contributions  members-only swarms: receipts for the parts we reduce, vouches, the receipt log (Ledger)
 - hello       the hello exchange; refuses other manifests / protocol versions
 - invites     members-only swarms: this node's own invite, the founders' revocations spread through the DHT
 - membership  announces this node and reads every peer's record (SwarmView)
@@ -13,6 +14,12 @@ from typing import TYPE_CHECKING
 from node._lazy import lazy_exports
 
 if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
+    from node.swarm.contributions import LOG_NAME as LOG_NAME
+    from node.swarm.contributions import Ledger as Ledger
+    from node.swarm.contributions import ReceiptLog as ReceiptLog
+    from node.swarm.contributions import by_organisation as by_organisation
+    from node.swarm.contributions import chain_head as chain_head
+    from node.swarm.contributions import vouches_in as vouches_in
     from node.swarm.hello import Greeter as Greeter
     from node.swarm.hello import ask as ask
     from node.swarm.hello import check_admitted as check_admitted

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Dict, List, Optional
 
 from node.net import Admission, SwarmPort
+from protocol.contributions import Vouch
 from protocol.records import PeerRecord, RecordError, parse_record, peers_key, ready_key
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,8 @@ class SwarmView:
     peers: Dict[str, PeerRecord] = field(default_factory=dict)
     seen_at: Dict[str, float] = field(default_factory=dict)  # when each record was last stored (unix s)
     rejected_records: int = 0
+    # Members-only swarms, `node status`: member -> voucher -> latest vouch (node/swarm/contributions.py)
+    vouches: Optional[Dict[str, Dict[str, Vouch]]] = None
 
     def modules_by_peer(self) -> Dict[str, List[str]]:
         return {peer: list(record.modules) for peer, record in self.peers.items()}

@@ -15,22 +15,24 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import pytest
 
 from node.faces import members
-from node.net import Admission, HivemindSwarm, Refused
+from node.net import Admission, HivemindSwarm, Refused, read_identity
 from node.swarm import ask
 from protocol import handlers
+from protocol.contributions import Vouch
 from protocol.manifest import load_manifest
-from protocol.records import PeerRecord, peers_key, ready_key
+from protocol.records import PeerRecord, contributions_key, peers_key, ready_key
 from tests.procs import NodeProcess, child_env, http_get, write_text_corpus, write_tiny_manifest
 
 pytestmark = pytest.mark.e2e
 
-EXPIRES_AFTER = 85  # seconds from the invites' making to the expiry of the third member's
+EXPIRES_AFTER = 70  # seconds from the invites' making to the expiry of the third member's
 REVOCATION_SECONDS = 25.0  # the stated time (two polls) and a margin for a loaded machine
 
 
@@ -89,7 +91,8 @@ class Swarm:
 
     def start(self, name: str, key: Path, invite: Optional[Path], peers: List[str]) -> NodeProcess:
         args = ["start", "--manifest", str(self.manifest), "--data", str(self.corpus), "--experts", "1",
-                "--identity", str(key), "--log-format", "json", "--metrics-addr", "127.0.0.1:0"]  # fmt: skip
+                "--identity", str(key), "--log-format", "json", "--metrics-addr", "127.0.0.1:0",
+                "--checkpoint-dir", str(self.root / name / "checkpoints")]  # fmt: skip
         if invite is not None:
             args += ["--invite", str(invite)]
         if peers:
@@ -132,11 +135,40 @@ def attack(swarm: Swarm, key: Path, invite: Optional[Path], member: str, maddr: 
     return got
 
 
+def forge_contributions(swarm: Swarm, key: Path, invite: Path, maddr: str, voucher_key: Path) -> str:
+    """A member that never trained says it did: a peer record with 10^9 local steps (hosting nothing, so nobody
+    waits for it in a group) and a summary full of vouches it made up (one it signed about itself, one by a key
+    that is no member, one that names another voucher)."""
+    admission = Admission(None, swarm.swarm_id, invite.read_bytes().strip())
+    me = read_identity(str(key))
+    stranger = read_identity(str(voucher_key))
+    forger = HivemindSwarm.open(initial_peers=[maddr], identity_path=str(key), admission=admission,
+                                ensure_bootstrap=False, startup_timeout=20, client_mode=True)  # fmt: skip
+    try:
+        big = Vouch(swarm.swarm_id, me.peer_id, me.peer_id, 10**6, 10**9, ("trunk",), 10**12, 10**12, 10**6)
+        fakes = [big.signed(me.public, me.sign),
+                 replace(big, voucher=stranger.peer_id).signed(stranger.public, stranger.sign),
+                 replace(big, voucher=members_peer(swarm, "a")).signed(me.public, me.sign)]  # fmt: skip
+        now = forger.now()
+        record = PeerRecord(peer_id=me.peer_id, modules=[], outer_round=0, local_steps=10**9,
+                            invite=invite.read_text().strip())  # fmt: skip
+        assert forger.run(forger.store(peers_key(swarm.swarm_id), me.peer_id, record.dict(), now + 60), timeout=30)
+        summary = {"vouched": [v.to_bytes().decode() for v in fakes], "log": {"receipts": 10**6, "head": "0" * 64}}
+        assert forger.run(forger.store(contributions_key(swarm.swarm_id), me.peer_id, summary, now + 60), timeout=30)
+    finally:
+        forger.close()
+    return me.peer_id
+
+
+def members_peer(swarm: Swarm, name: str) -> str:
+    return read_identity(str(swarm.root / f"{name}.key")).peer_id
+
+
 def test_a_members_only_swarm_refuses_outsiders_and_drops_revoked_and_expired_members(tmp_path):
     swarm = Swarm(tmp_path)
-    keys = {name: swarm.key(name) for name in ("a", "b", "c", "nobody", "late", "forger")}
+    keys = {name: swarm.key(name) for name in ("a", "b", "c", "d", "nobody", "late", "forger")}
     made = time.time()
-    invites = {name: swarm.invite(name, keys[name][1]) for name in ("a", "b")}
+    invites = {name: swarm.invite(name, keys[name][1]) for name in ("a", "b", "d")}
     invites["c"] = swarm.invite("c", keys["c"][1], expires=f"{EXPIRES_AFTER}s")
     invites["late"] = swarm.invite("late", keys["late"][1], expires="1h", now=time.time() - 7200)
     other = tmp_path / "other-founder.key"
@@ -171,14 +203,36 @@ def test_a_members_only_swarm_refuses_outsiders_and_drops_revoked_and_expired_me
             for request in ("hello", "avg", "state", "dht"):
                 assert counts.get((request, reason), 0) >= 1, (request, reason, counts)
 
-        # `node status`: a member sees the three members with their organisations; an outsider gets exit 7.
-        done = cli(["status", "--initial-peers", first.maddr, "--json", "--identity", str(keys["b"][0]),
-                    "--invite", str(invites["b"])], tmp_path)  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        status = json.loads(done.stdout)
+        # `node status`: a member sees the three members with their organisations and what the others vouched
+        # for each; a member that never trained and made its summary up shows nothing vouched. Outsiders: exit 7.
+        boaster = forge_contributions(swarm, keys["d"][0], invites["d"], first.maddr, keys["nobody"][0])
+
+        def member_status() -> dict:
+            done = cli(["status", "--initial-peers", first.maddr, "--json", "--identity", str(keys["b"][0]),
+                        "--invite", str(invites["b"])], tmp_path)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        # Receipts take a publication (5 s) to reach their member and another for its summary to carry the vouch.
+        status = member_status()
+        for _ in range(6):
+            if all(p["contributed"]["rounds"] > 0 for p in status["peers"] if p["peer_id"] != boaster):
+                break
+            time.sleep(3)
+            status = member_status()
         assert {p["peer_id"]: p["org"] for p in status["peers"]} == {
-            keys[n][1]: f"org-{n}" for n in ("a", "b", "c")
+            keys[n][1]: f"org-{n}" for n in ("a", "b", "c", "d")
         }
+        by_peer = {p["peer_id"]: p for p in status["peers"]}
+        assert by_peer[boaster]["local_steps"] == 10**9  # what it says of itself
+        assert by_peer[boaster]["contributed"] == {"rounds": 0.0, "modules": [], "samples": 0, "bytes": 0,
+                                                  "receipts": 0, "vouchers": 0}  # fmt: skip
+        for name in ("a", "b", "c"):
+            vouched = by_peer[keys[name][1]]["contributed"]
+            assert vouched["rounds"] > 0 and vouched["vouchers"] >= 1 and "trunk" in vouched["modules"], vouched
+            assert vouched["samples"] <= 8 * 10 * (vouched["rounds"] + vouched["vouchers"])  # batch x H per round
+        assert set(status["organisations"]) == {"org-a", "org-b", "org-c", "org-d"}
+        assert status["organisations"]["org-d"]["rounds"] == 0
         done = cli(["status", "--initial-peers", first.maddr], tmp_path)
         assert done.returncode == 7, done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith("node: error: the swarm refused this client (no_invite)")
@@ -194,8 +248,10 @@ def test_a_members_only_swarm_refuses_outsiders_and_drops_revoked_and_expired_me
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["published"] is True
         published = time.time()
-        spread = wait_for(lambda: all(n.events("revoked") for n in (a, c)), REVOCATION_SECONDS,
+        # (c, whose invite expires EXPIRES_AFTER s after it was made, may have stopped on a slow machine)
+        spread = wait_for(lambda: all(n.events("revoked") or n.proc.poll() == 7 for n in (a, c)), REVOCATION_SECONDS,
                           "the revocation at a and c", nodes)  # fmt: skip
+        assert a.events("revoked")
         assert b.proc.wait(REVOCATION_SECONDS + 15) == 7
         last = b.stderr_tail(1)
         assert last.startswith("node: error: this node's invite was revoked"), last
@@ -217,6 +273,27 @@ def test_a_members_only_swarm_refuses_outsiders_and_drops_revoked_and_expired_me
         wait_for(lambda: len(group_sizes_since(a, expiry + 15)) >= 1, 60, "a round of a after c's expiry", nodes)
         assert max(group_sizes_since(a, expiry + 15)) == 1
         assert a.proc.poll() is None  # the member in good standing trains on
+
+        # c's evidence: the receipts a and b signed for it verify offline with the founders' keys; tampered, not.
+        evidence = tmp_path / "c.evidence.json"
+        done = cli(["contributions", "--checkpoint-dir", str(tmp_path / "c" / "checkpoints"), "--manifest",
+                    str(swarm.manifest), "--json"], tmp_path)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        evidence.write_text(done.stdout)
+        exported = json.loads(done.stdout)
+        assert exported["peer"] == keys["c"][1] and exported["totals"]["rounds"] > 0
+        done = cli(["contributions", "--verify", str(evidence), "--manifest", str(swarm.manifest)], tmp_path)
+        assert done.returncode == 0, done.stderr
+        verified = json.loads(done.stdout)
+        assert verified["ok"] is True and verified["totals"] == exported["totals"]
+        assert set(verified["vouchers"].values()) <= {"org-a", "org-b"}
+        receipt = json.loads(exported["entries"][0]["receipt"])
+        receipt["samples"] += 1
+        exported["entries"][0]["receipt"] = json.dumps(receipt, sort_keys=True, separators=(",", ":"))
+        evidence.write_text(json.dumps(exported))
+        done = cli(["contributions", "--verify", str(evidence), "--manifest", str(swarm.manifest)], tmp_path)
+        assert done.returncode == 8 and "signature does not hold" in done.stderr, done.stderr
+        print(f"phases: revoked node gone {gone - made:.0f}s after the invites were made, c's expired {EXPIRES_AFTER}s")
         print(f"revocation: published {published - revoked_at:.1f}s after `node revoke` began, at every member "
               f"{spread:.1f}s later, revoked node gone {gone - published:.1f}s after publication")
     finally:

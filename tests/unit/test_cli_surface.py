@@ -94,11 +94,12 @@ def test_demo_flags_are_the_documented_ones() -> None:
 
 
 def test_commands_are_start_status_doctor_demo_and_the_founders_tools() -> None:
-    assert set(subcommands(build_parser())) == {"start", "status", "doctor", "demo", "keygen", "invite", "revoke"}
+    commands = {"start", "status", "doctor", "demo", "keygen", "invite", "revoke", "contributions"}
+    assert set(subcommands(build_parser())) == commands
 
 
 def test_founders_tools_flags_are_documented() -> None:
     documented = set(re.findall(r"--[a-z][a-z-]*", readme_section("Members-only swarms")))
-    for command in ("keygen", "invite", "revoke"):
+    for command in ("keygen", "invite", "revoke", "contributions"):
         flags = long_flags(subcommands(build_parser())[command])
         assert flags <= documented | {"--help"}, (command, flags - documented)
