@@ -1,4 +1,4 @@
-"""What membership checks cost (issue 23): per stream request, per DHT request, and bytes on the wire.
+"""What membership checks and receipts cost (issue 23): per stream request, per DHT request, per receipt, and bytes.
 
 Measured in one process on one clock (time.perf_counter), each figure over ``--repeats`` batches of ``--batch``
 calls: per-call median, mean and worst of the batches. Side by side, an open swarm's cost of the same path is
@@ -21,9 +21,10 @@ from typing import Callable, Dict, List
 from hivemind.proto import dht_pb2
 
 from node.faces import members
-from node.net import Admission, read_identity
+from node.net import Admission, read_identity, verify
 from node.net.admission import INVITE_MARK
 from node.net.hivemind import InviteAuthorizer
+from protocol.contributions import Receipt, add
 from protocol.manifest import load_manifest
 from protocol.membership import Invite
 
@@ -89,6 +90,17 @@ def main() -> None:
         assert loop.run_until_complete(receiver.validate_request(next(queue)))
 
     results["dht: check a request (receiver)"] = timed(validate, args.repeats, max(1, args.batch // 10))
+    # A round's receipts: the reducer signs one per member whose parts it reduced, per module; the member checks it.
+    voucher = read_identity(str(root / "founder.key"))
+    member_id = read_identity(str(root / "member.key")).peer_id
+    base = Receipt(swarm_id, "trunk", 7, member_id, voucher.peer_id, "ab" * 32, 1 << 20, 1 << 18, 3 << 18, 800)
+    made: List[Receipt] = []
+    results["receipt: sign (reducer, per member and module)"] = timed(
+        lambda: made.append(base.signed(voucher.public, voucher.sign)), args.repeats, max(1, args.batch // 10)
+    )
+    blobs = iter([r.to_bytes() for r in made])
+    results["receipt: parse and check (member)"] = timed(lambda: Receipt.from_bytes(next(blobs)).check(verify),
+                                                       args.repeats, max(1, args.batch // 10))  # fmt: skip
     unsigned = request().ByteSize()
     one = request()
     loop.run_until_complete(sender.sign_request(one, None))
@@ -97,6 +109,8 @@ def main() -> None:
         "stream preamble bytes (once per new stream)": len(INVITE_MARK) + len(blob) + 8,
         "dht request bytes added": one.ByteSize() - unsigned,
         "peer record bytes added (its invite)": len(json.dumps(blob.decode())),
+        "receipt bytes": len(made[0].to_bytes()),
+        "vouch bytes": len(add(None, made[0]).signed(voucher.public, voucher.sign).to_bytes()),
     }
     identity = read_identity(str(root / "member.key"))
     assert Invite.from_bytes(blob).peer_id == identity.peer_id

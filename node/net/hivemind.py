@@ -25,6 +25,8 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tup
 import hivemind  # node/__init__.py has chosen hivemind's memory sharing strategy already
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import raise_if_failed, read_pbmsg_safe, write_pbmsg
+from hivemind.proto import p2pd_pb2
 from hivemind.utils.auth import AuthorizerBase
 from hivemind.utils.logging import use_hivemind_log_handler
 from hivemind.utils.serializer import MSGPackSerializer
@@ -535,7 +537,7 @@ class HivemindSwarm:
             stream = self._streams.take(peer_id, name)
             fresh = stream is None
             if stream is None:
-                _, reader, writer = await self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), name)
+                reader, writer = await self._open_stream(peer_id, name)
                 stream = Stream(reader, writer)
             try:
                 if fresh and self._admission is not None:  # members-only: each stream starts with our invite
@@ -567,6 +569,29 @@ class HivemindSwarm:
             raise ConnectionError(
                 f"cannot reach peer {peer_id[-8:]}: {str(e).splitlines()[0] if str(e) else e!r}"
             ) from None
+
+    async def _open_stream(self, peer_id: str, name: str) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A new stream to ``peer_id``'s handler ``name``: what hivemind's ``call_binary_stream_handler`` does,
+        except that a refused or cancelled opening closes its connection to the daemon (hivemind's leaves it open,
+        one descriptor per failed dial until the garbage collector finds it)."""
+        control = getattr(getattr(self._p2p, "_client", None), "control", None)
+        if control is None:  # another hivemind than the one pinned: its own way
+            _, reader, writer = await self._p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), name)
+            return reader, writer
+        reader, writer = await control.daemon_connector.open_connection()
+        try:
+            request = p2pd_pb2.Request(
+                type=p2pd_pb2.Request.STREAM_OPEN,
+                streamOpen=p2pd_pb2.StreamOpenRequest(peer=PeerID.from_base58(peer_id).to_bytes(), proto=[name]),
+            )
+            await write_pbmsg(writer, request)
+            response = p2pd_pb2.Response()
+            await read_pbmsg_safe(reader, response)
+            raise_if_failed(response)
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer
 
     async def _close_streams(self) -> None:
         self._streams.close_all()

@@ -264,7 +264,11 @@ def test_a_members_only_swarm_refuses_outsiders_and_drops_revoked_and_expired_me
         nodes.append(again)
         assert again.proc.wait(60) == 7
         assert "revoked" in again.stderr_tail(1), again.stderr_tail(5)
-        assert refused_counts(a.ready["metrics_url"]).get(("hello", "revoked"), 0) >= 1
+        got = attack(swarm, keys["b"][0], invites["b"], member, first.maddr)  # and with the node's classes
+        assert got == {"hello": "revoked", "avg": "revoked", "state": "revoked", "read": []}, got
+        counts = refused_counts(a.ready["metrics_url"])
+        assert all(counts.get((request, "revoked"), 0) >= 1 for request in ("hello", "avg", "state", "dht")), counts
+        assert max(e["trunk_group"] for e in a.events("round")) <= 3  # never an outsider in a group
 
         # c's invite expires: c stops itself (one line, exit 7), and a trains alone, refusing c.
         expiry = made + EXPIRES_AFTER
