@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from node.errors import ConfigError, EvidenceInvalid, PeerUnreachable
-from node.net import Admission, Identity, read_identity, write_new_identity
+from node.net import Admission, Identity, read_identity, write_atomically, write_new_identity
 from protocol.contributions import ContributionError, Receipt, receipts_totals, totals
 from protocol.keys import ED25519, PEER_ID_PATTERN, decode_key, founder_key_string
 from protocol.manifest import Manifest, load_manifest
@@ -83,22 +82,23 @@ def _write(path: str, data: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ConfigError(f"directory {directory} does not exist; create it or choose another --out")
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".commons-", suffix=".tmp")
-    try:
-        os.fchmod(handle, 0o644)
-        os.write(handle, data + b"\n")
-        os.fsync(handle)
-        os.close(handle)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_atomically(path, data + b"\n", 0o644)
 
 
-def _read(path: str) -> bytes:
+def _countersigned(kind: Any, path: str) -> Any:
+    """The invite or revocation in ``path`` another founder signed, to add a signature to."""
     from node.swarm import read_invite_file
 
-    return read_invite_file(path).strip()
+    try:
+        return kind.from_bytes(read_invite_file(path).strip())
+    except MembershipError as e:
+        raise ConfigError(f"--countersign {path}: {e}") from None
+
+
+def _swarm(manifest_path: Optional[str], founder_key: str) -> Tuple[Identity, Any, str]:
+    """The founder's identity, the founders' rules and the swarm id of a members-only manifest."""
+    manifest = load_manifest(manifest_path)
+    return _founder(manifest, founder_key), manifest.membership.rules(), manifest.swarm_id
 
 
 def invite(
@@ -106,14 +106,9 @@ def invite(
     expires: Optional[str], out: str, countersign: Optional[str] = None, now: Optional[float] = None,
 ) -> Dict[str, Any]:  # fmt: skip
     """Sign an invite (or add this founder's signature to ``countersign``'s) and write it to ``out``."""
-    manifest = load_manifest(manifest_path)
-    founder = _founder(manifest, founder_key)
-    founders, swarm_id = manifest.membership.rules(), manifest.swarm_id
+    founder, founders, swarm_id = _swarm(manifest_path, founder_key)
     if countersign:
-        try:
-            base = Invite.from_bytes(_read(countersign))
-        except MembershipError as e:
-            raise ConfigError(f"--countersign {countersign}: {e}") from None
+        base = _countersigned(Invite, countersign)
         if base.swarm_id != swarm_id:
             raise ConfigError(f"--countersign {countersign} is for swarm {base.swarm_id}, not {swarm_id}")
     else:
@@ -137,14 +132,9 @@ def revoke(
 ) -> Dict[str, Any]:  # fmt: skip
     """Sign a revocation (or countersign one), write it to ``out``, and publish it through ``initial_peers`` once
     it has enough signatures."""
-    manifest = load_manifest(manifest_path)
-    founder = _founder(manifest, founder_key)
-    founders, swarm_id = manifest.membership.rules(), manifest.swarm_id
+    founder, founders, swarm_id = _swarm(manifest_path, founder_key)
     if countersign:
-        try:
-            base = Revocation.from_bytes(_read(countersign))
-        except MembershipError as e:
-            raise ConfigError(f"--countersign {countersign}: {e}") from None
+        base = _countersigned(Revocation, countersign)
     else:
         if not peer_id:
             raise ConfigError("node revoke needs --peer-id (or --countersign FILE)")

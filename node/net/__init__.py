@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.net.identity import check_identity_file as check_identity_file
     from node.net.identity import read_identity as read_identity
     from node.net.identity import verify as verify
+    from node.net.identity import write_atomically as write_atomically
     from node.net.identity import write_new_identity as write_new_identity
     from node.net.inprocess import InProcessNetwork as InProcessNetwork
     from node.net.inprocess import InProcessSwarm as InProcessSwarm

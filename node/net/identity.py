@@ -108,19 +108,24 @@ def write_new_identity(path: str) -> Identity:
     key = ed25519.Ed25519PrivateKey.generate()
     seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
     public_raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    write_atomically(path, encode_key(ED25519, seed + public_raw), 0o600)
+    public = public_key_proto(key)
+    return Identity(key, public, peer_id_of_public_key(public))
+
+
+def write_atomically(path: str, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` with ``mode``, all or nothing: a temporary file beside it, synced and renamed."""
     directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".identity-", suffix=".tmp")
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".commons-", suffix=".tmp")
     try:
-        os.fchmod(handle, 0o600)
-        os.write(handle, encode_key(ED25519, seed + public_raw))
+        os.fchmod(handle, mode)
+        os.write(handle, data)
         os.fsync(handle)
         os.close(handle)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
-    public = public_key_proto(key)
-    return Identity(key, public, peer_id_of_public_key(public))
 
 
 def check_identity_file(path: str, what: str = "identity file", fix: str = _FIX) -> None:

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from node.net import Admission, Identity, SwarmPort
+from node.swarm.invites import every, stop_task
 from protocol.contributions import ContributionError, Receipt, Totals, Verify, Vouch, add
 from protocol.records import contributions_key, receipts_key
 
@@ -144,21 +145,14 @@ class Ledger:
 
     # --- the records ------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
+        self._task = asyncio.create_task(every(PUBLISH_SECONDS, self.turn, "contributions"))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await stop_task(self._task)
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(PUBLISH_SECONDS)
-            try:
-                await self.collect()
-                await self.publish()
-            except Exception as e:  # a failed read or store: the next turn tries again
-                logger.debug("contributions: %s", e)
+    async def turn(self) -> None:
+        await self.collect()
+        await self.publish()
 
     def summary(self) -> Dict[str, Any]:
         """Our summary record: the latest vouch about us from each voucher (the most-vouching first), our log."""

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Callable, List, Optional
+from typing import Any, Awaitable, Callable, List, Optional
 
 from node.errors import ConfigError, NotAMember
 from node.net import Admission, Refused, SwarmPort, read_identity
@@ -109,20 +109,10 @@ class Revocations:
 
     async def start(self) -> None:
         await self.poll()
-        self._task = asyncio.create_task(self._run())
+        self._task = asyncio.create_task(every(REVOCATION_POLL_SECONDS, self.poll, "revocations"))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(REVOCATION_POLL_SECONDS)
-            try:
-                await self.poll()
-            except Exception as e:  # a failed read: the next poll tries again
-                logger.debug("revocations: %s", e)
+        await stop_task(self._task)
 
     async def poll(self) -> int:
         """Read the swarm's revocations, take the new ones, pass on ours; how many were new."""
@@ -192,6 +182,23 @@ class Revocations:
         if self.out is None:
             self.out = why
             self._on_out(why)
+
+
+async def every(seconds: float, step: Callable[[], Awaitable[Any]], what: str) -> None:
+    """Run ``step`` every ``seconds`` until cancelled; a step that fails (a DHT read or store) is logged at debug
+    level and tried again at the next turn."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await step()
+        except Exception as e:
+            logger.debug("%s: %s", what, e)
+
+
+async def stop_task(task: Optional["asyncio.Task[None]"]) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _blobs(value: Any) -> List[bytes]:
