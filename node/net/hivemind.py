@@ -19,6 +19,7 @@ import secrets
 import shutil
 import signal
 import tempfile
+import time
 from functools import partial
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
@@ -184,6 +185,7 @@ class SignedRecords(RecordValidatorBase):  # type: ignore[misc]  # hivemind has 
         return state
 
 
+REFUSAL_LINGER_SECONDS = 5.0  # how long a refused stream waits for its caller to close it
 INVITE_MARK_LIMIT = len(INVITE_MARK) + 8192  # the first frame of a stream to a members-only node: an invite
 DHT_SKEW_SECONDS = 120.0  # how far a signed DHT request's time may be from ours
 _SEEN_NONCES = 100_000
@@ -505,7 +507,7 @@ class HivemindSwarm:
                     refusal = admission.still_admitted(peer) if admission is not None else None
                     if refusal is not None:  # revoked or expired since the stream began
                         admission.count(request_kind, peer, refusal)  # type: ignore[union-attr]
-                        await write_frame(writer, refusal_frame(refusal))
+                        await _refuse(reader, writer, refusal)
                         return
                     try:
                         response = await handler(peer, request)
@@ -626,11 +628,24 @@ async def _admit(
     if refusal is None:
         return True
     admission.count(request_kind, peer, refusal)
+    await _refuse(reader, writer, refusal)
+    return False
+
+
+async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, refusal: Refusal) -> None:
+    """Answer a refusal, then wait for the caller to close the stream (reading what it still sends, a little and
+    briefly): a stream closed while the caller's request is still arriving is reset, and the reset can
+    overtake the refusal."""
     try:
         await write_frame(writer, refusal_frame(refusal))
-    except ConnectionError:
-        pass
-    return False
+        taken, deadline = 0, time.monotonic() + REFUSAL_LINGER_SECONDS
+        while taken < (1 << 20) and (left := deadline - time.monotonic()) > 0:
+            chunk = await asyncio.wait_for(reader.read(1 << 16), left)
+            if not chunk:
+                return
+            taken += len(chunk)
+    except (ConnectionError, asyncio.TimeoutError):
+        return
 
 
 def dht_kill(dht: hivemind.DHT, graceful: bool = True) -> None:

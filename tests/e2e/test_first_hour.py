@@ -135,9 +135,10 @@ def alive(pid: int) -> bool:
 
 
 def log_records_of(output: str) -> list:
-    """The JSON log records in a terminal's output (the lines may carry the terminal's echo before them)."""
+    """The JSON log records in a terminal's output (the lines may carry the terminal's echo before them, and the
+    echo of Ctrl+C, "^C", can land between two records when the node is writing at that moment)."""
     found = []
-    for line in output.replace("\r\n", "\n").splitlines():
+    for line in output.replace("\r\n", "\n").replace("^C", "\n").splitlines():
         start = line.find("{")
         if start < 0:
             continue
