@@ -61,6 +61,7 @@ class Averager:
         self._early = Inbox(self._clock)  # messages for rounds not started here yet
         self._active: Dict[Tuple[str, int], AllReduceRun] = {}  # (module, round) -> its run
         self._unreachable: Dict[str, float] = {}  # peer -> swarm time we last failed to connect to it
+        self.receipts = False  # note what each member's parts gave our slices (members-only swarms sign receipts)
 
     async def start(self) -> None:
         await self._swarm.serve(self.handler_name, self._handle)
@@ -106,7 +107,8 @@ class Averager:
         memory = self.memory(group.module)
         self._early.expire(older_than_seconds=max(self._spec.round_timeout_seconds * 3, EARLY_MAIL_SECONDS))
         context = RunContext(
-            self._swarm, self._swarm_id, self.handler_name, self._spec, self.stats, self._clock, self._mark_unreachable
+            self._swarm, self._swarm_id, self.handler_name, self._spec, self.stats, self._clock, self._mark_unreachable,
+            self.receipts,
         )
         inbox = self._early.take(*key)
         run = self.run_class(context, group, vector, memory, inbox, regions=regions, compress=compress, verify=verify)

@@ -108,6 +108,7 @@ class RunContext:
     stats: AveragingStats
     clock: Clock  # monotonic seconds, the clock of the event loop the run awaits on
     mark_unreachable: Callable[[str], None]  # we failed to connect to this peer
+    receipts: bool = False  # note each member's parts we reduce (AllReduceResult.received; members-only swarms)
 
 
 class AllReduceRun:
@@ -358,7 +359,7 @@ class AllReduceRun:
             group.module, group.round, index, attempt, _short(got), _short(expected - set(got)),
             _short(combined.outliers), _short(combined.clipped),
         )  # fmt: skip
-        if attempt == 0:
+        if attempt == 0 and self.context.receipts:
             for sender in combined.used:
                 if sender != me:
                     self._taken.setdefault(sender, {})[index] = hashlib.sha256(parts[sender].tobytes()).digest()

@@ -185,6 +185,7 @@ class Joined:
         self.round_averager = RoundAverager(self.peer_id, self.matchmaker, self.averager, self.membership, averaging)
         ledger = self.ledger
         if ledger is not None:
+            self.averager.receipts = True
             self.round_averager.on_averaged = lambda group, result: ledger.vouch(
                 group.module, group.round, result.received, dict(zip(group.members, group.samples, strict=False))
             )
