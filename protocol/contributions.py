@@ -216,12 +216,16 @@ class Totals:
                 "bytes": self.wire_bytes, "receipts": self.receipts, "vouchers": self.vouchers}  # fmt: skip
 
 
+def newer(vouch: Vouch, known: Optional[Vouch]) -> bool:
+    """Whether ``vouch`` replaces ``known``, the same voucher's vouch for the same member (its totals only grow)."""
+    return known is None or (vouch.through_round, vouch.receipts) > (known.through_round, known.receipts)
+
+
 def totals(vouches: Iterable[Vouch]) -> Totals:
     """Sum the latest vouch of each voucher (one member's)."""
     latest: Dict[str, Vouch] = {}
     for vouch in vouches:
-        known = latest.get(vouch.voucher)
-        if known is None or (vouch.through_round, vouch.receipts) > (known.through_round, known.receipts):
+        if newer(vouch, latest.get(vouch.voucher)):
             latest[vouch.voucher] = vouch
     out = Totals(vouchers=len(latest))
     modules: Set[str] = set()

@@ -14,6 +14,7 @@ An open swarm (no founders) has no ``Admission`` at all. ``Admission(founders=No
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -23,6 +24,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
+from node.net.streams import STREAM_IDLE_SECONDS, read_frame, write_frame
+from protocol.frames import FrameError
 from protocol.membership import (
     NO_INVITE_MESSAGE,
     REASONS,
@@ -42,6 +45,8 @@ logger = logging.getLogger(__name__)
 INVITE_MARK = b"\xffcommons-invite\n"
 REFUSAL_MARK = b"\xffcommons-refused\n"
 _CACHE = 1024  # invites whose signatures we checked
+INVITE_MARK_LIMIT = len(INVITE_MARK) + 8192  # the first frame of a stream to a members-only node: an invite
+REFUSAL_LINGER_SECONDS = 5.0  # how long a refused stream waits for its caller to close it
 _LOG_EVERY = 60.0  # seconds between two log lines about the same refused peer
 
 
@@ -245,3 +250,38 @@ class Admission:
             if self.dht_refused[index]:
                 out[("dht", reason)] = int(self.dht_refused[index])
         return out
+
+
+# --- the stream side: the invite that opens a stream, the refusal that closes it -------------------------------
+async def admit_stream(
+    admission: Admission, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request_kind: str
+) -> bool:
+    """Read the invite that starts a stream to a members-only node; answer a refusal and return False when it
+    does not admit ``peer``."""
+    try:
+        first = await read_frame(reader, idle_timeout=STREAM_IDLE_SECONDS, limit=INVITE_MARK_LIMIT)
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, FrameError):
+        return False
+    blob = first[len(INVITE_MARK) :] if first.startswith(INVITE_MARK) else None
+    refusal = admission.check(peer, blob)
+    if refusal is None:
+        return True
+    admission.count(request_kind, peer, refusal)
+    await refuse_stream(reader, writer, refusal)
+    return False
+
+
+async def refuse_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, refusal: Refusal) -> None:
+    """Answer a refusal, then wait for the caller to close the stream (reading what it still sends, a little and
+    briefly): a stream closed while the caller's request is still arriving is reset, and the reset can
+    overtake the refusal."""
+    try:
+        await write_frame(writer, refusal_frame(refusal))
+        taken, deadline = 0, time.monotonic() + REFUSAL_LINGER_SECONDS
+        while taken < (1 << 20) and (left := deadline - time.monotonic()) > 0:
+            chunk = await asyncio.wait_for(reader.read(1 << 16), left)
+            if not chunk:
+                return
+            taken += len(chunk)
+    except (ConnectionError, asyncio.TimeoutError):
+        return

@@ -19,7 +19,6 @@ import secrets
 import shutil
 import signal
 import tempfile
-import time
 from functools import partial
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
@@ -34,7 +33,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 from node.errors import PeerUnreachable
-from node.net.admission import INVITE_MARK, Admission, Refusal, read_refusal, refusal_frame
+from node.net.admission import Admission, Refusal, admit_stream, read_refusal, refuse_stream
 from node.net.identity import Identity, read_identity, verify, write_new_identity
 from node.net.loop import LoopThread
 from node.net.port import REMOTE_ADDRESS, Handler, Refused
@@ -185,8 +184,6 @@ class SignedRecords(RecordValidatorBase):  # type: ignore[misc]  # hivemind has 
         return state
 
 
-REFUSAL_LINGER_SECONDS = 5.0  # how long a refused stream waits for its caller to close it
-INVITE_MARK_LIMIT = len(INVITE_MARK) + 8192  # the first frame of a stream to a members-only node: an invite
 DHT_SKEW_SECONDS = 120.0  # how far a signed DHT request's time may be from ours
 _SEEN_NONCES = 100_000
 
@@ -494,7 +491,7 @@ class HivemindSwarm:
             peer = str(info.peer_id)
             REMOTE_ADDRESS.set(str(info.addr) if getattr(info, "addr", None) is not None else None)
             try:
-                if admission is not None and not await _admit(admission, peer, reader, writer, request_kind):
+                if admission is not None and not await admit_stream(admission, peer, reader, writer, request_kind):
                     return
                 while True:
                     try:
@@ -507,7 +504,7 @@ class HivemindSwarm:
                     refusal = admission.still_admitted(peer) if admission is not None else None
                     if refusal is not None:  # revoked or expired since the stream began
                         admission.count(request_kind, peer, refusal)  # type: ignore[union-attr]
-                        await _refuse(reader, writer, refusal)
+                        await refuse_stream(reader, writer, refusal)
                         return
                     try:
                         response = await handler(peer, request)
@@ -612,40 +609,6 @@ class HivemindSwarm:
         self._loop.stop()
         dht_kill(self._dht)
         self._clean_up()
-
-
-async def _admit(
-    admission: Admission, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request_kind: str
-) -> bool:
-    """Read the invite that starts a stream to a members-only node; answer a refusal and return False when it
-    does not admit ``peer``."""
-    try:
-        first = await read_frame(reader, idle_timeout=STREAM_IDLE_SECONDS, limit=INVITE_MARK_LIMIT)
-    except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, FrameError):
-        return False
-    blob = first[len(INVITE_MARK) :] if first.startswith(INVITE_MARK) else None
-    refusal = admission.check(peer, blob)
-    if refusal is None:
-        return True
-    admission.count(request_kind, peer, refusal)
-    await _refuse(reader, writer, refusal)
-    return False
-
-
-async def _refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, refusal: Refusal) -> None:
-    """Answer a refusal, then wait for the caller to close the stream (reading what it still sends, a little and
-    briefly): a stream closed while the caller's request is still arriving is reset, and the reset can
-    overtake the refusal."""
-    try:
-        await write_frame(writer, refusal_frame(refusal))
-        taken, deadline = 0, time.monotonic() + REFUSAL_LINGER_SECONDS
-        while taken < (1 << 20) and (left := deadline - time.monotonic()) > 0:
-            chunk = await asyncio.wait_for(reader.read(1 << 16), left)
-            if not chunk:
-                return
-            taken += len(chunk)
-    except (ConnectionError, asyncio.TimeoutError):
-        return
 
 
 def dht_kill(dht: hivemind.DHT, graceful: bool = True) -> None:

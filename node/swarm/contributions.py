@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, 
 
 from node.net import Admission, Identity, SwarmPort
 from node.swarm.invites import every, stop_task
-from protocol.contributions import ContributionError, Receipt, Totals, Verify, Vouch, add
+from protocol.contributions import ContributionError, Receipt, Totals, Verify, Vouch, add, newer
 from protocol.records import contributions_key, receipts_key
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,6 @@ class Ledger:
         self._totals: Dict[str, Vouch] = {}  # member -> our running vouch (unsigned)
         self._signed: Dict[str, Vouch] = {}  # member -> our latest vouch, signed
         self.vouched: Dict[str, Vouch] = {}  # voucher -> its latest vouch about us
-        self.seen: Dict[str, Dict[str, Vouch]] = {}  # member -> voucher -> latest vouch (everyone's records)
         self._checked: "OrderedDict[bytes, bool]" = OrderedDict()
         self._dirty: Set[str] = set()  # members with receipts not yet stored
         self._stored_at: Dict[str, float] = {}  # member -> when its record was last stored (monotonic)
@@ -203,13 +202,8 @@ class Ledger:
         return len(new)
 
     def _keep(self, vouch: Vouch) -> None:
-        if vouch.swarm_id != self._swarm_id:
-            return
-        known = self.seen.setdefault(vouch.peer, {}).get(vouch.voucher)
-        if known is None or (vouch.through_round, vouch.receipts) > (known.through_round, known.receipts):
-            self.seen[vouch.peer][vouch.voucher] = vouch
-            if vouch.peer == self.me:
-                self.vouched[vouch.voucher] = vouch
+        if vouch.swarm_id == self._swarm_id and newer(vouch, self.vouched.get(vouch.voucher)):
+            self.vouched[vouch.voucher] = vouch
 
     def _parse(self, items: Any, kind: Any) -> Iterable[Any]:
         """The valid, signed receipts or vouches of a record's list (each signature checked once)."""
@@ -256,8 +250,7 @@ def vouches_in(found: Mapping[str, Tuple[Any, float]], swarm_id: str, verify: Ve
                     continue
                 if getattr(vouch, side) != owner or vouch.swarm_id != swarm_id:
                     continue
-                known = seen.setdefault(vouch.peer, {}).get(vouch.voucher)
-                if known is None or (vouch.through_round, vouch.receipts) > (known.through_round, known.receipts):
+                if newer(vouch, seen.setdefault(vouch.peer, {}).get(vouch.voucher)):
                     seen[vouch.peer][vouch.voucher] = vouch
     return seen
 

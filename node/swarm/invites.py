@@ -103,7 +103,6 @@ class Revocations:
         self._on_out = on_out
         self._take = take
         self._published_at = -REPUBLISH_SECONDS
-        self._published: List[bytes] = []
         self._task: Optional["asyncio.Task[None]"] = None
         self.out: Optional[str] = None  # why this node is out, once it is
 
