@@ -157,12 +157,11 @@ class Node:
         if self._announced:
             return joined.ready_event()
         self._announced = True
-        ready = joined.announce_ready(out)
-        context = self.context
+        context = self.context  # healthy and ready before the line is out: whoever reads it may ask at once
         context.progress()
         context.health.joined = True
         context.metrics.swarm_peers.set(len(joined.membership.view.peers))
-        return ready
+        return joined.announce_ready(out)
 
     # --- training ----------------------------------------------------------------
     def run(

@@ -28,8 +28,10 @@ pytestmark = pytest.mark.system
 PUBLIC, PRIVATE, NEWCOMER = (0, 1), (2, 3), 4
 # After a public node dies, a private one's rounds are whole again within this many rounds and seconds: the round in
 # flight waits out its reducer (part and result deadlines) and a node that fell behind skips to the swarm's round
-# alone once or twice before it is in a group again (measured: the 4th round, 13 s after the kill).
-WHOLE_AGAIN_ROUNDS, WHOLE_AGAIN_SECONDS = 4, 30.0
+# alone once or twice before it is in a group again (measured: the 4th round, 13 s after the kill; in one CI run the
+# 5th, as the short rounds alone came quicker on loaded cores). Seconds are what an operator sees; rounds are a loose
+# bound on how many rounds it trains alone.
+WHOLE_AGAIN_ROUNDS, WHOLE_AGAIN_SECONDS = 6, 30.0
 
 
 @pytest.fixture
