@@ -90,7 +90,7 @@ def founder_key_string(raw_public: bytes) -> str:
 def parse_founder_key(text: str) -> bytes:
     """The 32 raw bytes of a founder key string; KeyFormatError naming the expected form."""
     if not isinstance(text, str) or not FOUNDER_KEY_PATTERN.match(text):
-        shown = str(text)[:80]
+        shown = text[:80] if isinstance(text, str) else type(text).__name__  # str() refuses an int of 4300+ digits
         raise KeyFormatError(f"{shown!r} is not a founder key (ed25519: and 64 hex digits, as `node keygen` prints)")
     return bytes.fromhex(text[len("ed25519:") :])
 

@@ -274,7 +274,8 @@ def _name(path: KeyPath) -> str:
 
 
 def _unknown(path: KeyPath, keys: List[Any]) -> str:
-    return "unknown manifest key(s): " + ", ".join(sorted(".".join(path + (str(k),)) for k in keys))
+    shown = (str(k) if str(k).isprintable() else repr(str(k)) for k in keys)  # a key "a\nb": still one line
+    return "unknown manifest key(s): " + ", ".join(sorted(".".join(path + (k,)) for k in shown))
 
 
 # Strict: the swarm id hashes the parsed tree, so a value must already have its field's type; a float
@@ -287,6 +288,10 @@ def parse_manifest(text: str, source: str = "<string>") -> Manifest:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ManifestError(f"manifest {source} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except ValueError:  # YAML's int() of a decimal number of over 4300 digits
+        raise ManifestError(f"manifest {source} holds a number too long to read") from None
+    except RecursionError:  # PyYAML recurses once per level of nesting
+        raise ManifestError(f"manifest {source} is nested too deeply") from None
     if data is None:
         data = {}
     try:

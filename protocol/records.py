@@ -25,7 +25,7 @@ from pydantic.v1 import (
 from protocol.version import PROTOCOL_VERSION
 
 KEY_PREFIX = "commons"
-MODULE_PATTERN = r"^(trunk|expert\.\d{1,4}\.\d{1,4})\Z"  # \Z: "$" would accept a trailing newline
+MODULE_PATTERN = r"^(trunk|expert\.[0-9]{1,4}\.[0-9]{1,4})\Z"  # \Z: "$" would accept a trailing newline
 MAX_MODULES_PER_PEER = 4096
 DATA_COMMITMENT_PATTERN = r"^sha256:[0-9a-f]{64}\Z"
 
@@ -148,6 +148,8 @@ def parse_record(model: Type[RecordT], value: object) -> RecordT:
     """Validate a DHT value against ``model``; raise RecordError with a one-line reason."""
     if not isinstance(value, dict):
         raise RecordError(f"{model.__name__} must be a mapping, got {type(value).__name__}")
+    if not all(isinstance(key, str) for key in value):  # msgpack hands bytes keys through
+        raise RecordError(f"{model.__name__} must have text keys only")
     try:
         record = model.parse_obj(value)
     except ValidationError as e:

@@ -26,6 +26,7 @@ T = TypeVar("T")
 KeyPath = Tuple[str, ...]  # the keys that lead to a value, as written in the data
 
 NONE_WORDS = ("", "none", "null")  # what loose text may say for an Optional field left unset
+INT_LIMIT = 1 << 63  # an int field holds a signed 64-bit value: what JSON readers, msgpack and torch's seeds take
 
 
 @dataclass(frozen=True)
@@ -98,15 +99,23 @@ def _convert(raw: Any, hint: Any, path: KeyPath, rules: Rules) -> Any:
     if typing.get_origin(hint) is tuple:
         items = raw.replace(",", " ").split() if rules.loose and isinstance(raw, str) else raw
         if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
-            raise rules.error(f"{rules.name(path)} must be a list of strings, got {raw!r}")
+            raise rules.error(f"{rules.name(path)} must be a list of strings, got {_shown(raw)}")
         return tuple(items)
     if hint is float or (hint is int and rules.loose):
         return _number(raw, hint, path, rules)
     if hint is str and rules.loose and isinstance(raw, (int, float)) and not isinstance(raw, bool):
         return str(raw)
     if isinstance(hint, type) and isinstance(raw, hint) and not (hint is int and isinstance(raw, bool)):
-        return raw
+        return _int64(raw, path, rules) if hint is int and isinstance(raw, int) else raw
     raise _refusal(raw, hint, path, rules)
+
+
+def _int64(value: int, path: KeyPath, rules: Rules) -> int:
+    """``value``, if it fits in 64 bits (YAML reads 0x and 0o numbers of any size, and json.dumps, which hashes
+    the manifest, refuses an int of over 4300 digits)."""
+    if not -INT_LIMIT <= value < INT_LIMIT:
+        raise rules.error(f"{rules.name(path)} must be an integer of at most 64 bits, got {_shown(value)}")
+    return value
 
 
 def _number(raw: Any, hint: type, path: KeyPath, rules: Rules) -> Any:
@@ -128,11 +137,12 @@ def _number(raw: Any, hint: type, path: KeyPath, rules: Rules) -> Any:
     if isinstance(raw, float):
         if not raw.is_integer():
             raise _refusal(raw, hint, path, rules)
-        return int(raw)
+        return _int64(int(raw), path, rules)
     try:
-        return int(raw)  # exact for ints and for text such as "12" (not through a float)
+        value = int(raw)  # exact for ints and for text such as "12" (not through a float)
     except ValueError:  # text such as "2.5" or "1e3"
         raise _refusal(raw, hint, path, rules) from None
+    return _int64(value, path, rules)
 
 
 def _refusal(raw: Any, hint: Any, path: KeyPath, rules: Rules, finite: bool = False) -> Exception:
@@ -142,7 +152,15 @@ def _refusal(raw: Any, hint: Any, path: KeyPath, rules: Rules, finite: bool = Fa
         expected = "a string" if hint is str else f"a finite {type_name}" if hint in (int, float) else f"a {type_name}"
     else:
         expected = "a finite number" if finite else f"of type {type_name}"
-    return rules.error(f"{rules.name(path)} must be {expected}, got {raw!r}")
+    return rules.error(f"{rules.name(path)} must be {expected}, got {_shown(raw)}")
+
+
+def _shown(raw: Any) -> str:
+    """``repr(raw)``; Python refuses to write an int of over 4300 digits (ValueError), alone or in a list."""
+    try:
+        return repr(raw)
+    except (ValueError, RecursionError):
+        return f"a value too large to show ({type(raw).__name__})"
 
 
 MAX_FILE_BYTES = 1 << 20  # a manifest or config file is a few KB; anything near this is not one

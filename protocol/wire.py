@@ -226,6 +226,8 @@ def decode(frame: bytes) -> Tuple[Message, memoryview]:
     kind = raw.get("type") if isinstance(raw, dict) else None
     if not isinstance(kind, str) or kind not in _TYPES:
         raise WireError("header has no known message type")
+    if not all(isinstance(key, str) for key in raw):  # msgpack also gives bytes keys; field names are str
+        raise WireError(f"{kind} header has a key that is not a string")
     try:
         message = _TYPES[kind].parse_obj(raw)
     except ValidationError as e:
@@ -253,7 +255,13 @@ def quantize_int8(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     shaped = padded.reshape(blocks, INT8_BLOCK)
     scales = np.abs(shaped).max(axis=1)
     safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    codes = np.rint(shaped * (127.0 / safe)[:, None]).astype(np.int8)
+    with np.errstate(over="ignore", invalid="ignore"):  # in blocks written again just below
+        factor = (127.0 / safe).astype(np.float32)
+        codes = np.rint(shaped * factor[:, None])
+    tiny = ~np.isfinite(factor)  # a block whose largest value is subnormal: 127 / scale overflows float32
+    if tiny.any():
+        codes[tiny] = np.rint(shaped[tiny] / safe[tiny, None] * 127.0)
+    codes = codes.astype(np.int8)
     return scales.astype(np.float32), codes.reshape(-1)[:count]
 
 
@@ -289,7 +297,8 @@ def read_tensor(part: TensorPart, payload: memoryview, expected_numel: Optional[
         scales = np.frombuffer(payload[: 4 * blocks], dtype="<f4")
         if not (np.isfinite(scales).all() and (scales >= 0).all()):
             raise WireError("int8 payload has a negative or non-finite scale")
-        values = dequantize_int8(scales, np.frombuffer(payload[4 * blocks :], dtype=np.int8))
+        with np.errstate(over="ignore"):  # a hostile scale near the float32 maximum: inf, refused below
+            values = dequantize_int8(scales, np.frombuffer(payload[4 * blocks :], dtype=np.int8))
     else:
         values = np.frombuffer(payload, dtype=np.dtype(DTYPES[part.dtype]).newbyteorder("<")).astype(np.float32)
     if not np.isfinite(values).all():
