@@ -28,10 +28,11 @@ pytestmark = pytest.mark.system
 PUBLIC, PRIVATE, NEWCOMER = (0, 1), (2, 3), 4
 # After a public node dies, a private one's rounds are whole again within this many rounds and seconds: the round in
 # flight waits out its reducer (part and result deadlines) and a node that fell behind skips to the swarm's round
-# alone once or twice before it is in a group again (measured: the 4th round, 13 s after the kill; in one CI run the
-# 5th, as the short rounds alone came quicker on loaded cores). Seconds are what an operator sees; rounds are a loose
-# bound on how many rounds it trains alone.
-WHOLE_AGAIN_ROUNDS, WHOLE_AGAIN_SECONDS = 6, 30.0
+# alone once or twice before it is in a group again (measured: the 4th round, 13 s after the kill; the 5th in one CI
+# run; the 7th, 15.6 s after, in one run where a private node failed its round at once and ran ahead in 2.5 s rounds
+# with the other private node while the rest waited out the dead reducer). Seconds are what an operator sees; rounds
+# are a loose bound on how many rounds it trains alone.
+WHOLE_AGAIN_ROUNDS, WHOLE_AGAIN_SECONDS = 10, 30.0
 
 
 @pytest.fixture
