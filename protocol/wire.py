@@ -165,11 +165,14 @@ class Refusal(str, Enum):
     WRONG_GROUP = "wrong_group"  # the receiver formed another group, or the sender or slice is not in it
     TOO_LATE = "too_late"  # the receiver stopped waiting for that result
     WRONG_SIZE = "wrong_size"  # the slice has another number of elements in the receiver's layout
+    # The receiver has not posted for that round yet, or holds as much early mail as it takes: send it again
+    # shortly (a receiver keeps mail only for the round it is about to average, within a bound of bytes).
+    TOO_EARLY = "too_early"
 
     @property
     def benign(self) -> bool:
-        """Says nothing bad about the sender (placement changed, or it is late): it is not excluded."""
-        return self in (Refusal.ROUND_OVER, Refusal.NOT_HOSTED, Refusal.TOO_LATE)
+        """Says nothing bad about the sender (placement changed, or it is late or early): it is not excluded."""
+        return self in (Refusal.ROUND_OVER, Refusal.NOT_HOSTED, Refusal.TOO_LATE, Refusal.TOO_EARLY)
 
 
 class Ack(BaseModel):

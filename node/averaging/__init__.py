@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.averaging.averager import Averager as Averager
     from node.averaging.matchmaking import Group as Group
     from node.averaging.matchmaking import Matchmaker as Matchmaker
+    from node.averaging.matchmaking import largest_message_bytes as largest_message_bytes
     from node.averaging.memory import AveragingStats as AveragingStats
     from node.averaging.memory import ModuleMemory as ModuleMemory
     from node.averaging.run import AllReduceResult as AllReduceResult

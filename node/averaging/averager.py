@@ -4,8 +4,10 @@ AllReduceRun (node/averaging/run.py) per group and round, for every module it ho
 A message is checked here for what holds whatever the round (schema, swarm, sender, hosted module,
 weights, a round that is over) and handed to its round's run, which checks the rest (group, slice,
 size) and keeps it. A message for a round that has not started here yet waits in the inbox of early
-mail and moves into the run when it starts. A malformed or lying message excludes its sender from the
-round it claimed, and from our rounds of that module where it is a member, so nobody waits for it.
+mail and moves into the run when it starts, but only for the round this node posted for (``expect``) and
+within a bound of bytes per sender and per round (``EARLY_SHARE``); other early mail is answered
+``too_early`` and its sender sends it again shortly. A malformed or lying message excludes its sender from
+the round it claimed, and from our rounds of that module where it is a member, so nobody waits for it.
 
 What outlives a run is one ModuleMemory per module (node/averaging/memory.py), the peers we failed to
 reach, and the node-wide counters.
@@ -32,6 +34,9 @@ from protocol.wire import Ack, Refusal, TensorPart, WireError, decode, encode, r
 logger = logging.getLogger("node.averaging")
 
 EARLY_MAIL_SECONDS = 60.0  # early mail for a round that never starts here is dropped after max(this, 3 rounds)
+# Early mail kept for one (module, round), in bytes of the module's whole vector (a re-sync's three regions): from
+# one sender, and from all. An honest member sends us only the slices we reduce, at most half of it.
+EARLY_SHARE_PER_SENDER, EARLY_SHARE = 1.0, 2.0
 
 
 class Averager:
@@ -61,6 +66,8 @@ class Averager:
         self._early = Inbox(self._clock)  # messages for rounds not started here yet
         self._active: Dict[Tuple[str, int], AllReduceRun] = {}  # (module, round) -> its run
         self._unreachable: Dict[str, float] = {}  # peer -> swarm time we last failed to connect to it
+        self._expected: Dict[str, Tuple[int, int]] = {}  # module -> (the round we posted for, its vector's bytes)
+        self._early_bytes: Dict[Tuple[str, int], Dict[str, int]] = {}  # (module, round) -> slot -> bytes kept
         self.receipts = False  # note what each member's parts gave our slices (members-only swarms sign receipts)
 
     async def start(self) -> None:
@@ -90,6 +97,13 @@ class Averager:
     def _mark_unreachable(self, peer: str) -> None:
         self._unreachable[peer] = self._swarm.now()
 
+    def expect(self, module: str, round_number: int, numel: int) -> None:
+        """We posted (or are about to post) for ``module``'s round ``round_number``: keep the mail that comes for
+        it before its run starts, up to a bound set by the module's ``numel`` values (its re-sync vector is 3 x)."""
+        self._expected[module] = (round_number, 3 * 4 * numel)
+        for key in [k for k in self._early_bytes if k[0] == module and k[1] != round_number]:
+            del self._early_bytes[key]
+
     # --- one all-reduce ------------------------------------------------------------
     async def all_reduce(
         self,
@@ -105,7 +119,9 @@ class Averager:
             return AllReduceResult(vector.copy(), 0.0, (self.me,), 0.0)
         key = (group.module, group.round)
         memory = self.memory(group.module)
+        self.expect(group.module, group.round, vector.size // 3 if regions else vector.size)
         self._early.expire(older_than_seconds=max(self._spec.round_timeout_seconds * 3, EARLY_MAIL_SECONDS))
+        self._early_bytes.pop(key, None)
         context = RunContext(
             self._swarm, self._swarm_id, self.handler_name, self._spec, self.stats, self._clock, self._mark_unreachable,
             self.receipts,
@@ -148,8 +164,25 @@ class Averager:
         run = self._active.get((message.module, message.round))
         key = (message.module, message.round, message.group_id, message.slice_index, message.attempt)
         slot = remote_peer if message.type == "part" else f"result:{remote_peer}"
+        if run is None:
+            early = self._keep_early(message.module, message.round, slot, values.nbytes)
+            if early is not None:
+                self.stats.reject(Refusal.TOO_EARLY.value)
+                return encode(Ack.refuse(Refusal.TOO_EARLY, early))
         (run.inbox if run is not None else self._early).put(key, slot, message.weight, values)
         return encode(Ack(ok=True))
+
+    def _keep_early(self, module: str, round_number: int, slot: str, nbytes: int) -> Optional[str]:
+        """Count ``nbytes`` of early mail from ``slot`` for (module, round); why not, when it cannot be kept."""
+        expected = self._expected.get(module)
+        if expected is None or expected[0] != round_number:
+            return f"this peer has not posted for round {round_number} of {module}"
+        kept = self._early_bytes.setdefault((module, round_number), {})
+        mine, everyone = kept.get(slot, 0) + nbytes, sum(kept.values()) + nbytes
+        if mine > EARLY_SHARE_PER_SENDER * expected[1] or everyone > EARLY_SHARE * expected[1]:
+            return f"this peer holds as much early mail for round {round_number} of {module} as it takes"
+        kept[slot] = mine
+        return None
 
     def _exclude(self, peer: str, module: object, round_number: object, reason: str) -> None:
         """Stop waiting for ``peer`` in the round it claimed, and in our active rounds of that module

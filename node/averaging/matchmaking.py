@@ -28,6 +28,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional, Set, Tuple
 
+from node.averaging.slices import MAX_SLICES
 from node.net import SwarmPort
 from protocol.records import ReadyRecord, RecordError, parse_record, ready_key
 
@@ -36,6 +37,15 @@ logger = logging.getLogger(__name__)
 SETTLE_SECONDS = 0.5  # DHT stores finish within milliseconds on a LAN; this covers clock jitter too
 MAX_WINDOW_FACTOR = 4.0  # the longest window a record may ask for, in gather_seconds
 MAX_MESSAGE_GROWTH = 4  # a group's averaging messages are at most this many times the manifest's size
+
+
+def largest_message_bytes(chunk_elements: int, numel: int) -> int:
+    """The largest payload of one averaging message (a slice, in float32) a group averaging a module of
+    ``numel`` values may send, whatever its size: a chunk, grown up to MAX_MESSAGE_GROWTH times, unless the
+    module is so large that MAX_SLICES caps the count of slices. A re-sync's three regions then have at least
+    MAX_SLICES // 3 // 2 slices each (node/averaging/slices.py: region_bounds, chunked_bounds)."""
+    capped = MAX_SLICES // 3 // 2
+    return 4 * max(MAX_MESSAGE_GROWTH * chunk_elements, -(-numel // capped) + 1)
 
 
 @dataclass(frozen=True)
@@ -195,4 +205,3 @@ class Matchmaker:
             if not missing or self._clock() >= closes_at + SETTLE_SECONDS:
                 return make_group(module, round_number, window, self._smallest_message)
             await asyncio.sleep(min(0.2, max(0.01, closes_at + SETTLE_SECONDS - self._clock())))
-

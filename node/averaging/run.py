@@ -69,6 +69,9 @@ SEND_WINDOW = 2  # our messages on the wire at once per peer (measured: 2 beat 4
 # Message size to ask for: what the last round's rate moves in this long. Under the manifest's 256 KB at
 # 100 Mbit/s (best there), the 1 MiB cap at 1 Gbit/s and on loopback (bench/RESULTS.md, item 6).
 MESSAGE_SECONDS = 0.02
+# A message answered ``too_early`` (its receiver has not posted for the round yet: its matchmaking is slower than
+# ours, or its inbox of early mail is full) goes again after each of these waits, within the round's deadline.
+EARLY_RETRY_SECONDS = (0.05, 0.1, 0.2, 0.4) + (0.5,) * 120
 Verify = Callable[[np.ndarray], bool]
 WIRE_DTYPE_OF: Dict[str, WireDtype] = {"none": "float32", "fp16": "float16", "int8": "int8"}  # by compression
 
@@ -450,12 +453,18 @@ class AllReduceRun:
         group = self.group
         try:
             async with self.gate(peer):
-                if (stop is not None and stop.is_set()) or self.is_excluded(peer):
-                    return False
                 frame = self._frame(kind, index, weight, np.asarray(values, dtype=np.float32), attempt)
-                reply = await self._call(peer, frame)
-            self.context.stats.bytes_sent += len(frame)
-            ack, _ = decode(reply)
+                for wait in EARLY_RETRY_SECONDS:  # the peer has not posted for this round yet: again, shortly
+                    if (stop is not None and stop.is_set()) or self.is_excluded(peer):
+                        return False
+                    reply = await self._call(peer, frame)
+                    self.context.stats.bytes_sent += len(frame)
+                    ack, _ = decode(reply)
+                    if not (isinstance(ack, Ack) and ack.code == Refusal.TOO_EARLY):
+                        break
+                    if self.context.clock() + wait >= self.deadline:
+                        break
+                    await asyncio.sleep(wait)
         except ConnectionError as e:
             self.context.mark_unreachable(peer)
             self.exclude(peer, "unreachable")

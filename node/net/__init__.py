@@ -3,7 +3,7 @@
 - port         SwarmPort: peer id, call, serve, store, read, now (the contract of every implementation)
 - addresses    multiaddrs as users give them: validate_maddr, validate_peer_maddr, peer_id_of (py-multiaddr)
 - loop         the uvloop event loop thread every network coroutine of a node runs on
-- streams      framed request/response over p2p streams; the pool of idle streams we reuse
+- streams      framed request/response over p2p streams; the pool of idle streams we reuse; what peers may hold (Limits)
 - hivemind     HivemindSwarm: hivemind's DHT and p2p streams, SignedRecords (the only module importing hivemind)
 - admission    members-only swarms: who we serve (invites, revocations), the invite we present, refusal counts
 - identity     the identity key file: check, read, create (Ed25519); sign and verify; peer id of a public key
@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.net.port import Handler as Handler
     from node.net.port import Refused as Refused
     from node.net.port import SwarmPort as SwarmPort
+    from node.net.streams import Buckets as Buckets
     from node.net.virtualtime import VirtualClock as VirtualClock
     from node.net.virtualtime import VirtualDeadlock as VirtualDeadlock
     from node.net.virtualtime import VirtualEventLoop as VirtualEventLoop

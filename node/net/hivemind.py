@@ -37,7 +37,17 @@ from node.net.admission import Admission, Refusal, admit_stream, read_refusal, r
 from node.net.identity import Identity, read_identity, verify, write_new_identity
 from node.net.loop import LoopThread
 from node.net.port import REMOTE_ADDRESS, Handler, Refused
-from node.net.streams import STREAM_IDLE_SECONDS, Stream, StreamPool, read_frame, write_frame
+from node.net.streams import (
+    STREAM_IDLE_SECONDS,
+    Limits,
+    Stream,
+    StreamPool,
+    body_deadline,
+    read_body,
+    read_frame,
+    read_size,
+    write_frame,
+)
 from node.ops import children_of, die_with_parent, read_stat
 from protocol.frames import FrameError
 from protocol.keys import RSA, decode_key, peer_id_of_public_key
@@ -340,6 +350,7 @@ class HivemindSwarm:
         self._loop = loop
         self._p2p = p2p
         self._streams = StreamPool()
+        self.limits = Limits()  # what we take from peers at once (node/net/streams.py); set_frame_limit
         self._peer_id = str(p2p.peer_id)
         self._closed = False
         self._validator: Optional[SignedRecords] = None
@@ -486,44 +497,82 @@ class HivemindSwarm:
 
         admission = self._admission if self._admission is not None and self._admission.serves else None
         request_kind = name.rsplit("/", 1)[-1]
+        limits = self.limits
 
         async def _serve(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             peer = str(info.peer_id)
             REMOTE_ADDRESS.set(str(info.addr) if getattr(info, "addr", None) is not None else None)
+            if not limits.open_stream(peer):  # closed at once: its descriptors (ours and p2pd's) go back
+                limits.refuse(request_kind, peer, "too_many_streams", f"over {limits.streams_per_peer} open streams")
+                writer.close()
+                return
             try:
                 if admission is not None and not await admit_stream(admission, peer, reader, writer, request_kind):
                     return
                 while True:
                     try:
-                        request = await read_frame(reader, idle_timeout=STREAM_IDLE_SECONDS)
+                        size = await read_size(reader, idle_timeout=STREAM_IDLE_SECONDS, limit=limits.max_frame)
                     except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
                         return  # the caller closed the stream, went away mid-frame, or left it idle
-                    except FrameError as e:  # a frame we will not read: say so; the caller sees a closed stream
-                        logger.info("refused a %s request from %s: %s", name, peer[-8:], e)
+                    except FrameError as e:  # a frame we will not read: the caller sees a closed stream
+                        limits.refuse(request_kind, peer, "frame_too_large", str(e))
                         return
-                    refusal = admission.still_admitted(peer) if admission is not None else None
-                    if refusal is not None:  # revoked or expired since the stream began
-                        admission.count(request_kind, peer, refusal)  # type: ignore[union-attr]
-                        await refuse_stream(reader, writer, refusal)
+                    if not limits.allow(peer, request_kind):
+                        limits.refuse(request_kind, peer, "too_fast", "over its rate of requests")
                         return
-                    try:
-                        response = await handler(peer, request)
-                    except Exception:  # a bug in our handler, whatever it raised: say so
-                        logger.exception("handler %s failed on a request from %s", name, peer[-8:])
+                    if not limits.reserve(peer, size):
+                        limits.refuse(request_kind, peer, "over_budget", f"a frame of {size} bytes is over the budget")
                         return
                     try:
-                        await write_frame(writer, response)
-                    except ConnectionError:  # the caller gave up waiting: it times out or retries
-                        return
+                        if not await self._serve_one(name, handler, peer, reader, writer, size, admission):
+                            return
+                    finally:
+                        limits.release(peer, size)
             except asyncio.CancelledError:
                 # The node is leaving (its loop cancels every task). This task was started by asyncio's
                 # stream server, whose done-callback calls task.exception(), which on Python 3.11 raises
                 # for a cancelled task and logs a traceback per open stream: end the task normally instead.
                 return
             finally:
+                limits.close_stream(peer)
                 writer.close()
 
         await self._p2p.add_binary_stream_handler(name, _serve)
+
+    async def _serve_one(
+        self, name: str, handler: Handler, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        size: int, admission: Optional[Admission],
+    ) -> bool:  # fmt: skip
+        """Read one request's body, answer it; False when the stream is done."""
+        request_kind = name.rsplit("/", 1)[-1]
+        try:
+            request = await read_body(reader, size, body_deadline(size))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return False  # the caller went away mid-frame
+        except asyncio.TimeoutError:
+            self.limits.refuse(request_kind, peer, "slow_frame", f"a frame of {size} bytes took over "
+                               f"{body_deadline(size):.0f} s")  # fmt: skip
+            return False
+        refusal = admission.still_admitted(peer) if admission is not None else None
+        if refusal is not None:  # revoked or expired since the stream began
+            admission.count(request_kind, peer, refusal)  # type: ignore[union-attr]
+            await refuse_stream(reader, writer, refusal)
+            return False
+        try:
+            response = await handler(peer, request)
+        except Exception:  # a bug in our handler, whatever it raised: say so
+            logger.exception("handler %s failed on a request from %s", name, peer[-8:])
+            return False
+        try:
+            await write_frame(writer, response)
+        except ConnectionError:  # the caller gave up waiting: it times out or retries
+            return False
+        return True
+
+    def set_frame_limit(self, max_frame: int) -> None:
+        """The largest frame we read from a peer (request or response): the largest message the manifest lets
+        an honest peer send (node/runtime/joined.py); larger ones are refused before they are read."""
+        self.limits.max_frame = max_frame
 
     async def call(self, peer_id: str, name: str, request: bytes, timeout: float) -> bytes:
         """Send one request to ``peer_id`` and return its response; TimeoutError/ConnectionError on failure.
@@ -542,7 +591,7 @@ class HivemindSwarm:
                 if fresh and self._admission is not None:  # members-only: each stream starts with our invite
                     await write_frame(stream.writer, self._admission.preamble())
                 await write_frame(stream.writer, request)
-                response = await read_frame(stream.reader)
+                response = await read_frame(stream.reader, limit=self.limits.max_frame)
             except BaseException:
                 stream.close()  # half-written or half-read: never reused
                 raise

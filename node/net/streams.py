@@ -3,21 +3,162 @@
 A stream carries framed requests, each answered by one framed response, in turn (protocol/frames.py).
 Opening a stream costs both daemons and both peers more than a small message, so a stream whose exchange
 completed goes back to a small pool for the next request to the same peer and handler.
+
+What a node takes from its peers at once is bounded (``Limits``): frames no larger than the largest message
+its manifest lets a peer send, each frame's body within a deadline (``body_deadline``), at most
+``SERVED_STREAMS_PER_PEER`` streams served to one peer, requests of each kind within a rate per peer
+(``REQUEST_RATES``), and the frame bytes it holds (read or being handled) within a budget per peer and per
+node. What goes over is refused, counted and logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-from protocol.frames import STREAM_PREFIX_BYTES, FrameError, stream_frame_size, stream_prefix
+from protocol.frames import MAX_FRAME_BYTES, STREAM_PREFIX_BYTES, FrameError, stream_frame_size, stream_prefix
+
+logger = logging.getLogger(__name__)
 
 # A served stream waits this long for the next request, then closes; a caller reuses an idle
 # stream only well within that, so it never writes into a stream the other side is closing.
 STREAM_IDLE_SECONDS = 60.0
 STREAM_REUSE_SECONDS = 20.0
 STREAMS_PER_PEER = 8  # idle streams kept per (peer, handler)
+
+# A frame's body arrives within FRAME_BODY_SECONDS plus its size at FRAME_MIN_RATE (a 4 MiB state range: 94 s,
+# a volunteer's 1 Mbit/s uplink needs 34 s); a sender slower than that holds our memory for nothing.
+FRAME_BODY_SECONDS = 30.0
+FRAME_MIN_RATE = 64 << 10  # bytes per second
+# Streams one peer may have served at once. A node's own requests to one peer stay far below it: about two
+# averaging messages in flight per module, a few state ranges, and STREAMS_PER_PEER idle ones per handler.
+SERVED_STREAMS_PER_PEER = 64
+# Frame bytes held at once (being read, or in the handler): per peer, and for the whole node. An averaging
+# message is at most a few MiB, a state range 4 MiB: an honest peer holds a few of them at a time.
+PEER_FRAME_BUDGET = 32 << 20
+NODE_FRAME_BUDGET = 256 << 20
+_LOG_EVERY = 60.0  # seconds between two log lines about the same peer's refused requests
+
+
+# Requests one peer may make per second, and in a burst, by request kind: a hello or a digest costs little but not
+# nothing, and a dial-back makes us open connections. Averaging messages are bounded by the frame budgets instead
+# (a group's transfer runs as fast as the links let it), state ranges also by bytes (node/swarm/statesync.py).
+REQUEST_RATES: Dict[str, Tuple[float, float]] = {"hello": (5.0, 20.0), "dialback": (1.0, 4.0), "state": (50.0, 200.0)}
+
+
+class Bucket:
+    """A token bucket: ``rate`` tokens a second, at most ``burst`` held; ``take`` spends or refuses."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self.tokens, self._at = burst, clock()
+
+    def take(self, amount: float = 1.0) -> bool:
+        now = self._clock()
+        self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self.tokens < amount:
+            return False
+        self.tokens -= amount
+        return True
+
+    @property
+    def full(self) -> bool:
+        return self.tokens + (self._clock() - self._at) * self.rate >= self.burst
+
+
+class Buckets:
+    """One Bucket per peer, made on first use; idle (full) ones are dropped when there are many."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._buckets: Dict[str, Bucket] = {}
+
+    def take(self, peer: str, amount: float = 1.0) -> bool:
+        bucket = self._buckets.get(peer)
+        if bucket is None:
+            if len(self._buckets) >= 4096:
+                self._buckets = {p: b for p, b in self._buckets.items() if not b.full}
+            bucket = self._buckets[peer] = Bucket(self.rate, self.burst, self._clock)
+        return bucket.take(amount)
+
+
+def body_deadline(size: int) -> float:
+    """Seconds a frame body of ``size`` bytes may take to arrive."""
+    return FRAME_BODY_SECONDS + size / FRAME_MIN_RATE
+
+
+class Limits:
+    """What a node takes from its peers at once on the streams it serves; counts what it refused, by (request,
+    reason). Reasons: ``frame_too_large``, ``slow_frame``, ``too_many_streams``, ``too_fast``, ``over_budget``.
+    Loop thread only (``refused`` is read from others: a dict read whole)."""
+
+    def __init__(
+        self,
+        max_frame: int = MAX_FRAME_BYTES,
+        streams_per_peer: int = SERVED_STREAMS_PER_PEER,
+        peer_budget: int = PEER_FRAME_BUDGET,
+        node_budget: int = NODE_FRAME_BUDGET,
+    ) -> None:
+        self.max_frame = max_frame
+        self.streams_per_peer = streams_per_peer
+        self.peer_budget = peer_budget
+        self.node_budget = node_budget
+        self.refused: Dict[Tuple[str, str], int] = {}
+        self._rates = {kind: Buckets(rate, burst) for kind, (rate, burst) in REQUEST_RATES.items()}
+        self._streams: Dict[str, int] = {}
+        self._held: Dict[str, int] = {}  # peer -> frame bytes held
+        self.held = 0  # frame bytes held, all peers
+        self._logged: Dict[str, float] = {}
+
+    def open_stream(self, peer: str) -> bool:
+        """A stream from ``peer`` begins: False (and nothing counted as open) when it has too many already."""
+        count = self._streams.get(peer, 0)
+        if count >= self.streams_per_peer:
+            return False
+        self._streams[peer] = count + 1
+        return True
+
+    def close_stream(self, peer: str) -> None:
+        count = self._streams.pop(peer, 0) - 1
+        if count > 0:
+            self._streams[peer] = count
+
+    def allow(self, peer: str, request: str) -> bool:
+        """One more ``request`` from ``peer`` within its rate (REQUEST_RATES; kinds not listed: always)."""
+        buckets = self._rates.get(request)
+        return buckets is None or buckets.take(peer)
+
+    def reserve(self, peer: str, size: int) -> bool:
+        """Hold ``size`` frame bytes for ``peer``; False when that would exceed its budget or the node's."""
+        held = self._held.get(peer, 0)
+        if held + size > self.peer_budget or self.held + size > self.node_budget:
+            return False
+        self._held[peer] = held + size
+        self.held += size
+        return True
+
+    def release(self, peer: str, size: int) -> None:
+        held = self._held.pop(peer, 0) - size
+        if held > 0:
+            self._held[peer] = held
+        self.held -= size
+
+    def refuse(self, request: str, peer: str, reason: str, detail: str) -> None:
+        """Count a refused request; log it (at most once a minute per peer)."""
+        key = (request, reason)
+        self.refused = {**self.refused, key: self.refused.get(key, 0) + 1}
+        now = time.monotonic()
+        if now - self._logged.get(peer, -_LOG_EVERY) >= _LOG_EVERY:
+            if len(self._logged) > 4096:
+                self._logged.clear()
+            self._logged[peer] = now
+            logger.warning(
+                "refused a %s request from peer %s: %s", request, peer[-8:], detail,
+                extra={"event": "refused", "request": request, "reason": reason},
+            )  # fmt: skip
 
 
 class Stream:
@@ -97,8 +238,21 @@ async def read_frame(
     """One stream frame; with ``idle_timeout``, asyncio.TimeoutError when none begins within that many
     seconds; FrameError (a ValueError) for a frame over protocol.frames.MAX_FRAME_BYTES (or ``limit``), before
     it is read."""
+    return await read_body(reader, await read_size(reader, idle_timeout, limit))
+
+
+async def read_size(
+    reader: asyncio.StreamReader, idle_timeout: Optional[float] = None, limit: Optional[int] = None
+) -> int:
+    """The size a stream frame's prefix announces (read_frame's first half)."""
     head = reader.readexactly(STREAM_PREFIX_BYTES)
     size = stream_frame_size(await (asyncio.wait_for(head, idle_timeout) if idle_timeout else head))
     if limit is not None and size > limit:
         raise FrameError(f"frame of {size} bytes is over the {limit} limit here")
-    return await reader.readexactly(size)
+    return size
+
+
+async def read_body(reader: asyncio.StreamReader, size: int, deadline: Optional[float] = None) -> bytes:
+    """A frame body of ``size`` bytes; with ``deadline`` (seconds), asyncio.TimeoutError when it takes longer."""
+    body = reader.readexactly(size)
+    return await (asyncio.wait_for(body, deadline) if deadline is not None else body)

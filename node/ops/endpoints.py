@@ -7,7 +7,7 @@ with it. Health is decided from a ``Health`` object the training loop updates:
            starts leaving; 503 otherwise.
 - /healthz 200 while the node is joined and made progress (a training step or an
            averaging round) within ``stall_seconds``; 503 with a JSON reason otherwise,
-           e.g. when its data source is unavailable.
+           e.g. when its data source is unavailable or the swarm's records cannot be read.
 - /        the swarm page (page.html, self-contained: it requests nothing but /status.json here).
 - /status.json  the page's data, from a callable the runtime hands in (this package knows nothing of it).
 """
@@ -55,6 +55,7 @@ class Health:
     leaving: bool = False
     data_error: Optional[str] = None
     last_progress: float = field(default=0.0)
+    swarm_error: Callable[[], Optional[str]] = lambda: None  # e.g. the swarm's records cannot be read (runtime)
 
     def progress(self) -> None:
         self.last_progress = self.clock()
@@ -67,6 +68,9 @@ class Health:
             return False, {"status": "unhealthy", "reason": "leaving the swarm"}
         if self.data_error:
             return False, {"status": "unhealthy", "reason": f"data source unavailable: {self.data_error}"}
+        swarm_error = self.swarm_error()
+        if swarm_error:
+            return False, {"status": "unhealthy", "reason": swarm_error}
         idle = self.clock() - self.last_progress
         if idle > self.stall_seconds:
             return False, {"status": "unhealthy", "reason": f"no training progress for {idle:.0f}s"}

@@ -189,34 +189,48 @@ class AveragerCollector(Collector):
 
 class RecordsRefusedCollector(Collector):
     """DHT records the node refused or dropped: unsigned, signed by another key than their subkey's peer, too
-    large or expiring too late (node/net/hivemind.py SignedRecords); read at scrape time."""
+    large or expiring too late (node/net/hivemind.py SignedRecords); and reads of the swarm's peer records that
+    failed or came back without the node's own (node/swarm/membership.py). Read at scrape time."""
 
-    def __init__(self, count: Callable[[], int]) -> None:
+    def __init__(self, count: Callable[[], int], reads_failed: Optional[Callable[[], int]] = None) -> None:
         self._count = count
+        self._reads_failed = reads_failed
 
     def collect(self) -> Iterable[Metric]:
         refused = CounterMetricFamily(
             f"{NAMESPACE}_dht_records_refused", "DHT records refused: unsigned, forged, oversized or expiring too late"
         )
         refused.add_metric([], self._count())
-        return [refused]
+        if self._reads_failed is None:
+            return [refused]
+        failed = CounterMetricFamily(
+            f"{NAMESPACE}_swarm_reads_failed", "Reads of the swarm's peer records that failed or missed this node's own"
+        )
+        failed.add_metric([], self._reads_failed())
+        return [refused, failed]
 
 
 class RequestsRefusedCollector(Collector):
-    """Members-only swarms: requests refused because their peer is not a member, by request (hello, dialback,
-    avg, state, dht) and reason (no_invite, expired, wrong_signer, revoked, …; node/net/admission.py)."""
+    """Requests refused, by request (hello, dialback, avg, state, dht) and reason: over this node's limits
+    (frame_too_large, slow_frame, too_many_streams, over_budget; node/net/streams.py) and, in members-only
+    swarms, from peers that are not members (no_invite, expired, wrong_signer, revoked, …;
+    node/net/admission.py), with the count of founders' revocations this node knows."""
 
-    def __init__(self, counts: Callable[[], Dict[Tuple[str, str], int]], revocations: Callable[[], int]) -> None:
+    def __init__(
+        self, counts: Callable[[], Dict[Tuple[str, str], int]], revocations: Optional[Callable[[], int]] = None
+    ) -> None:
         self._counts = counts
         self._revocations = revocations
 
     def collect(self) -> Iterable[Metric]:
         refused = CounterMetricFamily(
-            f"{NAMESPACE}_requests_refused", "Requests refused from peers that are not members of this members-only "
-            "swarm", labels=["request", "reason"],
+            f"{NAMESPACE}_requests_refused", "Requests refused: over this node's limits, or (members-only swarms) "
+            "from peers that are not members", labels=["request", "reason"],
         )  # fmt: skip
         for (request, reason), count in sorted(self._counts().items()):
             refused.add_metric([request, reason], count)
+        if self._revocations is None:
+            return [refused]
         revocations = GaugeMetricFamily(f"{NAMESPACE}_revocations", "Founders' revocations this node knows")
         revocations.add_metric([], self._revocations())
         return [refused, revocations]

@@ -21,15 +21,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, TextIO, Type
+from typing import Any, Dict, List, Optional, TextIO, Tuple, Type
 
 import torch
 from prometheus_client import CollectorRegistry
 
 from node import __version__
-from node.averaging import Averager, Matchmaker
+from node.averaging import Averager, Matchmaker, largest_message_bytes
 from node.errors import NotAMember
-from node.net import HivemindSwarm, read_identity, verify
+from node.net import HivemindSwarm, peer_id_of, read_identity, verify
 from node.ops import (
     AveragerCollector,
     CheckpointStore,
@@ -48,6 +48,7 @@ from node.runtime.rounds import RoundAverager
 from node.runtime.status_page import outcome_counts, page_status
 from node.swarm import (
     LOG_NAME,
+    RANGE_ELEMENTS,
     DialBackServer,
     Greeter,
     Ledger,
@@ -75,6 +76,7 @@ from node.training import (
     check_fits,
     restore_modules,
 )
+from protocol.frames import MAX_HEADER_BYTES, MESSAGE_PREFIX_BYTES
 from protocol.manifest import OuterOptimizerSpec
 from protocol.records import PeerRecord
 
@@ -111,6 +113,14 @@ class Hosting:
         model.set_hosted_experts(self.hosted)
         self.states = {m: self.states.get(m) or ModuleState(m, model.module_parameters(m), self._outer)
                        for m in self.modules}  # fmt: skip
+
+
+def frame_limit(chunk_elements: int, largest_module: int) -> int:
+    """The largest stream frame an honest peer of this manifest sends, with its header: an averaging message
+    (node/averaging/matchmaking.py) or a state range (node/swarm/statesync.py), float32 values. A hello's
+    reply (every module's name) is under 100 KB whatever the model. Larger frames are refused unread."""
+    payload = max(largest_message_bytes(chunk_elements, largest_module), 4 * RANGE_ELEMENTS)
+    return payload + MESSAGE_PREFIX_BYTES + MAX_HEADER_BYTES
 
 
 def join_command(maddr: str, manifest: Optional[str] = None) -> str:
@@ -183,6 +193,12 @@ class Joined:
         self._recheck_at = time.monotonic() + RECHECK_SECONDS
         self.membership = Membership(swarm, self.swarm_id, self.describe_self, admission=admission)
         self.round_averager = RoundAverager(self.peer_id, self.matchmaker, self.averager, self.membership, averaging)
+        # The operator's bootstrap peers have standing from the start: their word on state outweighs fresh identities.
+        self.standing = self.round_averager.standing
+        self.standing.trust(peer_id_of(maddr) for maddr in context.config.initial_peers)  # validated already
+        no_shows = self.round_averager.no_shows  # a member that never gives anything cannot cut our rounds short
+        self.membership.ignores = lambda peer: peer in no_shows
+        context.health.swarm_error = lambda: self.membership.read_error
         ledger = self.ledger
         if ledger is not None:
             self.averager.receipts = True
@@ -214,6 +230,7 @@ class Joined:
         model = trainer.model
         # module_parameters is what every model offers, a custom one too (node/training/model.py's protocol)
         sizes = {m: sum(p.numel() for p in model.module_parameters(m)) for m in joined.module_names}
+        swarm.set_frame_limit(frame_limit(manifest.averaging.chunk_elements, max(sizes.values())))
         fits = lambda snapshot: check_fits(snapshot.tensors, sizes)  # noqa: E731  # another model's: fall back
         restored = checkpoints.latest(joined.swarm_id, check=fits) if checkpoints is not None else None
         if restored is not None:  # continue the data stream where it was
@@ -243,7 +260,7 @@ class Joined:
         """Resume what the checkpoint held, or choose experts (_choose_experts); a newcomer (or a node
         more than a round behind) then downloads the swarm's current state of its modules."""
         view, progress, config = self.membership.view, self.progress, self.context.config
-        swarm_round = view.max_round(exclude=self.peer_id)
+        swarm_round = view.swarm_round(exclude=self.peer_id)
         progress.outer_round = swarm_round
         experts = self.module_names[1:]
         if restored is not None:
@@ -296,9 +313,12 @@ class Joined:
         view, states = self.membership.view, {m: self.hosting.states[m] for m in modules}
         donors = {m: view.donors_of(m, exclude=self.peer_id) for m in modules}
         timeout = self.context.manifest.averaging.part_timeout_seconds
-        adopted = download_modules(self.swarm, self.swarm_id, states, donors, timeout, self.swarm.run)
-        if adopted:
-            self.progress.outer_round = max(self.progress.outer_round, *adopted.values())
+        adopted = download_modules(
+            self.swarm, self.swarm_id, states, donors, timeout, self.swarm.run, trusted=self.standing.peers()
+        )
+        if adopted:  # a donor's round counts no further than the swarm's (a digest may claim any round)
+            ceiling = view.swarm_round(exclude=self.peer_id) + 1
+            self.progress.outer_round = max(self.progress.outer_round, min(ceiling, max(adopted.values())))
         return any(donors.values())
 
     def _serve_endpoints(self) -> Endpoints:
@@ -306,10 +326,23 @@ class Joined:
         metrics = self.context.metrics
         metrics.attach(AveragerCollector(lambda: self.averager.stats))
         metrics.attach(HelperProcessCollector())
-        metrics.attach(RecordsRefusedCollector(lambda: self.swarm.records_refused))
-        admission = self.admission
-        if admission is not None and admission.serves:
-            metrics.attach(RequestsRefusedCollector(admission.refusals, lambda: len(admission.revocations())))
+        membership = self.membership
+        metrics.attach(RecordsRefusedCollector(lambda: self.swarm.records_refused, lambda: membership.reads_failed))
+        admission = self.admission if self.admission is not None and self.admission.serves else None
+        limits = self.swarm.limits
+
+        state_server = self.state_server
+
+        def refused() -> Dict[Tuple[str, str], int]:  # over this node's limits, and (members-only) non-members
+            counts = dict(limits.refused)
+            if state_server.refused:  # ranges past a peer's share of our state
+                counts[("state", "too_fast")] = counts.get(("state", "too_fast"), 0) + state_server.refused
+            for key, count in (admission.refusals() if admission is not None else {}).items():
+                counts[key] = counts.get(key, 0) + count
+            return counts
+
+        revocations = (lambda: len(admission.revocations())) if admission is not None else None
+        metrics.attach(RequestsRefusedCollector(refused, revocations))
         swarm_registry = CollectorRegistry()
         swarm_registry.register(SwarmViewCollector(lambda: self.membership.view, self.module_names))
         return open_endpoints(self.context.config.metrics_addr, metrics.registry, swarm_registry, self.context.health,

@@ -128,7 +128,7 @@ class RoundLoop:
         target = progress.outer_round if self.pending is None else self.pending.round_number + 1
         if membership.others_ready_round >= target:
             return True
-        return membership.view.max_round(exclude=self.joined.peer_id) > target
+        return membership.view.swarm_round(exclude=self.joined.peer_id) > target
 
     # --- one round ------------------------------------------------------------------------
     def _submit(self, steps: int, compute_seconds: float) -> PendingRound:
@@ -187,7 +187,7 @@ class RoundLoop:
         summary = round_summary(round_number, steps, joined.trainer.loss_ema, eval_loss, outcomes, timing)
         node.history.append(summary)
         log_round(summary, outcomes)
-        progress.outer_round = max(round_number + 1, membership.view.max_round(exclude=joined.peer_id))
+        progress.outer_round = max(round_number + 1, membership.view.swarm_round(exclude=joined.peer_id))
         membership.watch_round = progress.outer_round
         joined.rebalance()
         joined.recheck_reachability()

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Callable, Collection, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -60,6 +60,58 @@ def prepare(states: Dict[str, ModuleState]) -> Dict[str, Prepared]:
     return {name: Prepared(state, state.pseudo_gradient(), state.params_hash()) for name, state in states.items()}
 
 
+STANDING_ROUNDS = 5  # rounds a peer contributed to our all-reduces before its word counts in state majorities
+
+
+class Standing:
+    """Peers whose word counts where a majority decides state (a re-sync's verdict: majority_check; the state a
+    node adopts: node/swarm/statesync.py _agree): the operator's bootstrap peers, and peers whose parts went into
+    our all-reduces in STANDING_ROUNDS distinct rounds. A fresh identity has none, so any number of them cannot
+    outvote this node and the peers it has averaged with."""
+
+    def __init__(self, trusted: Iterable[str] = ()) -> None:
+        self._trusted = set(trusted)
+        self._rounds: Dict[str, Tuple[int, int]] = {}  # peer -> (rounds it contributed to, the last of them)
+
+    def observe(self, round_number: int, contributors: Iterable[str]) -> None:
+        for peer in contributors:
+            count, last = self._rounds.get(peer, (0, -1))
+            if round_number != last:
+                self._rounds[peer] = (count + 1, round_number)
+
+    def trust(self, peers: Iterable[str]) -> None:
+        self._trusted |= set(peers)
+
+    def has(self, peer: str) -> bool:
+        return peer in self._trusted or self._rounds.get(peer, (0, -1))[0] >= STANDING_ROUNDS
+
+    def peers(self) -> Set[str]:
+        return self._trusted | {p for p, (count, _) in self._rounds.items() if count >= STANDING_ROUNDS}
+
+
+NO_SHOW_ROUNDS = 2  # groups in a row a member posted for and gave nothing to, before its posts stop moving us
+
+
+class NoShows:
+    """Members of our groups that posted ready but contributed nothing: a peer that posts for the next round and
+    never sends a part would cut every round of ours short. After NO_SHOW_ROUNDS such groups in a row, its ready
+    posts do not cut our rounds short (node/swarm/membership.py) until it contributes to one of our groups again.
+    It is still grouped with: the groups every member computes must not depend on what one of them saw."""
+
+    def __init__(self) -> None:
+        self._missed: Dict[str, int] = {}  # peer -> our groups in a row it gave nothing to
+
+    def observe(self, members: Iterable[str], contributors: Collection[str]) -> None:
+        for peer in members:
+            if peer in contributors:
+                self._missed.pop(peer, None)
+            else:
+                self._missed[peer] = self._missed.get(peer, 0) + 1
+
+    def __contains__(self, peer: object) -> bool:
+        return isinstance(peer, str) and self._missed.get(peer, 0) >= NO_SHOW_ROUNDS
+
+
 class RoundAverager:
     """Averages every prepared module concurrently; never raises for peer failures."""
 
@@ -72,6 +124,8 @@ class RoundAverager:
         self._membership = membership
         self._spec = spec
         self._stranded: Set[str] = set()  # modules whose last group had no member others can dial
+        self.no_shows = NoShows()
+        self.standing = Standing()  # joined.py trusts its bootstrap peers in it
         # Told of every finished all-reduce (members-only swarms sign receipts for the parts we reduced).
         self.on_averaged: Optional[Callable[[Group, AllReduceResult], object]] = None
 
@@ -109,6 +163,7 @@ class RoundAverager:
         if not others:  # alone: DiLoCo outer step on our own pseudo-gradient
             outcome = ModuleOutcome(name, 1, 0.0, False, 0.0, classify(1, 0.0, 0), numel=state.numel)
             return Averaged(outcome, delta.copy(), False)
+        self._averager.expect(name, round_number, state.numel)  # a faster member's parts may come before our group
         group = await self._matchmaker.form_group(
             name, round_number, item.params_hash, state.numel, others, self._spec.round_timeout_seconds,
             window_seconds, self._averager.message_ask(name),
@@ -117,13 +172,16 @@ class RoundAverager:
         resync = group.needs_resync
         if resync:  # members hold different global copies: average those too, uncompressed
             vector = state.payload(True, item.delta)
-            verify = majority_check(group.params_hashes, state.numel, self._spec.aggregator)
+            counted = [m != self._me and self.standing.has(m) for m in group.members]
+            verify = majority_check(group.params_hashes, state.numel, self._spec.aggregator, counted, item.params_hash)
             result = await self._averager.all_reduce(
                 group, vector, regions=[state.numel] * 3, compress=False, verify=verify
             )
         else:
             result = await self._averager.all_reduce(group, delta)
         leave_unstepped(result, state.numel)
+        self.standing.observe(round_number, (p for p in result.contributors if p != self._me))
+        self.no_shows.observe((m for m in group.members if m != self._me), result.contributors)
         if self.on_averaged is not None and result.received:
             try:
                 self.on_averaged(group, result)
@@ -150,12 +208,20 @@ def leave_unstepped(result: AllReduceResult, numel: int) -> None:
         result.vector[lo : min(hi, numel)] = 0.0
 
 
-def majority_check(hashes: Sequence[str], numel: int, aggregator: str) -> Optional[Callable[[np.ndarray], bool]]:
+def majority_check(
+    hashes: Sequence[str], numel: int, aggregator: str, counted: Optional[Sequence[bool]] = None, own: str = ""
+) -> Optional[Callable[[np.ndarray], bool]]:
     """A re-sync's ``verify``: with CenteredClip, a group where most members hold one state gets exactly
     that state back (robust.coordinate_median), so a result far from ours is accepted if the whole
-    re-synced state hashes to the majority's (see Averager._settle_pending)."""
-    value, count = Counter(hashes).most_common(1)[0]
-    if 2 * count <= len(hashes) or aggregator != "centered_clip":
+    re-synced state hashes to the majority's (see Averager._settle_pending). ``counted``: per member, whether
+    its hash is counted (the members with standing: Standing; default all); when none is, ``own`` (our hash)
+    decides: a group of fresh identities cannot replace the state we hold."""
+    voters = [h for h, c in zip(hashes, counted, strict=True) if c] if counted is not None else list(hashes)
+    voters = voters or ([own] if own else [])
+    if not voters:
+        return None
+    value, count = Counter(voters).most_common(1)[0]
+    if 2 * count <= len(voters) or aggregator != "centered_clip":
         return None
     return lambda vector: state_hash(vector[numel : 2 * numel], vector[2 * numel : 3 * numel]) == value
 

@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.swarm.reachability import decide as decide
     from node.swarm.reachability import listen_ports as listen_ports
     from node.swarm.reachability import probe as probe
+    from node.swarm.statesync import RANGE_ELEMENTS as RANGE_ELEMENTS
     from node.swarm.statesync import StateServer as StateServer
     from node.swarm.statesync import download_modules as download_modules
     from node.swarm.statesync import fetch_heads as fetch_heads

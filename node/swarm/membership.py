@@ -5,6 +5,10 @@ when nudged (records expire after RECORD_TTL_SECONDS, so a dead peer vanishes on
 own). Another re-reads all peer records every WATCH_SECONDS and watches whether another
 peer is already ready to average the trunk in our current round (the training loop
 then cuts its round short to join them).
+
+A read of the peer records that fails, or that misses our own record (stored every few seconds, so any
+complete read holds it), is not taken for "everyone left": the last view stays, the failure is counted, and
+after READ_FAILURES_UNHEALTHY in a row /healthz says so (``read_error``) until a read succeeds.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from typing import Awaitable, Callable, Dict, List, Optional
 
 from node.net import Admission, SwarmPort
 from protocol.contributions import Vouch
-from protocol.records import PeerRecord, RecordError, parse_record, peers_key, ready_key
+from protocol.records import PeerRecord, ReadyRecord, RecordError, parse_record, peers_key, ready_key
 
 logger = logging.getLogger(__name__)
 
 ANNOUNCE_SECONDS = 2.0
 WATCH_SECONDS = 0.5  # how soon a peer notices the swarm is averaging or moved on; well under gather_seconds
 RECORD_TTL_SECONDS = 12.0  # a few missed announcements before a peer is considered gone
+READ_FAILURES_UNHEALTHY = 6  # reads in a row (3 s) that failed or missed our own record: /healthz says so
 
 
 @dataclass
@@ -42,7 +47,7 @@ class SwarmView:
         """Peers hosting ``module``; with ``round_number``, only those that may still average that round.
 
         Peers already past it will not come back. Peers behind it will: they jump to the
-        highest round they see, so they are worth waiting for (up to the gather window).
+        swarm's round (swarm_round), so they are worth waiting for (up to the gather window).
         """
         return sorted(
             p
@@ -57,8 +62,11 @@ class SwarmView:
         dialable = [p for p in hosts if self.peers[p].reachability != "private"]
         return dialable or hosts
 
-    def max_round(self, exclude: Optional[str] = None) -> int:
-        return max((r.outer_round for p, r in self.peers.items() if p != exclude), default=0)
+    def swarm_round(self, exclude: Optional[str] = None) -> int:
+        """The highest round a strict majority of the peers (but ``exclude``) claim to have reached: what a node
+        that fell behind jumps to. One peer's claim (a fake 10^9) moves nobody once two others are in view."""
+        rounds = sorted((r.outer_round for p, r in self.peers.items() if p != exclude), reverse=True)
+        return rounds[len(rounds) // 2] if rounds else 0
 
 
 async def read_peers(swarm: SwarmPort, swarm_id: str, admission: Optional[Admission] = None) -> SwarmView:
@@ -106,27 +114,66 @@ class Membership:
         self._clock = clock or swarm.now
         self.view = SwarmView()
         self.watch_round: int = 0
-        self.others_ready_round: int = -1  # highest round for which another peer posted trunk readiness
+        self.others_ready_round: int = -1  # highest round for which another trunk host posted readiness
+        self.ignores: Callable[[str], bool] = lambda peer: False  # peers whose posts do not count (no-shows)
         self._tasks: List[asyncio.Task[None]] = []
+        self._announced = False  # our record was stored once: a complete read of the peer records holds it
+        self.reads_failed = 0  # reads of the peer records that failed or came back without our own record
+        self._failing = 0  # of them, in a row
+        self.read_error: Optional[str] = None  # set after READ_FAILURES_UNHEALTHY in a row, cleared by a good read
         self._nudged: Optional[asyncio.Event] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     async def announce(self) -> None:
         me = self._describe_self()
-        await self._swarm.store(peers_key(self._swarm_id), me.peer_id, me.dict(), self._clock() + RECORD_TTL_SECONDS)
+        stored = await self._swarm.store(
+            peers_key(self._swarm_id), me.peer_id, me.dict(), self._clock() + RECORD_TTL_SECONDS
+        )
+        self._announced = self._announced or bool(stored)
 
     async def refresh(self) -> SwarmView:
-        """Re-read every peer record, and whether someone is already averaging our round."""
+        """Re-read every peer record, and whether someone is already averaging our round. A read that fails or
+        misses our own record keeps the last view (and raises, or returns it)."""
         me = self._describe_self()
-        view = await read_peers(self._swarm, self._swarm_id, self._admission)
+        try:
+            view = await read_peers(self._swarm, self._swarm_id, self._admission)
+        except Exception as e:
+            self._read_failed(f"reading the swarm's peer records failed: {e}")
+            raise
+        if self._announced and me.peer_id not in view.peers:
+            self._read_failed("a read of the swarm's peer records came back without this node's own record")
+            return self.view
+        if self._failing:
+            logger.info("reading the swarm's peer records works again (after %d failed reads)", self._failing)
+        self._failing, self.read_error = 0, None
         view.peers[me.peer_id] = me
         view.seen_at[me.peer_id] = self._clock()
         self.view = view
         round_number = self.watch_round
         posted = await self._swarm.read(ready_key(self._swarm_id, "trunk", round_number))
-        if any(peer != self._swarm.peer_id for peer in posted):
+        if any(self._counts_ready(view, peer, value) for peer, (value, _) in posted.items()):
             self.others_ready_round = max(self.others_ready_round, round_number)
         return view
+
+    def _read_failed(self, why: str) -> None:
+        self.reads_failed += 1
+        self._failing += 1
+        if self._failing == READ_FAILURES_UNHEALTHY:
+            self.read_error = f"{why} ({self._failing} times in a row)"
+            logger.warning("%s: %d reads in a row; keeping the last view of the swarm", why, self._failing,
+                           extra={"event": "swarm_read_failed"})  # fmt: skip
+
+    def _counts_ready(self, view: SwarmView, peer: str, value: object) -> bool:
+        """A ready post that may cut our round short: a valid ReadyRecord, parsed before anything is decided, from
+        another live host of the trunk that has given something to our recent groups (``ignores``)."""
+        record = view.peers.get(peer)
+        if peer == self._swarm.peer_id or record is None or "trunk" not in record.modules or self.ignores(peer):
+            return False
+        try:
+            parse_record(ReadyRecord, value)
+        except RecordError:
+            return False
+        return True
 
     async def say_goodbye(self) -> None:
         """Store a last record marked leaving, so peers stop waiting for us before it expires."""

@@ -19,12 +19,12 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Awaitable, Callable, Collection, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 
-from node.net import SwarmPort
+from node.net import Buckets, SwarmPort
 from node.training import ModuleState, state_hash
 from protocol import handlers
 from protocol.wire import StateReply, StateRequest, WireError, decode, encode
@@ -43,8 +43,14 @@ class Digest:
     params_hash: str
 
 
+# A peer may download this many times our whole state, plus 64 MiB, per STATE_WINDOW_SECONDS (a newcomer needs it
+# once): a peer asking for ranges as fast as it can would otherwise keep us copying state for it forever.
+STATE_SHARE, STATE_WINDOW_SECONDS = 2.0, 600.0
+
+
 class StateServer:
-    """Answers state requests from the modules ``states()`` returns (read on the swarm loop)."""
+    """Answers state requests from the modules ``states()`` returns (read on the swarm loop); ranges within a
+    share per peer (STATE_SHARE), counted in ``refused`` past it."""
 
     def __init__(
         self,
@@ -58,6 +64,14 @@ class StateServer:
         self._states = states
         self._round_now = round_now
         self.handler_name = handlers.state(swarm_id)
+        self._shares: Optional[Buckets] = None  # bytes of ranges per peer
+        self.refused = 0  # range requests past a peer's share
+
+    def _within_share(self, peer: str, size: int) -> bool:
+        burst = STATE_SHARE * sum(8 * s.numel for s in self._states().values()) + (64 << 20)
+        if self._shares is None or self._shares.burst < burst:  # we host more now: a larger share
+            self._shares = Buckets(burst / STATE_WINDOW_SECONDS, burst)
+        return self._shares.take(peer, size)
 
     async def start(self) -> None:
         await self._swarm.serve(self.handler_name, self._handle)
@@ -78,8 +92,18 @@ class StateServer:
             return encode(digest)
         if request.expected_hash != digest.params_hash:
             return encode(digest.copy(update={"ok": False, "reason": "state moved on since that digest"}))
-        end = min(request.offset + request.count, 2 * state.numel)
-        values = torch.cat([state.global_flat, state.momentum])[request.offset : end].numpy()
+        end, numel = min(request.offset + request.count, 2 * state.numel), state.numel
+        if request.offset >= end:
+            return encode(digest.copy(update={"ok": False, "reason": "range outside the state"}))
+        if not self._within_share(remote_peer, 4 * (end - request.offset)):
+            self.refused += 1
+            return encode(digest.copy(update={"ok": False, "reason": "this peer downloaded its share of our state"}))
+        pieces = []  # the range's values, without copying the whole state first
+        if request.offset < numel:
+            pieces.append(state.global_flat[request.offset : min(end, numel)].numpy())
+        if end > numel:
+            pieces.append(state.momentum[max(request.offset, numel) - numel : end - numel].numpy())
+        values = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.float32)
         reply = digest.copy(update={"offset": request.offset, "count": end - request.offset})
         return encode(reply, values.astype("<f4").tobytes())
 
@@ -88,8 +112,11 @@ class StateDownloader:
     """Fetches modules from donors; ``on_progress(elements)`` drives a progress bar."""
 
     def __init__(
-        self, swarm: SwarmPort, swarm_id: str, timeout: float, on_progress: Optional[Callable[[int], None]] = None
-    ) -> None:
+        self, swarm: SwarmPort, swarm_id: str, timeout: float, on_progress: Optional[Callable[[int], None]] = None,
+        trusted: Collection[str] = (),
+    ) -> None:  # fmt: skip
+        """``trusted``: donors whose word outweighs the others' (``_agree``)."""
+        self.trusted = trusted
         self._swarm = swarm
         self._swarm_id = swarm_id
         self._timeout = timeout
@@ -120,7 +147,7 @@ class StateDownloader:
             found = [d for d in found if d.numel == numel]
             if not found:
                 return None
-            agreed, agreeing = _agree(found)
+            agreed, agreeing = _agree(found, self.trusted)
             vector = await self._fetch(module, [d.peer for d in agreeing], agreed, 2 * numel)
             if vector is not None and _hash(vector, numel) == agreed:
                 return vector, agreeing[0].outer_round
@@ -145,7 +172,7 @@ class StateDownloader:
         found = await self.digests(module, donors)
         if not found:
             return None
-        agreed, agreeing = _agree(found)
+        agreed, agreeing = _agree(found, self.trusted)
         for donor in agreeing:
             values = await self._fetch(module, [donor.peer], agreed, min(count, 2 * donor.numel))
             if values is not None:
@@ -210,10 +237,14 @@ class StateDownloader:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
-def _agree(found: List[Digest]) -> Tuple[str, List[Digest]]:
-    """The hash most donors report (ties: the newer round), and the donors that report it."""
-    votes = Counter(d.params_hash for d in found)
-    agreed = max(votes, key=lambda h: (votes[h], max(d.outer_round for d in found if d.params_hash == h)))
+def _agree(found: List[Digest], trusted: Collection[str] = ()) -> Tuple[str, List[Digest]]:
+    """The hash most donors report (ties: the newer round), and the donors that report it. Donors in ``trusted``
+    (the operator's bootstrap peers, peers with a track record: node/runtime/rounds.py Standing) outvote any
+    number of others: when one of them answered, only theirs are counted, so fresh identities cannot buy the
+    state a newcomer adopts."""
+    voters = [d for d in found if d.peer in trusted] or found
+    votes = Counter(d.params_hash for d in voters)
+    agreed = max(votes, key=lambda h: (votes[h], max(d.outer_round for d in voters if d.params_hash == h)))
     return agreed, [d for d in found if d.params_hash == agreed]
 
 
@@ -250,9 +281,10 @@ def download_modules(
     donors: Dict[str, List[str]],
     timeout: float,
     run: Callable[[Awaitable[Dict[str, int]]], Dict[str, int]],
+    trusted: Collection[str] = (),
 ) -> Dict[str, int]:
     """Blocking: download every module that has donors, with a progress bar; log what happened.
-    ``run`` runs a coroutine on the swarm's event loop and waits for it."""
+    ``run`` runs a coroutine on the swarm's event loop and waits for it; ``trusted``: see ``_agree``."""
     from tqdm.auto import tqdm
 
     total = sum(2 * states[m].numel for m, peers in donors.items() if peers)
@@ -260,7 +292,7 @@ def download_modules(
         return {}
     started = time.perf_counter()
     with tqdm(total=total * 4, unit="B", unit_scale=True, desc="downloading state", leave=False) as bar:
-        downloader = StateDownloader(swarm, swarm_id, timeout, on_progress=lambda n: bar.update(4 * n))
+        downloader = StateDownloader(swarm, swarm_id, timeout, on_progress=lambda n: bar.update(4 * n), trusted=trusted)
         adopted = run(catch_up(downloader, states, lambda m: donors[m]))
     seconds = time.perf_counter() - started
     size = sum(8 * states[m].numel for m in adopted)
@@ -280,11 +312,11 @@ def download_modules(
 
 def fetch_heads(
     swarm: SwarmPort, swarm_id: str, donors: Dict[str, List[str]], count: int, timeout: float,
-    run: Callable[[Awaitable[Dict[str, np.ndarray]]], Dict[str, np.ndarray]],
+    run: Callable[[Awaitable[Dict[str, np.ndarray]]], Dict[str, np.ndarray]], trusted: Collection[str] = (),
 ) -> Dict[str, np.ndarray]:  # fmt: skip
     """Blocking: the first ``count`` values of each module's global copy (StateDownloader.head), all modules
     at once; modules no donor delivered are left out. ``run`` runs a coroutine on the swarm's event loop."""
-    downloader = StateDownloader(swarm, swarm_id, timeout)
+    downloader = StateDownloader(swarm, swarm_id, timeout, trusted=trusted)
     modules = list(donors)
 
     async def fetch_all() -> Dict[str, np.ndarray]:

@@ -45,8 +45,16 @@ class ModuleState:
         return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
 
     def params_hash(self) -> str:
-        """Identifies the (global parameters, momentum) pair; equal hashes mean identical state."""
-        return state_hash(self.global_flat.numpy(), self.momentum.numpy())
+        """Identifies the (global parameters, momentum) pair; equal hashes mean identical state. Kept until either
+        tensor is replaced or changed in place (torch counts in-place changes in ``_version``): a peer asking for
+        digests as fast as it can costs a lookup each, not a hash of the whole state."""
+        key = (self.global_flat, self.global_flat._version, self.momentum, self.momentum._version)
+        cached = getattr(self, "_hash_cache", None)
+        if cached is not None and cached[0][0] is key[0] and cached[0][2] is key[2] and cached[0][1::2] == key[1::2]:
+            return str(cached[1])
+        value = state_hash(self.global_flat.numpy(), self.momentum.numpy())
+        self._hash_cache = (key, value)
+        return value
 
     def pseudo_gradient(self) -> torch.Tensor:
         """global - local: the direction the inner steps moved, to be averaged."""

@@ -91,3 +91,95 @@ def test_a_stream_carries_later_requests_and_is_dropped_once_the_server_closes_i
     assert call(b"after") == b"retfa"
     assert short not in client._streams._idle[(server.peer_id, "commons/test/rev")]
     assert served[-1] == b"after"
+
+
+def _refused(server: Swarm, reason: str) -> int:
+    return sum(count for (_, why), count in server.limits.refused.items() if why == reason)
+
+
+def test_what_a_peer_may_hold_open_on_real_streams_is_bounded_and_honest_requests_go_on(two_swarms, monkeypatch):
+    """Over real p2pd streams: a frame over the limit is refused from its prefix (a 1 GiB claim used to be read),
+    a body that stalls ends at its deadline, streams past the per-peer cap are closed at once, frames past the
+    peer's byte budget and hellos past its rate are refused; each is counted, and the same peer's honest requests
+    are served all along."""
+    server, client = two_swarms
+    monkeypatch.setattr(streams_module, "FRAME_BODY_SECONDS", 1.0)
+    server.set_frame_limit(5 << 20)
+    server.limits.streams_per_peer = 6
+    server.limits.peer_budget = 9 << 20
+
+    async def echo(peer: str, request: bytes) -> bytes:
+        return request
+
+    server.run(server.serve("commons/test/echo", echo), timeout=10)
+
+    def call(request: bytes) -> bytes:
+        return client.run(client.call(server.peer_id, "commons/test/echo", request, timeout=10), timeout=15)
+
+    async def open_raw():  # type: ignore[no-untyped-def]
+        return await client._open_stream(server.peer_id, "commons/test/echo")
+
+    async def closed(reader: asyncio.StreamReader, seconds: float) -> bool:
+        try:
+            return await asyncio.wait_for(reader.read(1), seconds) == b""
+        except (ConnectionError, asyncio.TimeoutError):
+            return False
+
+    async def scenario() -> None:
+        # 1 GiB announced: refused before a byte of it is read.
+        reader, writer = await open_raw()
+        writer.write(streams_module.stream_prefix(1 << 30) + b"x" * 1000)
+        assert await closed(reader, 5.0), "a 1 GiB frame was not refused"
+        writer.close()
+        # 100 kB announced, 1000 bytes sent, then nothing: closed once 1 s + 100 kB at 64 KiB/s (2.5 s) have passed.
+        reader, writer = await open_raw()
+        writer.write(streams_module.stream_prefix(100_000) + b"x" * 1000)
+        started = time.monotonic()
+        assert await closed(reader, 10.0), "a stalled body was not cut off"
+        assert 1.0 <= time.monotonic() - started < 5.0
+        writer.close()
+        # Stalled frames hold the budget: two of 4 MiB fit in 9 MiB, the third is refused.
+        held = []
+        for _ in range(3):
+            reader, writer = await open_raw()
+            writer.write(streams_module.stream_prefix(4 << 20) + b"x" * 100)
+            held.append((reader, writer))
+        await asyncio.sleep(0.5)
+        assert [await closed(r, 0.5) for r, _ in held] == [False, False, True]
+        for _, w in held:
+            w.close()
+
+    client.run(scenario(), timeout=60)
+    assert _refused(server, "frame_too_large") == 1 and _refused(server, "slow_frame") == 1
+    assert _refused(server, "over_budget") == 1
+    assert call(b"still served") == b"still served"
+
+    async def many_streams() -> list:
+        streams = [await open_raw() for _ in range(10)]
+        await asyncio.sleep(1.0)
+        return streams
+
+    streams = client.run(many_streams(), timeout=60)
+    assert _refused(server, "too_many_streams") >= 10 - 6
+    for _, writer in streams:
+        writer.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and server.limits.held:
+        time.sleep(0.1)
+    assert server.limits.held == 0
+    assert call(b"and after") == b"and after"
+
+    # Hellos past the peer's rate (REQUEST_RATES: a burst of 20, then 5 a second) are refused; averaging is not rated.
+    server.run(server.serve("commons/test/hello", echo), timeout=10)
+
+    async def hellos() -> int:
+        answered = 0
+        for _ in range(40):
+            try:
+                answered += await client.call(server.peer_id, "commons/test/hello", b"hi", timeout=5) == b"hi"
+            except ConnectionError:
+                pass
+        return answered
+
+    answered = client.run(hellos(), timeout=120)
+    assert 20 <= answered < 40 and _refused(server, "too_fast") == 40 - answered

@@ -20,6 +20,7 @@ from node.ops.metrics import (
     HelperProcessCollector,
     NodeMetrics,
     RecordsRefusedCollector,
+    RequestsRefusedCollector,
     SwarmViewCollector,
 )
 from node.runtime.report import ModuleOutcome
@@ -53,7 +54,8 @@ def node_registry(stats: AveragingStats) -> Tuple[NodeMetrics, CollectorRegistry
     metrics = NodeMetrics(registry, version="9.9", swarm_id="abc", protocol_version=1)
     metrics.attach(AveragerCollector(lambda: stats))
     metrics.attach(HelperProcessCollector())
-    metrics.attach(RecordsRefusedCollector(lambda: 3))  # as node/runtime/joined.py attaches them
+    metrics.attach(RecordsRefusedCollector(lambda: 3, lambda: 2))  # as node/runtime/joined.py attaches them
+    metrics.attach(RequestsRefusedCollector(lambda: {("avg", "frame_too_large"): 1}))
     return metrics, registry
 
 
