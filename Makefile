@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
 .PHONY: install install-dev notebook system-packages start demo test test-unit lint bench bench-suite bench-wan bench-utilization \
-	bench-convergence bench-languages bench-membership bench-nat bench-overhead bench-scale bench-transport clean
+	bench-convergence bench-flood bench-languages bench-membership bench-nat bench-overhead bench-scale bench-transport clean
 
 # Progress goes to stderr so that `make start`'s stdout holds only the node's JSON ready line.
 $(BIN)/python:
@@ -120,6 +120,9 @@ bench-utilization: install-dev
 # Issue 19: the averaging round and the utilization with 2 of 4 members behind NAT routers, beside all public.
 bench-membership: install-dev
 	$(BIN)/python -m bench.membership --out bench-results/membership
+
+bench-flood: install-dev
+	$(BIN)/python -m bench.flood --baseline d933530 --out bench-results/flood
 
 bench-nat: install-dev system-packages
 	$(BIN)/python -m bench.wan_averaging --systems commons --compression none int8 --mbit 20 --mbytes 10 --rounds 4 \
