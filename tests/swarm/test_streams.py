@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -138,16 +139,19 @@ def test_what_a_peer_may_hold_open_on_real_streams_is_bounded_and_honest_request
         assert await closed(reader, 10.0), "a stalled body was not cut off"
         assert 1.0 <= time.monotonic() - started < 5.0
         writer.close()
-        # Stalled frames hold the budget: two of 4 MiB fit in 9 MiB, the third is refused.
+        # Stalled frames hold the budget: two of 4 MiB fit in 9 MiB, the third is refused (whichever the server
+        # reads last: p2pd may hand it the streams in another order).
         held = []
-        for _ in range(3):
-            reader, writer = await open_raw()
-            writer.write(streams_module.stream_prefix(4 << 20) + b"x" * 100)
-            held.append((reader, writer))
-        await asyncio.sleep(0.5)
-        assert [await closed(r, 0.5) for r, _ in held] == [False, False, True]
-        for _, w in held:
-            w.close()
+        try:
+            for _ in range(3):
+                reader, writer = await open_raw()
+                writer.write(streams_module.stream_prefix(4 << 20) + b"x" * 100)
+                held.append((reader, writer))
+            await asyncio.sleep(0.5)
+            assert sorted([await closed(r, 0.5) for r, _ in held]) == [False, False, True]
+        finally:
+            for _, w in held:
+                w.close()
 
     client.run(scenario(), timeout=60)
     assert _refused(server, "frame_too_large") == 1 and _refused(server, "slow_frame") == 1
@@ -183,3 +187,4 @@ def test_what_a_peer_may_hold_open_on_real_streams_is_bounded_and_honest_request
 
     answered = client.run(hellos(), timeout=120)
     assert 20 <= answered < 40 and _refused(server, "too_fast") == 40 - answered
+    gc.collect()  # a stream of this test left unclosed warns here, not in whichever test runs next
