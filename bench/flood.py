@@ -222,7 +222,7 @@ def run_version(name: str, code: Path, args: argparse.Namespace, work: Path) -> 
     """Every phase against one node running the code in ``code``."""
     env = child_env()
     env["PYTHONPATH"] = str(code) + os.pathsep + str(REPO)
-    corpus = write_text_corpus(work / f"{name}-text.txt", size=400_000)
+    corpus = write_text_corpus(work / f"{name}-text.txt")
     argv = ["taskset", "-c", "0", sys.executable, "-m", "node", "start", "--data", str(corpus), "--experts", "2",
             "--metrics-addr", "127.0.0.1:0", "--log-format", "json"]  # fmt: skip
     node = NodeProcess(argv, work / name, name, env=env)

@@ -15,6 +15,7 @@ reach, and the node-wide counters.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Callable, Dict, Optional, Sequence, Set, Tuple
@@ -26,7 +27,7 @@ from node.averaging.inbox import Inbox
 from node.averaging.matchmaking import Group
 from node.averaging.memory import AveragingStats, ModuleMemory
 from node.averaging.run import AllReduceResult, AllReduceRun, RunContext, Verify
-from node.net import Clock, SwarmPort
+from node.net import Buckets, Clock, SwarmPort
 from protocol import handlers
 from protocol.manifest import AveragingSpec
 from protocol.wire import Ack, Refusal, TensorPart, WireError, decode, encode, read_tensor
@@ -37,6 +38,9 @@ EARLY_MAIL_SECONDS = 60.0  # early mail for a round that never starts here is dr
 # Early mail kept for one (module, round), in bytes of the module's whole vector (a re-sync's three regions): from
 # one sender, and from all. An honest member sends us only the slices we reduce, at most half of it.
 EARLY_SHARE_PER_SENDER, EARLY_SHARE = 1.0, 2.0
+# Refusals for cause a peer may draw before our answers to it are held back: PENALTY_BURST at once, then
+# PENALTY_RATE a second; a held answer waits at most PENALTY_HOLD_SECONDS.
+PENALTY_RATE, PENALTY_BURST, PENALTY_HOLD_SECONDS = 1.0, 20.0, 10.0
 
 
 class Averager:
@@ -68,6 +72,7 @@ class Averager:
         self._unreachable: Dict[str, float] = {}  # peer -> swarm time we last failed to connect to it
         self._expected: Dict[str, Tuple[int, int]] = {}  # module -> (the round we posted for, its vector's bytes)
         self._early_bytes: Dict[Tuple[str, int], Dict[str, int]] = {}  # (module, round) -> slot -> bytes kept
+        self._penalties = Buckets(PENALTY_RATE, PENALTY_BURST, self._clock)
         self.receipts = False  # note what each member's parts gave our slices (members-only swarms sign receipts)
 
     async def start(self) -> None:
@@ -148,29 +153,43 @@ class Averager:
             if not isinstance(decoded, TensorPart):
                 raise WireError("expected a part or result")
             message = decoded
-            values = read_tensor(message, payload)
+            # What the header alone refuses is refused before the payload is read (a flood of parts for round
+            # 10^9 costs a header each, not the decoding and checking of every value).
+            refusal = self._refusal(message, remote_peer)
+            values = read_tensor(message, payload) if refusal is None else None
         except WireError as e:
-            self.stats.reject(Refusal.MALFORMED.value)
             claimed = message.dict() if message is not None else (e.header or {})
             self._exclude(remote_peer, claimed.get("module"), claimed.get("round"), Refusal.MALFORMED.value)
-            return encode(Ack.refuse(Refusal.MALFORMED, str(e)))
-        refusal = self._refusal(message, remote_peer, values)
+            return await self._refuse(remote_peer, Refusal.MALFORMED, str(e))
+        run = self._active.get((message.module, message.round))
+        if refusal is None and run is not None and values is not None:
+            refusal = run.refusal(message, remote_peer, values)
         if refusal is not None:
             code, reason = refusal
-            self.stats.reject(code.value)
             if not code.benign:
                 self._exclude(remote_peer, message.module, message.round, code.value)
-            return encode(Ack.refuse(code, reason))
-        run = self._active.get((message.module, message.round))
+            return await self._refuse(remote_peer, code, reason, far=self._far_ahead(message))
+        assert values is not None
         key = (message.module, message.round, message.group_id, message.slice_index, message.attempt)
         slot = remote_peer if message.type == "part" else f"result:{remote_peer}"
-        if run is None:
-            early = self._keep_early(message.module, message.round, slot, values.nbytes)
-            if early is not None:
-                self.stats.reject(Refusal.TOO_EARLY.value)
-                return encode(Ack.refuse(Refusal.TOO_EARLY, early))
         (run.inbox if run is not None else self._early).put(key, slot, message.weight, values)
         return encode(Ack(ok=True))
+
+    async def _refuse(self, peer: str, code: Refusal, reason: str, far: bool = False) -> bytes:
+        """Count and answer a refusal. A peer whose messages we refuse for cause (not benign ones, or mail for rounds
+        far ahead of ours) past its allowance waits for our answer (PENALTY_RATE a second): its stream is held,
+        so a flood of bad parts comes in at that pace, not as fast as it can send them."""
+        self.stats.reject(code.value)
+        if not code.benign or far:
+            wait = self._penalties.reserve(peer, 1.0, PENALTY_HOLD_SECONDS)
+            await asyncio.sleep(PENALTY_HOLD_SECONDS if wait is None else wait)
+        return encode(Ack.refuse(code, reason))
+
+    def _far_ahead(self, message: TensorPart) -> bool:
+        """Mail for a round more than one past the last this node posted for or finished: nobody honest sends it."""
+        expected = self._expected.get(message.module)
+        known = max(expected[0] if expected is not None else -1, self.memory(message.module).finished_round)
+        return known >= 0 and message.round > known + 1
 
     def _keep_early(self, module: str, round_number: int, slot: str, nbytes: int) -> Optional[str]:
         """Count ``nbytes`` of early mail from ``slot`` for (module, round); why not, when it cannot be kept."""
@@ -194,7 +213,8 @@ class Averager:
             if peer in run.group.members and (not isinstance(module, str) or module == active_module):
                 run.exclude(peer, reason)
 
-    def _refusal(self, message: TensorPart, remote_peer: str, values: np.ndarray) -> Optional[Tuple[Refusal, str]]:
+    def _refusal(self, message: TensorPart, remote_peer: str) -> Optional[Tuple[Refusal, str]]:
+        """What the header alone refuses (the run checks the rest: node/averaging/run.py AllReduceRun.refusal)."""
         if message.swarm_id != self._swarm_id:
             return Refusal.WRONG_SWARM, "this peer trains another manifest"
         if message.sender != remote_peer:
@@ -213,6 +233,8 @@ class Averager:
             return Refusal.BAD_WEIGHT, "a part must carry weight 1 (members count equally)"
         if message.type == "result" and not (1.0 <= message.weight <= 4096 and float(message.weight).is_integer()):
             return Refusal.BAD_WEIGHT, "a result's weight is the count of parts it combines"
-        if run is None:
-            return None  # early: checked again when our round starts
-        return run.refusal(message, remote_peer, values)
+        if run is None:  # early: kept within bounds, and checked again when our round starts
+            slot = remote_peer if message.type == "part" else f"result:{remote_peer}"
+            early = self._keep_early(message.module, message.round, slot, 4 * message.numel)
+            return (Refusal.TOO_EARLY, early) if early is not None else None
+        return None

@@ -39,6 +39,7 @@ from node.net.loop import LoopThread
 from node.net.port import REMOTE_ADDRESS, Handler, Refused
 from node.net.streams import (
     STREAM_IDLE_SECONDS,
+    TURN_SECONDS,
     Limits,
     Stream,
     StreamPool,
@@ -517,9 +518,13 @@ class HivemindSwarm:
                     except FrameError as e:  # a frame we will not read: the caller sees a closed stream
                         limits.refuse(request_kind, peer, "frame_too_large", str(e))
                         return
-                    if not limits.allow(peer, request_kind):
-                        limits.refuse(request_kind, peer, "too_fast", "over its rate of requests")
+                    wait = limits.turn(peer, request_kind, longest=TURN_SECONDS)
+                    if wait is None:  # far over its rate: not worth holding a stream for
+                        limits.refuse(request_kind, peer, "too_fast", "far over its rate of requests")
                         return
+                    if wait > 0:  # over its rate: answered when its turn comes, on this stream
+                        limits.refuse(request_kind, peer, "too_fast", f"over its rate of requests: held {wait:.1f} s")
+                        await asyncio.sleep(wait)
                     if not limits.reserve(peer, size):
                         limits.refuse(request_kind, peer, "over_budget", f"a frame of {size} bytes is over the budget")
                         return

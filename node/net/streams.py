@@ -46,6 +46,7 @@ _LOG_EVERY = 60.0  # seconds between two log lines about the same peer's refused
 # nothing, and a dial-back makes us open connections. Averaging messages are bounded by the frame budgets instead
 # (a group's transfer runs as fast as the links let it), state ranges also by bytes (node/swarm/statesync.py).
 REQUEST_RATES: Dict[str, Tuple[float, float]] = {"hello": (5.0, 20.0), "dialback": (1.0, 4.0), "state": (50.0, 200.0)}
+TURN_SECONDS = 10.0  # a request over its rate waits for its turn up to this long; past it, its stream is closed
 
 
 class Bucket:
@@ -64,6 +65,18 @@ class Bucket:
         self.tokens -= amount
         return True
 
+    def reserve(self, amount: float = 1.0, longest: float = float("inf")) -> Optional[float]:
+        """Take ``amount`` now or in the future: the seconds until it is there (0: at once; waiters queue up), or
+        None (nothing taken) when that is over ``longest``."""
+        now = self._clock()
+        self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
+        self._at = now
+        wait = 0.0 if self.tokens >= amount else (amount - self.tokens) / self.rate
+        if wait > longest:
+            return None
+        self.tokens -= amount
+        return wait
+
     @property
     def full(self) -> bool:
         return self.tokens + (self._clock() - self._at) * self.rate >= self.burst
@@ -77,12 +90,19 @@ class Buckets:
         self._buckets: Dict[str, Bucket] = {}
 
     def take(self, peer: str, amount: float = 1.0) -> bool:
+        return self._bucket(peer).take(amount)
+
+    def reserve(self, peer: str, amount: float = 1.0, longest: float = float("inf")) -> Optional[float]:
+        """Bucket.reserve of ``peer``'s bucket: the seconds to wait for its turn, or None past ``longest``."""
+        return self._bucket(peer).reserve(amount, longest)
+
+    def _bucket(self, peer: str) -> Bucket:
         bucket = self._buckets.get(peer)
         if bucket is None:
             if len(self._buckets) >= 4096:
                 self._buckets = {p: b for p, b in self._buckets.items() if not b.full}
             bucket = self._buckets[peer] = Bucket(self.rate, self.burst, self._clock)
-        return bucket.take(amount)
+        return bucket
 
 
 def body_deadline(size: int) -> float:
@@ -130,6 +150,13 @@ class Limits:
         """One more ``request`` from ``peer`` within its rate (REQUEST_RATES; kinds not listed: always)."""
         buckets = self._rates.get(request)
         return buckets is None or buckets.take(peer)
+
+    def turn(self, peer: str, request: str, longest: float) -> Optional[float]:
+        """Seconds until ``peer``'s next ``request`` is within its rate (0: now), or None past ``longest``. Its
+        stream waits that long rather than being closed: a peer that opens a new stream for every refused request
+        costs us more than one that waits (each new stream passes through p2pd and this process)."""
+        buckets = self._rates.get(request)
+        return buckets.reserve(peer, 1.0, longest) if buckets is not None else 0.0
 
     def reserve(self, peer: str, size: int) -> bool:
         """Hold ``size`` frame bytes for ``peer``; False when that would exceed its budget or the node's."""

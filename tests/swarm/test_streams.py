@@ -101,8 +101,8 @@ def _refused(server: Swarm, reason: str) -> int:
 def test_what_a_peer_may_hold_open_on_real_streams_is_bounded_and_honest_requests_go_on(two_swarms, monkeypatch):
     """Over real p2pd streams: a frame over the limit is refused from its prefix (a 1 GiB claim used to be read),
     a body that stalls ends at its deadline, streams past the per-peer cap are closed at once, frames past the
-    peer's byte budget and hellos past its rate are refused; each is counted, and the same peer's honest requests
-    are served all along."""
+    peer's byte budget are refused, hellos past its rate wait for their turn; each is counted, and the same peer's
+    honest requests are served all along."""
     server, client = two_swarms
     monkeypatch.setattr(streams_module, "FRAME_BODY_SECONDS", 1.0)
     server.set_frame_limit(5 << 20)
@@ -173,18 +173,17 @@ def test_what_a_peer_may_hold_open_on_real_streams_is_bounded_and_honest_request
     assert server.limits.held == 0
     assert call(b"and after") == b"and after"
 
-    # Hellos past the peer's rate (REQUEST_RATES: a burst of 20, then 5 a second) are refused; averaging is not rated.
+    # Hellos past the peer's rate (REQUEST_RATES: a burst of 20, then 5 a second) wait for their turn on their
+    # stream (a closed stream would only bring a new one, which costs us more); averaging is not rated.
     server.run(server.serve("commons/test/hello", echo), timeout=10)
 
     async def hellos() -> int:
         answered = 0
         for _ in range(40):
-            try:
-                answered += await client.call(server.peer_id, "commons/test/hello", b"hi", timeout=5) == b"hi"
-            except ConnectionError:
-                pass
+            answered += await client.call(server.peer_id, "commons/test/hello", b"hi", timeout=5) == b"hi"
         return answered
 
-    answered = client.run(hellos(), timeout=120)
-    assert 20 <= answered < 40 and _refused(server, "too_fast") == 40 - answered
+    started = time.monotonic()
+    assert client.run(hellos(), timeout=120) == 40
+    assert 15 <= _refused(server, "too_fast") <= 20 and time.monotonic() - started >= 3.0  # 20 more at 5 a second
     gc.collect()  # a stream of this test left unclosed warns here, not in whichever test runs next

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node.averaging import Averager, Matchmaker, largest_message_bytes
-from node.averaging.averager import EARLY_SHARE, EARLY_SHARE_PER_SENDER
+from node.averaging.averager import EARLY_SHARE, EARLY_SHARE_PER_SENDER, PENALTY_BURST, PENALTY_RATE
 from node.averaging.matchmaking import MAX_MESSAGE_GROWTH
 from node.averaging.slices import chunked_bounds, region_bounds
 from node.net import InProcessNetwork, VirtualClock, run_virtual
@@ -237,6 +237,9 @@ def test_a_bucket_refills_at_its_rate_up_to_its_burst_per_peer():
     now[0] += 100.0  # never more than the burst
     assert [buckets.take("a") for _ in range(5)] == [True] * 4 + [False]
     assert not buckets.take("a", 0.5) and Bucket(1.0, 10.0).take(10.0)
+    queue = Bucket(rate=2.0, burst=1.0, clock=lambda: now[0])  # waiters line up: 0, then 0.5 s, 1 s, ...
+    assert [queue.reserve() for _ in range(3)] == [0.0, 0.5, 1.0]
+    assert queue.reserve(longest=1.0) is None and queue.reserve() == 1.5, "a refused reservation takes nothing"
 
 
 def test_limits_rate_hellos_and_dialbacks_per_peer_but_not_averaging():
@@ -288,3 +291,29 @@ def test_a_peer_downloads_its_share_of_our_state_then_is_refused_while_others_ar
     base = int(share // (8 * 4096))  # its share at once; a little more refills while it asks (share / 600 s)
     assert base <= greedy <= base + 20 and refused == 10_000 - greedy
     assert other == 3
+
+
+def test_a_peer_flooding_parts_for_rounds_far_ahead_is_answered_at_the_penalty_pace():
+    """A flood of parts for round 10^9 used to be answered as fast as it came (and kept); now past a burst of
+    refusals, each answer waits for the peer's allowance: the flood comes in at a part a second."""
+    clock = VirtualClock()
+    network = InProcessNetwork(clock=clock.wall)
+
+    async def scenario() -> List[float]:
+        node, flooder = network.join("node"), network.join("flooder")
+        averager = Averager(node, SWARM_ID, hosted=lambda: {"trunk"}, spec=SPEC, clock=clock.monotonic)
+        await averager.start()
+        averager.expect("trunk", 5, numel=1000)
+        loop, took = asyncio.get_running_loop(), []
+        for _ in range(int(PENALTY_BURST) + 5):
+            started = loop.time()
+            ack = _answer(await flooder.call("node", AVG, _part(10**9, "flooder", 0, 1000), 30.0))
+            assert ack.code == Refusal.TOO_EARLY
+            took.append(loop.time() - started)
+        assert _answer(await flooder.call("node", AVG, _part(6, "flooder", 0, 1000), 30.0)).code == Refusal.TOO_EARLY
+        await network.close()
+        return took
+
+    took = run_virtual(scenario(), clock=clock)
+    burst = int(PENALTY_BURST)
+    assert max(took[: burst - 1]) < 0.1 and all(0.5 < t <= 1.0 / PENALTY_RATE + 0.1 for t in took[burst + 1 :]), took
