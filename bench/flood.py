@@ -206,7 +206,7 @@ def metric(text: str, name: str) -> float:
 def refused_counts(text: str) -> Dict[str, float]:
     out: Dict[str, float] = {}
     for line in text.splitlines():
-        if line.startswith("commons_requests_refused_total{") or line.startswith("commons_averaging_parts_rejected"):
+        if line.startswith("commons_requests_refused_total{") or line.startswith("commons_averaging_rejected_parts"):
             out[line.rsplit(" ", 1)[0]] = float(line.rsplit(" ", 1)[1])
     return out
 

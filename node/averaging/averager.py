@@ -41,6 +41,7 @@ EARLY_SHARE_PER_SENDER, EARLY_SHARE = 1.0, 2.0
 # Refusals for cause a peer may draw before our answers to it are held back: PENALTY_BURST at once, then
 # PENALTY_RATE a second; a held answer waits at most PENALTY_HOLD_SECONDS.
 PENALTY_RATE, PENALTY_BURST, PENALTY_HOLD_SECONDS = 1.0, 20.0, 10.0
+OVER_SHARE = "this peer holds as much early mail as it takes"
 
 
 class Averager:
@@ -56,6 +57,7 @@ class Averager:
         hosted: Callable[[], Set[str]],
         spec: AveragingSpec,
         clock: Optional[Clock] = None,
+        round_now: Optional[Callable[[], int]] = None,
     ) -> None:
         """``hosted``: the modules this node averages now; ``clock``: monotonic seconds of the event loop
         the averaging runs on (default time.monotonic; a test on a virtual-time loop passes its time)."""
@@ -73,6 +75,7 @@ class Averager:
         self._expected: Dict[str, Tuple[int, int]] = {}  # module -> (the round we posted for, its vector's bytes)
         self._early_bytes: Dict[Tuple[str, int], Dict[str, int]] = {}  # (module, round) -> slot -> bytes kept
         self._penalties = Buckets(PENALTY_RATE, PENALTY_BURST, self._clock)
+        self._round_now = round_now or (lambda: -1)  # the node's round (runtime): mail far past it is suspect
         self.receipts = False  # note what each member's parts gave our slices (members-only swarms sign receipts)
 
     async def start(self) -> None:
@@ -168,7 +171,7 @@ class Averager:
             code, reason = refusal
             if not code.benign:
                 self._exclude(remote_peer, message.module, message.round, code.value)
-            return await self._refuse(remote_peer, code, reason, far=self._far_ahead(message))
+            return await self._refuse(remote_peer, code, reason, far=self._suspect(message, reason))
         assert values is not None
         key = (message.module, message.round, message.group_id, message.slice_index, message.attempt)
         slot = remote_peer if message.type == "part" else f"result:{remote_peer}"
@@ -185,11 +188,13 @@ class Averager:
             await asyncio.sleep(PENALTY_HOLD_SECONDS if wait is None else wait)
         return encode(Ack.refuse(code, reason))
 
-    def _far_ahead(self, message: TensorPart) -> bool:
-        """Mail for a round more than one past the last this node posted for or finished: nobody honest sends it."""
+    def _suspect(self, message: TensorPart, reason: str) -> bool:
+        """Early mail nobody honest sends: for a round more than one past the node's, the last it posted for or
+        finished; or past the round's share of early mail."""
         expected = self._expected.get(message.module)
-        known = max(expected[0] if expected is not None else -1, self.memory(message.module).finished_round)
-        return known >= 0 and message.round > known + 1
+        known = max(expected[0] if expected is not None else -1, self.memory(message.module).finished_round,
+                    self._round_now())  # fmt: skip
+        return (known >= 0 and message.round > known + 1) or reason.startswith(OVER_SHARE)
 
     def _keep_early(self, module: str, round_number: int, slot: str, nbytes: int) -> Optional[str]:
         """Count ``nbytes`` of early mail from ``slot`` for (module, round); why not, when it cannot be kept."""
@@ -199,7 +204,7 @@ class Averager:
         kept = self._early_bytes.setdefault((module, round_number), {})
         mine, everyone = kept.get(slot, 0) + nbytes, sum(kept.values()) + nbytes
         if mine > EARLY_SHARE_PER_SENDER * expected[1] or everyone > EARLY_SHARE * expected[1]:
-            return f"this peer holds as much early mail for round {round_number} of {module} as it takes"
+            return f"{OVER_SHARE} for round {round_number} of {module}"
         kept[slot] = mine
         return None
 

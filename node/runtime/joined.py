@@ -187,7 +187,8 @@ class Joined:
         self.matchmaker = Matchmaker(swarm, self.swarm_id, averaging.gather_seconds,
                                      smallest_message=averaging.message_bytes,
                                      reduces=reachability.reachability != "private", refuses=refuses)  # fmt: skip
-        self.averager = Averager(swarm, self.swarm_id, hosted=lambda: set(self.hosting.states), spec=averaging)
+        self.averager = Averager(swarm, self.swarm_id, hosted=lambda: set(self.hosting.states), spec=averaging,
+                                 round_now=lambda: self.progress.outer_round)  # fmt: skip
         self.dialback = DialBackServer(swarm)
         self._recheck: Optional["concurrent.futures.Future[Verdict]"] = None  # a re-check in flight
         self._recheck_at = time.monotonic() + RECHECK_SECONDS

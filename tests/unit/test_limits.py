@@ -301,9 +301,10 @@ def test_a_peer_flooding_parts_for_rounds_far_ahead_is_answered_at_the_penalty_p
 
     async def scenario() -> List[float]:
         node, flooder = network.join("node"), network.join("flooder")
-        averager = Averager(node, SWARM_ID, hosted=lambda: {"trunk"}, spec=SPEC, clock=clock.monotonic)
+        # A node alone has posted for nothing: its own round (round_now) says what is far ahead.
+        averager = Averager(node, SWARM_ID, hosted=lambda: {"trunk"}, spec=SPEC, clock=clock.monotonic,
+                            round_now=lambda: 5)  # fmt: skip
         await averager.start()
-        averager.expect("trunk", 5, numel=1000)
         loop, took = asyncio.get_running_loop(), []
         for _ in range(int(PENALTY_BURST) + 5):
             started = loop.time()
