@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from bench.membership import timed as timed_batches
 from tests.procs import REPO, NodeProcess, child_env, http_get, write_text_corpus
 
 ATTACKS = ["hello", "digest", "ranges", "streams", "parts", "bigframes"]
@@ -115,13 +116,7 @@ def attack(mode: str, target: str, swarm_id: str, seconds: float) -> Dict[str, A
 
 # --- what the checks cost, per request and per round ----------------------------------------------------------------
 def timed(call: Any, repeats: int = 20, batch: int = 2000) -> Dict[str, float]:
-    per_call: List[float] = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(batch):
-            call()
-        per_call.append((time.perf_counter() - start) / batch * 1e6)
-    return {"median_us": statistics.median(per_call), "mean_us": statistics.fmean(per_call), "worst_us": max(per_call)}
+    return timed_batches(call, repeats, batch)
 
 
 def costs() -> Dict[str, Dict[str, float]]:
