@@ -179,11 +179,11 @@ class Averager:
         return encode(Ack(ok=True))
 
     async def _refuse(self, peer: str, code: Refusal, reason: str, far: bool = False) -> bytes:
-        """Count and answer a refusal. A peer whose messages we refuse for cause (not benign ones, or mail for rounds
-        far ahead of ours) past its allowance waits for our answer (PENALTY_RATE a second): its stream is held,
-        so a flood of bad parts comes in at that pace, not as fast as it can send them."""
+        """Count and answer a refusal. A peer whose messages we refuse for cause (malformed, or mail for rounds far
+        ahead of ours or past a round's share) past its allowance waits for our answer (PENALTY_RATE a second): its
+        stream is held, so a flood of bad parts comes in at that pace, not as fast as it can send them."""
         self.stats.reject(code.value)
-        if not code.benign or far:
+        if code == Refusal.MALFORMED or far:  # not a wrong group or round: honest members see those while recovering
             wait = self._penalties.reserve(peer, 1.0, PENALTY_HOLD_SECONDS)
             await asyncio.sleep(PENALTY_HOLD_SECONDS if wait is None else wait)
         return encode(Ack.refuse(code, reason))
