@@ -139,7 +139,7 @@ def costs() -> Dict[str, Dict[str, float]]:
 
     def request_bookkeeping() -> None:  # what the serving loop adds to every request
         limits.open_stream("peer")
-        limits.allow("peer", "state")
+        limits.turn("peer", "state", 10.0)
         limits.reserve("peer", 1 << 20)
         limits.release("peer", 1 << 20)
         limits.close_stream("peer")

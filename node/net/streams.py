@@ -146,11 +146,6 @@ class Limits:
         if count > 0:
             self._streams[peer] = count
 
-    def allow(self, peer: str, request: str) -> bool:
-        """One more ``request`` from ``peer`` within its rate (REQUEST_RATES; kinds not listed: always)."""
-        buckets = self._rates.get(request)
-        return buckets is None or buckets.take(peer)
-
     def turn(self, peer: str, request: str, longest: float) -> Optional[float]:
         """Seconds until ``peer``'s next ``request`` is within its rate (0: now), or None past ``longest``. Its
         stream waits that long rather than being closed: a peer that opens a new stream for every refused request

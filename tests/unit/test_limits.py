@@ -244,11 +244,11 @@ def test_a_bucket_refills_at_its_rate_up_to_its_burst_per_peer():
 
 def test_limits_rate_hellos_and_dialbacks_per_peer_but_not_averaging():
     limits = Limits()
-    hellos = [limits.allow("peer", "hello") for _ in range(100)]
+    hellos = [limits.turn("peer", "hello", 0.0) == 0.0 for _ in range(100)]
     assert 15 <= sum(hellos) <= 25 and not hellos[-1]
-    assert sum(limits.allow("peer", "dialback") for _ in range(100)) <= 6
-    assert all(limits.allow("peer", "avg") for _ in range(10_000))
-    assert limits.allow("another", "hello")
+    assert sum(limits.turn("peer", "dialback", 0.0) == 0.0 for _ in range(100)) <= 6
+    assert all(limits.turn("peer", "avg", 0.0) == 0.0 for _ in range(10_000))
+    assert limits.turn("another", "hello", 0.0) == 0.0
 
 
 def test_the_state_digest_is_hashed_once_until_the_state_changes_even_in_place():
