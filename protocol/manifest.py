@@ -125,13 +125,17 @@ class TrainingSpec:
         _check(self.eval_batches >= 0, "training.eval_batches must be >= 0")
 
 
-COMPRESSIONS = ("none", "fp16", "int8")
+COMPRESSIONS = ("none", "fp16", "int8", "sparse")
 AGGREGATORS = ("centered_clip", "mean")
 
 
 @dataclass(frozen=True)
 class AveragingSpec:
-    """How one module's averaging round is formed, aggregated, checked and bounded in time (seconds)."""
+    """How one module's averaging round is formed, aggregated, checked and bounded in time (seconds).
+
+    ``compression`` ``sparse``: of each block of 4096 pseudo-gradient values only the ``topk`` largest are sent,
+    in 2 bits each (protocol/sparse.py); what was not sent is kept, ``error_feedback`` times last round's, and
+    added to the next round's pseudo-gradient (error feedback: nothing is lost, only delayed)."""
 
     compression: str = "none"
     aggregator: str = "centered_clip"
@@ -144,6 +148,8 @@ class AveragingSpec:
     round_timeout_seconds: float = 60.0
     deadline_multiplier: float = 3.0
     chunk_elements: int = 65_536
+    topk: int = 64
+    error_feedback: float = 0.95
 
     @property
     def message_bytes(self) -> int:
@@ -153,6 +159,9 @@ class AveragingSpec:
 
     def __post_init__(self) -> None:
         _check(self.compression in COMPRESSIONS, f"averaging.compression must be one of {', '.join(COMPRESSIONS)}")
+        _check(isinstance(self.topk, int) and 1 <= self.topk <= 4096,
+               "averaging.topk must be an integer from 1 to 4096 (values sent per block of 4096)")  # fmt: skip
+        _check(0 <= self.error_feedback <= 1, "averaging.error_feedback must be in [0, 1]")
         _check(self.aggregator in AGGREGATORS, f"averaging.aggregator must be one of {', '.join(AGGREGATORS)}")
         _check(self.clip_multiplier > 0, "averaging.clip_multiplier must be > 0")
         _check(self.outlier_ratio > 1, "averaging.outlier_ratio must be > 1")
@@ -246,13 +255,17 @@ class Manifest:
         return dataclasses.asdict(self)
 
     def canonical_json(self) -> str:
-        """The form that is hashed: sorted keys, no whitespace, floats in repr form. Sections added after
-        swarms were running (``placement``) are left out while they hold their defaults, so those swarms'
-        ids stay what they were."""
+        """The form that is hashed: sorted keys, no whitespace, floats in repr form. Sections and fields added
+        after swarms were running (``placement``, ``_LATER_FIELDS``) are left out while they hold their defaults, so
+        those swarms' ids stay what they were."""
         data = self.to_dict()
         for name, default in _LATER_SECTIONS.items():
             if getattr(self, name) == default:
                 del data[name]
+        for section, fields in _LATER_FIELDS.items():
+            for key in fields:
+                if getattr(getattr(self, section), key) == getattr(_DEFAULTS[section], key):
+                    del data[section][key]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @property
@@ -267,6 +280,9 @@ class Manifest:
 
 
 _LATER_SECTIONS: Dict[str, Any] = {"placement": PlacementSpec(), "membership": MembershipSpec()}
+# Fields added to a section after swarms were running: left out of the canonical form while at their defaults.
+_LATER_FIELDS: Dict[str, Tuple[str, ...]] = {"averaging": ("topk", "error_feedback")}
+_DEFAULTS: Dict[str, Any] = {"averaging": AveragingSpec()}
 
 
 def _name(path: KeyPath) -> str:

@@ -10,7 +10,8 @@ acts on. The text beside it is for logs only.
 
 Tensor encodings: ``float32`` and ``float16`` are little-endian values; ``int8`` is
 blockwise absmax quantization: one little-endian float32 scale per block of
-``INT8_BLOCK`` elements, then one signed byte per element (value = byte * scale / 127).
+``INT8_BLOCK`` elements, then one signed byte per element (value = byte * scale / 127);
+``topk2`` and ``topk8`` send a few values of each block with their positions (protocol/sparse.py).
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ from pydantic.v1 import (
     root_validator,
 )
 
+from protocol import sparse
 from protocol.frames import FrameError, message_frame, split_message
 from protocol.records import MAX_MODULES_PER_PEER, MODULE_PATTERN
 from protocol.version import PROTOCOL_VERSION
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
-WireDtype = Literal["float32", "float16", "int8"]
-WIRE_DTYPES: Tuple[WireDtype, ...] = ("float32", "float16", "int8")
+WireDtype = Literal["float32", "float16", "int8", "topk2", "topk8"]
+WIRE_DTYPES: Tuple[WireDtype, ...] = ("float32", "float16", "int8", "topk2", "topk8")
 INT8_BLOCK = 1024
 
 
@@ -239,8 +241,11 @@ def decode(frame: bytes) -> Tuple[Message, memoryview]:
     return message, payload
 
 
-def tensor_payload(array: np.ndarray, dtype: str = "") -> bytes:
-    """Encode a float vector as ``dtype`` (default: the array's own float32/float16)."""
+def tensor_payload(array: np.ndarray, dtype: str = "", topk: int = sparse.BLOCK) -> bytes:
+    """Encode a float vector as ``dtype`` (default: the array's own float32/float16); ``topk``: values per block
+    that ``topk2`` sends."""
+    if dtype in sparse.SPARSE_DTYPES:
+        return sparse.encode(np.asarray(array, dtype=np.float32), dtype, topk)
     if dtype == "int8":
         scales, codes = quantize_int8(np.asarray(array, dtype=np.float32))
         return scales.astype("<f4").tobytes() + codes.tobytes()
@@ -276,14 +281,19 @@ def dequantize_int8(scales: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return out.reshape(-1)[:count]
 
 
-def wire_round_trip(values: np.ndarray, dtype: str) -> np.ndarray:
+def wire_round_trip(values: np.ndarray, dtype: str, topk: int = sparse.BLOCK) -> np.ndarray:
     """What a receiver decodes from ``values`` sent as ``dtype`` (float32 out)."""
+    if dtype in sparse.SPARSE_DTYPES:
+        return sparse.decode(sparse.encode(np.asarray(values, dtype=np.float32), dtype, topk), values.size, dtype)
     if dtype == "int8":
         return dequantize_int8(*quantize_int8(np.asarray(values, dtype=np.float32)))
     return np.asarray(values, dtype=DTYPES[dtype]).astype(np.float32)
 
 
 def payload_bytes(numel: int, dtype: str) -> int:
+    """Bytes of ``numel`` values as ``dtype``; for a sparse dtype, with every value sent (the most it takes)."""
+    if dtype in sparse.SPARSE_DTYPES:
+        return sparse.payload_size(numel, numel, dtype)
     if dtype == "int8":
         return 4 * (-(-numel // INT8_BLOCK)) + numel
     return numel * np.dtype(DTYPES[dtype]).itemsize
@@ -293,6 +303,13 @@ def read_tensor(part: TensorPart, payload: memoryview, expected_numel: Optional[
     """The payload as a float32 vector, after checking length, expected size and finiteness."""
     if expected_numel is not None and part.numel != expected_numel:
         raise WireError(f"part has {part.numel} elements, expected {expected_numel}")
+    if part.dtype in sparse.SPARSE_DTYPES:
+        if len(payload) > payload_bytes(part.numel, part.dtype):
+            raise WireError(f"payload has {len(payload)} bytes, more than {part.numel} x {part.dtype} takes")
+        try:
+            return sparse.decode(payload, part.numel, part.dtype)
+        except sparse.SparseError as e:
+            raise WireError(str(e)) from None
     if len(payload) != payload_bytes(part.numel, part.dtype):
         raise WireError(f"payload has {len(payload)} bytes, header promises {part.numel} x {part.dtype}")
     if part.dtype == "int8":

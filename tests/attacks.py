@@ -76,12 +76,17 @@ class AttackRun(AllReduceRun):
     attack = "none"
     crash: Callable[[], None] = staticmethod(die)
 
-    def _frame(self, kind: PartKind, index: int, weight: float, values: np.ndarray, attempt: int) -> bytes:
+    def _frame(
+        self, kind: PartKind, index: int, weight: float, values: np.ndarray, attempt: int, payload: Optional[bytes]
+    ) -> bytes:
+        """``payload`` (the honest encoding) is dropped wherever the attack changes the values."""
         mode = self.attack
         if kind == "result":
             if mode == "lying_reducer":
-                values = values * -10.0
-            return super()._frame(kind, index, weight, values, attempt)
+                values, payload = values * -10.0, None
+            return super()._frame(kind, index, weight, values, attempt, payload)
+        if mode != "none":
+            payload = None
         values = values.copy()
         if mode in ("nan", "inf"):
             values[values.size // 2] = np.nan if mode == "nan" else np.inf
@@ -99,8 +104,8 @@ class AttackRun(AllReduceRun):
             values = values[:-1]
         elif mode == "broadcast":
             values = values[:1]
-        frame = super()._frame(kind, index, weight, values, attempt)
-        if mode in ("weight_huge", "weight_negative", "wrong_dtype", "wrong_round", "wrong_group"):
+        frame = super()._frame(kind, index, weight, values, attempt, payload)
+        if mode in ("weight_huge", "weight_negative", "wrong_dtype", "int8_in_sparse", "wrong_round", "wrong_group"):
             size = int.from_bytes(frame[:4], "big")
             header = msgpack.unpackb(frame[4 : 4 + size])
             payload = frame[4 + size :]
@@ -110,6 +115,8 @@ class AttackRun(AllReduceRun):
                 header["weight"] = -3.0
             elif mode == "wrong_dtype":
                 header["dtype"], payload = "float64", tensor_payload(values.astype(np.float64))
+            elif mode == "int8_in_sparse":  # a well-formed part in a format this swarm does not send
+                header["dtype"], payload = "int8", tensor_payload(values, "int8")
             elif mode == "wrong_round":
                 header["round"] = max(0, header["round"] - 1)
             else:
@@ -120,11 +127,11 @@ class AttackRun(AllReduceRun):
 
     async def _send(
         self, peer: str, kind: PartKind, index: int, weight: float, values: np.ndarray, attempt: int,
-        stop: Optional[asyncio.Event] = None,
+        stop: Optional[asyncio.Event] = None, payload: Optional[bytes] = None,
     ) -> bool:  # fmt: skip
         if kind == "result" and self.attack == "slow_reducer":  # past every member's results deadline
             await asyncio.sleep(2 * self.context.spec.part_timeout_seconds)
-        return await super()._send(peer, kind, index, weight, values, attempt, stop)
+        return await super()._send(peer, kind, index, weight, values, attempt, stop, payload)
 
     async def _exchange(self, attempt: int, slices: List[int]) -> None:
         if self.attack != "crash_after_parts":

@@ -26,7 +26,7 @@ from node.averaging.deadlines import Deadlines
 from node.averaging.inbox import Inbox
 from node.averaging.matchmaking import Group
 from node.averaging.memory import AveragingStats, ModuleMemory
-from node.averaging.run import AllReduceResult, AllReduceRun, RunContext, Verify
+from node.averaging.run import RESULT_DTYPE_OF, WIRE_DTYPE_OF, AllReduceResult, AllReduceRun, RunContext, Verify
 from node.net import Buckets, Clock, SwarmPort
 from protocol import handlers
 from protocol.manifest import AveragingSpec
@@ -77,6 +77,10 @@ class Averager:
         self._penalties = Buckets(PENALTY_RATE, PENALTY_BURST, self._clock)
         self._round_now = round_now or (lambda: -1)  # the node's round (runtime): mail far past it is suspect
         self.receipts = False  # note what each member's parts gave our slices (members-only swarms sign receipts)
+        # The formats parts and results come in: the manifest's compression, or float32 (re-syncs send state so).
+        part_dtype = WIRE_DTYPE_OF[spec.compression]
+        self._formats = {"part": sorted({part_dtype, "float32"}),
+                         "result": sorted({RESULT_DTYPE_OF.get(part_dtype, part_dtype), "float32"})}  # fmt: skip
 
     async def start(self) -> None:
         await self._swarm.serve(self.handler_name, self._handle)
@@ -234,6 +238,12 @@ class Averager:
             if message.type == "part":  # judged when our next round starts (AllReduceRun._refuse_early_strangers)
                 memory.stale_parts[remote_peer] = self._swarm.now()
             return Refusal.ROUND_OVER, "this peer already finished that round"
+        formats = self._formats[message.type]
+        if message.dtype not in formats:
+            return Refusal.MALFORMED, f"{message.type}s here are {' or '.join(formats)}, not {message.dtype}"
+        expected = self._expected.get(message.module)
+        if expected is not None and 4 * message.numel > expected[1]:  # checked before a sparse payload is unpacked
+            return Refusal.WRONG_SIZE, f"{message.numel} values are more than {message.module}'s whole vector"
         if message.type == "part" and message.weight != 1.0:
             return Refusal.BAD_WEIGHT, "a part must carry weight 1 (members count equally)"
         if message.type == "result" and not (1.0 <= message.weight <= 4096 and float(message.weight).is_integer()):

@@ -28,9 +28,10 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional, Set, Tuple
 
-from node.averaging.slices import MAX_SLICES
+from node.averaging.slices import MAX_SLICES, slice_values
 from node.net import SwarmPort
 from protocol.records import ReadyRecord, RecordError, parse_record, ready_key
+from protocol.wire import payload_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,19 @@ MAX_WINDOW_FACTOR = 4.0  # the longest window a record may ask for, in gather_se
 MAX_MESSAGE_GROWTH = 4  # a group's averaging messages are at most this many times the manifest's size
 
 
-def largest_message_bytes(chunk_elements: int, numel: int) -> int:
+def largest_message_bytes(chunk_elements: int, numel: int, compression: str = "none") -> int:
     """The largest payload of one averaging message (a slice, in float32) a group averaging a module of
     ``numel`` values may send, whatever its size: a chunk, grown up to MAX_MESSAGE_GROWTH times, unless the
     module is so large that MAX_SLICES caps the count of slices. A re-sync's three regions then have at least
-    MAX_SLICES // 3 // 2 slices each (node/averaging/slices.py: region_bounds, chunked_bounds)."""
+    MAX_SLICES // 3 // 2 slices each (node/averaging/slices.py: region_bounds, chunked_bounds). With ``sparse``
+    compression a slice holds more values (slice_values), and a result may send every one of them (a group of
+    more than 4096 / topk members leaves no value out): that bound too."""
     capped = MAX_SLICES // 3 // 2
-    return 4 * max(MAX_MESSAGE_GROWTH * chunk_elements, -(-numel // capped) + 1)
+    dense = 4 * max(MAX_MESSAGE_GROWTH * chunk_elements, -(-numel // capped) + 1)
+    if compression != "sparse":
+        return dense
+    values = max(MAX_MESSAGE_GROWTH * slice_values(chunk_elements, "topk2"), -(-numel // capped) + 1)
+    return max(dense, payload_bytes(values, "topk8"))
 
 
 @dataclass(frozen=True)

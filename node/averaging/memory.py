@@ -4,7 +4,8 @@ A run (node/averaging/run.py) is created for one group and round and dropped whe
 next run of the same module needs is kept here, and nothing else:
 
 - the learned deadlines (node/averaging/deadlines.py),
-- the int8 error-feedback residual: what the last round's rounding took from our pseudo-gradient,
+- the error-feedback residual (int8 and sparse): what the last rounds did not send of our pseudo-gradient,
+  and what it was before the last round (a round that averaged nothing is taken back: ``take_back``),
 - the message size to ask for in the next group (node/averaging/matchmaking.py), from the last full round,
 - the last round finished, so that a late message is told apart from an early one,
 - senders whose part for a finished round came after we finished it; they are judged when the next
@@ -27,12 +28,18 @@ class ModuleMemory:
 
     deadlines: Deadlines
     finished_round: int = -1
-    residual: Optional[np.ndarray] = None  # int8 error feedback, the size of the module's vector
+    residual: Optional[np.ndarray] = None  # error feedback, the size of the module's vector
+    residual_before: Optional[np.ndarray] = None  # the residual before the last round
     message_ask: Optional[int] = None  # bytes per message to ask for; None before a full round
     stale_parts: Dict[str, float] = field(default_factory=dict)  # sender -> when (swarm clock) its late part came
 
     def finished(self, round_number: int) -> None:
         self.finished_round = max(self.finished_round, round_number)
+
+    def take_back(self) -> None:
+        """The last round was not applied (it averaged nothing, so the node does not step: its pseudo-gradient
+        stays in its parameters and goes into the next round's): what it owed before that round is owed again."""
+        self.residual = self.residual_before
 
 
 @dataclass

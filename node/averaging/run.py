@@ -4,7 +4,14 @@ exactly as long (in the spirit of hivemind's AllReduceRunner).
 The vector is cut into chunks, and each chunk into one slice per member (sorted peer order): slice
 *i* is reduced by member ``i mod n`` (node/averaging/slices.py). A slice, one message, carries about
 the bytes of ``chunk_elements`` float32 values (fp16 slices hold twice as many values, int8 four
-times), or up to 4x more when the group agreed on larger messages (node/averaging/matchmaking.py).
+times, sparse ones sixteen), or up to 4x more when the group agreed on larger messages
+(node/averaging/matchmaking.py).
+
+With ``sparse`` compression a member sends each reducer the ``topk`` largest values of each block of its
+slice (protocol/sparse.py), and keeps what it did not send for its next round (error feedback). A reducer
+decodes every part into the slice's full length, zeros where nothing was sent, and screens, clips and checks
+those exactly as dense parts: a sparse part is a vector like any other, and its norm is what the outlier
+screen and CenteredClip bound. Its result holds every position some part sent, in 8 bits.
 Every member sends each reducer its slices ("parts") in order, a few on the wire at once; the reducer
 combines a slice's parts as soon as they are in, with the robust aggregator (node/averaging/robust.py),
 and sends the result back while later chunks still travel, so reducing and both directions of the
@@ -43,6 +50,9 @@ from node.averaging.robust import aggregate
 from node.averaging.slices import backup_of, owner_of, region_bounds, slice_values
 from node.net import Clock, SwarmPort
 from protocol.manifest import AveragingSpec
+from protocol.sparse import SPARSE_DTYPES
+from protocol.sparse import decode as sparse_decode
+from protocol.sparse import size_of as sparse_size
 from protocol.wire import (
     Ack,
     Refusal,
@@ -73,7 +83,8 @@ MESSAGE_SECONDS = 0.02
 # ours, or its inbox of early mail is full) goes again after each of these waits, within the round's deadline.
 EARLY_RETRY_SECONDS = (0.05, 0.1, 0.2, 0.4) + (0.5,) * 120
 Verify = Callable[[np.ndarray], bool]
-WIRE_DTYPE_OF: Dict[str, WireDtype] = {"none": "float32", "fp16": "float16", "int8": "int8"}  # by compression
+WIRE_DTYPE_OF: Dict[str, WireDtype] = {"none": "float32", "fp16": "float16", "int8": "int8", "sparse": "topk2"}
+RESULT_DTYPE_OF: Dict[WireDtype, WireDtype] = {"topk2": "topk8"}  # a result holds the union of the parts' values
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,8 @@ class AllReduceRun:
         self.started = context.clock()
         spec = context.spec
         self.dtype: WireDtype = WIRE_DTYPE_OF[spec.compression if compress else "none"]
+        self.result_dtype: WireDtype = RESULT_DTYPE_OF.get(self.dtype, self.dtype)
+        self._payloads: Dict[int, bytes] = {}  # slice -> our sparse part as sent (encoded once: see _encode_own)
         self.regions = list(regions or [vector.size])
         chunk_elements = (group.message_bytes or spec.message_bytes) // 4
         self.bounds = region_bounds(self.regions, len(group.reducers), slice_values(chunk_elements, self.dtype))
@@ -155,12 +168,15 @@ class AllReduceRun:
         self.pending: Dict[int, Tuple[float, np.ndarray, str]] = {}  # slice -> held-back re-sync result
         self.settled: Set[int] = set()  # attempts whose results we stopped waiting for
         self._gates: Dict[str, asyncio.Semaphore] = {}  # per peer: our messages on the wire
-        self._taken: Dict[str, Dict[int, bytes]] = {}  # member -> slice -> digest of its part we reduced (attempt 0)
+        # member -> slice -> (digest, bytes on the wire) of its part we reduced (attempt 0)
+        self._taken: Dict[str, Dict[int, Tuple[bytes, int]]] = {}
 
     # --- what the run knows about its round -------------------------------------------
     @property
     def nbytes(self) -> int:
         """Bytes of the whole vector on the wire: what the round's waits scale with."""
+        if self._payloads:
+            return sum(len(p) for p in self._payloads.values())
         return payload_bytes(self.sent.size, self.dtype)
 
     def key(self, index: int, attempt: int = 0) -> SliceKey:
@@ -189,6 +205,9 @@ class AllReduceRun:
             return Refusal.WRONG_GROUP, "this peer formed a different group for that round"
         if remote_peer not in self.group.members or message.slice_index >= len(self.bounds):
             return Refusal.WRONG_GROUP, "sender or slice is not in our group"
+        dtype = self.dtype if message.type == "part" else self.result_dtype
+        if message.dtype != dtype:
+            return Refusal.MALFORMED, f"this round's {message.type}s are {dtype}, got {message.dtype}"
         if message.type == "result" and message.attempt in self.settled:
             return Refusal.TOO_LATE, "this peer stopped waiting for that result"
         lo, hi = self.bounds[message.slice_index]
@@ -219,6 +238,10 @@ class AllReduceRun:
         dropped = tuple(sorted(set(group.members) - set(contributors)))
         unaveraged = tuple(b for b, ok in zip(bounds, self.averaged, strict=True) if not ok)
         seconds = self.context.clock() - self.started
+        residual = self.memory.residual if self.dtype in ("int8", "topk2") else None
+        if unaveraged and residual is not None and residual.size == self.sent.size:
+            for lo, hi in unaveraged:  # not applied (rounds.leave_unstepped): still owed, with what we sent there
+                residual[lo:hi] += self.sent[lo:hi]
         if fraction == 1.0 and not dropped and seconds > 0:  # rate per direction; a partial round's says little
             size = len(group.members)
             self.memory.message_ask = int(self.nbytes * 2 * (size - 1) / size / seconds * MESSAGE_SECONDS)
@@ -236,8 +259,9 @@ class AllReduceRun:
             index = group.index_of(sender)
             own = sum(hi - lo for i, (lo, hi) in enumerate(bounds) if owner_of(i, group.reducers) == index)
             elements = sum(bounds[i][1] - bounds[i][0] for i in digests)
-            digest = hashlib.sha256(b"".join(digests[i] for i in sorted(digests))).hexdigest()
-            out[sender] = Received(elements, payload_bytes(elements, self.dtype), digest, self.sent.size - own)
+            digest = hashlib.sha256(b"".join(digests[i][0] for i in sorted(digests))).hexdigest()
+            sent = sum(nbytes for _, nbytes in digests.values())
+            out[sender] = Received(elements, sent, digest, self.sent.size - own)
         return out
 
     def _refuse_early_strangers(self) -> None:
@@ -257,15 +281,24 @@ class AllReduceRun:
                         self.exclude(slot, Refusal.WRONG_GROUP.value)
 
     def _encode_own(self, vector: np.ndarray) -> np.ndarray:
-        """Our vector as every receiver will decode it; int8 carries its rounding error into the
-        module's next round (error feedback, kept in the module's memory)."""
+        """Our vector as every receiver will decode it; int8 and sparse carry what they did not send into the
+        module's next round (error feedback, kept in the module's memory; sparse keeps ``error_feedback`` of it)."""
         target = vector.astype(np.float32, copy=True)
+        self.memory.residual_before = self.memory.residual  # every run: ``take_back`` undoes only this one
         if self.dtype == "float32":
             return target
-        residual = self.memory.residual if self.dtype == "int8" else None
+        residual = self.memory.residual if self.dtype in ("int8", "topk2") else None
         if residual is not None and residual.size == target.size:
-            target += residual
+            decay = self.context.spec.error_feedback if self.dtype == "topk2" else 1.0
+            target += residual if decay == 1.0 else np.float32(decay) * residual
         sent = np.empty_like(target)
+        if self.dtype == "topk2":  # encoded once: decoding and encoding again would not give the same bytes
+            topk = self.context.spec.topk
+            for index, (lo, hi) in enumerate(self.bounds):
+                self._payloads[index] = payload = tensor_payload(target[lo:hi], self.dtype, topk)
+                sent[lo:hi] = sparse_decode(payload, hi - lo, self.dtype)
+            self.memory.residual = target - sent
+            return sent
         for lo, hi in self.bounds:
             sent[lo:hi] = wire_round_trip(target[lo:hi], self.dtype)
         if self.dtype == "int8":
@@ -365,14 +398,20 @@ class AllReduceRun:
         if attempt == 0 and self.context.receipts:
             for sender in combined.used:
                 if sender != me:
-                    self._taken.setdefault(sender, {})[index] = hashlib.sha256(parts[sender].tobytes()).digest()
-        reduced = wire_round_trip(combined.values, self.dtype)  # exactly what the others will apply
+                    digest = hashlib.sha256(parts[sender].tobytes()).digest()
+                    self._taken.setdefault(sender, {})[index] = (digest, self._wire_size(parts[sender]))
+        payload: Optional[bytes] = None
+        if self.result_dtype in SPARSE_DTYPES:  # exactly what the others will apply, and the bytes they decode
+            payload = tensor_payload(combined.values, self.result_dtype)
+            reduced = sparse_decode(payload, hi - lo, self.result_dtype)
+        else:
+            reduced = wire_round_trip(combined.values, self.dtype)
         self.result[lo:hi] = reduced
         self.averaged[index] = len(combined.used) > 1
         self.contributors.update(combined.used)
         receivers = [p for p in combined.used if p != me]
         weight = float(len(combined.used))
-        sends = [self._send(p, "result", index, weight, reduced, attempt) for p in receivers]
+        sends = [self._send(p, "result", index, weight, reduced, attempt, payload=payload) for p in receivers]
         if receivers and not any(await asyncio.gather(*sends)):
             # Nobody took our result (too late, gone, or unreachable): they went on without it, so this
             # slice was averaged with nobody, and saying otherwise would hide that our copy now differs.
@@ -440,20 +479,21 @@ class AllReduceRun:
 
         async def one(index: int) -> None:
             values = self.sent[slice(*self.bounds[index])]
-            if not await self._send(peer, "part", index, 1.0, values, attempt, stop):
+            if not await self._send(peer, "part", index, 1.0, values, attempt, stop, self._payloads.get(index)):
                 stop.set()
 
         await asyncio.gather(*(one(i) for i in indices))
 
     async def _send(
         self, peer: str, kind: PartKind, index: int, weight: float, values: np.ndarray, attempt: int,
-        stop: Optional[asyncio.Event] = None,
+        stop: Optional[asyncio.Event] = None, payload: Optional[bytes] = None,
     ) -> bool:  # fmt: skip
-        """One message; ``stop`` (set by an earlier failure to the same peer) skips it once its turn comes."""
+        """One message; ``stop`` (set by an earlier failure to the same peer) skips it once its turn comes.
+        ``payload``: ``values`` already encoded (sparse ones are encoded once)."""
         group = self.group
         try:
             async with self.gate(peer):
-                frame = self._frame(kind, index, weight, np.asarray(values, dtype=np.float32), attempt)
+                frame = self._frame(kind, index, weight, np.asarray(values, dtype=np.float32), attempt, payload)
                 for wait in EARLY_RETRY_SECONDS:  # the peer has not posted for this round yet: again, shortly
                     if (stop is not None and stop.is_set()) or self.is_excluded(peer):
                         return False
@@ -500,8 +540,11 @@ class AllReduceRun:
                 await asyncio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _frame(self, kind: PartKind, index: int, weight: float, values: np.ndarray, attempt: int) -> bytes:
+    def _frame(
+        self, kind: PartKind, index: int, weight: float, values: np.ndarray, attempt: int, payload: Optional[bytes]
+    ) -> bytes:
         group = self.group
+        dtype = self.dtype if kind == "part" else self.result_dtype
         header = TensorPart(
             type=kind,
             swarm_id=self.context.swarm_id,
@@ -512,10 +555,16 @@ class AllReduceRun:
             sender=self.me,
             weight=float(weight),
             numel=int(values.size),
-            dtype=self.dtype,
+            dtype=dtype,
             attempt=attempt,
         )
-        return encode(header, tensor_payload(values, self.dtype))
+        return encode(header, payload if payload is not None else tensor_payload(values, dtype, self.context.spec.topk))
+
+    def _wire_size(self, values: np.ndarray) -> int:
+        """Bytes a member's part of these values took on the wire (as we decoded it)."""
+        if self.dtype in SPARSE_DTYPES:
+            return sparse_size(values, self.dtype)
+        return payload_bytes(values.size, self.dtype)
 
 
 def _short(peers: Iterable[str]) -> str:

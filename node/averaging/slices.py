@@ -10,7 +10,10 @@ from typing import List, Sequence, Tuple
 
 MAX_SLICES = 4096  # protocol/wire.py's bound on slice_index
 # Values of a wire dtype that take the bytes of one float32 value.
-_PER_FLOAT32 = {"float32": 1, "float16": 2, "int8": 4}
+# Sparse slices (protocol/sparse.py) hold 16x as many: a part then sends about 1/9 of a float32 slice's bytes
+# (64 of 4096 values at 2 bits and 12-bit positions) and a group of four's result (up to four times the values, at
+# 8 bits) about 1/4, still few messages per module.
+_PER_FLOAT32 = {"float32": 1, "float16": 2, "int8": 4, "topk2": 16, "topk8": 16}
 
 
 def slice_values(chunk_elements: int, dtype: str) -> int:

@@ -115,11 +115,11 @@ class Hosting:
                        for m in self.modules}  # fmt: skip
 
 
-def frame_limit(chunk_elements: int, largest_module: int) -> int:
+def frame_limit(chunk_elements: int, largest_module: int, compression: str = "none") -> int:
     """The largest stream frame an honest peer of this manifest sends, with its header: an averaging message
     (node/averaging/matchmaking.py) or a state range (node/swarm/statesync.py), float32 values. A hello's
     reply (every module's name) is under 100 KB whatever the model. Larger frames are refused unread."""
-    payload = max(largest_message_bytes(chunk_elements, largest_module), 4 * RANGE_ELEMENTS)
+    payload = max(largest_message_bytes(chunk_elements, largest_module, compression), 4 * RANGE_ELEMENTS)
     return payload + MESSAGE_PREFIX_BYTES + MAX_HEADER_BYTES
 
 
@@ -231,7 +231,8 @@ class Joined:
         model = trainer.model
         # module_parameters is what every model offers, a custom one too (node/training/model.py's protocol)
         sizes = {m: sum(p.numel() for p in model.module_parameters(m)) for m in joined.module_names}
-        swarm.set_frame_limit(frame_limit(manifest.averaging.chunk_elements, max(sizes.values())))
+        averaging = manifest.averaging
+        swarm.set_frame_limit(frame_limit(averaging.chunk_elements, max(sizes.values()), averaging.compression))
         fits = lambda snapshot: check_fits(snapshot.tensors, sizes)  # noqa: E731  # another model's: fall back
         restored = checkpoints.latest(joined.swarm_id, check=fits) if checkpoints is not None else None
         if restored is not None:  # continue the data stream where it was

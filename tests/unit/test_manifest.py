@@ -253,15 +253,30 @@ def test_unknown_placement_policy_is_one_clear_line() -> None:
 
 
 def test_default_placement_and_membership_leave_the_swarm_id_as_it_was() -> None:
-    # Swarms started before the placement and membership sections existed keep their id: a default section is
-    # not hashed.
+    # Swarms started before the placement and membership sections (and the sparse compression's fields) existed
+    # keep their id: a default section or later field is not hashed.
     assert "placement" not in json.loads(Manifest().canonical_json())
     assert "membership" not in json.loads(Manifest().canonical_json())
+    assert not {"topk", "error_feedback"} & set(json.loads(Manifest().canonical_json())["averaging"])
     later = ("placement", "membership")
     before = {k: v for k, v in dataclasses.asdict(Manifest()).items() if k not in later}
+    before["averaging"] = {k: v for k, v in before["averaging"].items() if k not in ("topk", "error_feedback")}
     old_id = hashlib.sha256(json.dumps(before, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
     assert load_manifest().swarm_id == Manifest().swarm_id == old_id
     assert parse_manifest(TINY + "placement: {policy: least_replicated}\n").swarm_id == parse_manifest(TINY).swarm_id
+
+
+def test_sparse_settings_are_part_of_the_swarm_id_once_changed() -> None:
+    base = parse_manifest(TINY + "averaging: {compression: sparse}\n").swarm_id
+    ids = {
+        parse_manifest(TINY + "averaging: {compression: sparse, topk: 32}\n").swarm_id,
+        parse_manifest(TINY + "averaging: {compression: sparse, error_feedback: 0.9}\n").swarm_id,
+    }
+    assert base not in ids and len(ids) == 2 and base != parse_manifest(TINY).swarm_id
+    for bad, says in (("topk: 0", "averaging.topk must be an integer from 1 to 4096"),
+                      ("topk: 5000", "averaging.topk must be an integer from 1 to 4096"),
+                      ("error_feedback: 1.5", "averaging.error_feedback must be in [0, 1]")):  # fmt: skip
+        assert says in _error(f"averaging: {{compression: sparse, {bad}}}\n")
 
 
 def test_any_placement_change_is_another_swarm() -> None:
