@@ -42,6 +42,15 @@ class Averaged:
     outcome: ModuleOutcome
     vector: np.ndarray
     resync: bool
+    step: bool = True  # False: the round averaged nothing; the module keeps its local progress (apply)
+
+
+# A module whose round expected peers but averaged with none does not step: an outer step on its own
+# pseudo-gradient would move its global copy away from its group's (a re-sync next round), and a group's outer
+# momentum on a lone pseudo-gradient is no DiLoCo step. Its local progress stays in its parameters and goes into
+# the next round's pseudo-gradient. Past this many such rounds in a row it steps alone, as a lone node does, so
+# that pseudo-gradient stays within what the reducers' outlier screen takes (robust.py: outlier_ratio).
+UNSTEPPED_ROUNDS = 3
 
 
 @dataclass
@@ -126,6 +135,7 @@ class RoundAverager:
         self._stranded: Set[str] = set()  # modules whose last group had no member others can dial
         self.no_shows = NoShows()
         self.standing = Standing()  # joined.py trusts its bootstrap peers in it
+        self._unstepped: Dict[str, int] = {}  # module -> rounds in a row that averaged with nobody
         # Told of every finished all-reduce (members-only swarms sign receipts for the parts we reduced).
         self.on_averaged: Optional[Callable[[Group, AllReduceResult], object]] = None
 
@@ -188,6 +198,18 @@ class RoundAverager:
             except Exception:  # receipts are bookkeeping: a bug there must not cost the round
                 logger.exception("signing receipts for %s round %d failed", name, round_number)
         size = len(group.members)
+        step = resync or result.averaged_fraction > 0 or self._unstepped.get(name, 0) >= UNSTEPPED_ROUNDS
+        vector = result.vector
+        if step:
+            self._unstepped.pop(name, None)
+            if not resync and result.averaged_fraction == 0:  # steps alone, as a lone node does
+                self._averager.memory(name).take_back()
+                vector = delta.copy()
+        else:
+            self._unstepped[name] = self._unstepped.get(name, 0) + 1
+            self._averager.memory(name).take_back()  # what it did not send is in its pseudo-gradient again
+            logger.info("%s round %d averaged with nobody of %d expected: not stepped (%d in a row)", name,
+                        round_number, len(others), self._unstepped[name])  # fmt: skip
         outcome = ModuleOutcome(
             name,
             size,
@@ -198,7 +220,7 @@ class RoundAverager:
             dropped=len(result.dropped),
             numel=state.numel,
         )
-        return Averaged(outcome, result.vector, resync)
+        return Averaged(outcome, vector, resync, step)
 
 
 def leave_unstepped(result: AllReduceResult, numel: int) -> None:
@@ -229,6 +251,8 @@ def majority_check(
 def apply(pending: PendingRound, results: List[Averaged], overlap: bool) -> List[ModuleOutcome]:
     """Outer step of every module; with overlap, keep the local steps taken since ``prepare``."""
     for item, averaged in zip(pending.prepared.values(), results, strict=True):
+        if not averaged.step:
+            continue
         drift: Optional[torch.Tensor] = None
         if overlap:  # local now - local at prepare time (= global - delta)
             drift = item.state.local_flat() - (item.state.global_flat - item.delta)
