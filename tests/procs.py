@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY_MANIFEST = """\
 name: test-tiny
-protocol_version: 4
+protocol_version: 5
 seed: 7
 model: {{vocab_size: 256, seq_len: 32, d_model: 32, n_layers: 1, n_heads: 2, n_experts: {experts}, top_k: 1,
         expert_hidden: 64}}

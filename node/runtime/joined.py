@@ -60,6 +60,7 @@ from node.swarm import (
     check_bootstrap_peers,
     choose_experts,
     download_modules,
+    exact_fetcher,
     follow_swap,
     listen_ports,
     probe,
@@ -194,6 +195,7 @@ class Joined:
         self._recheck_at = time.monotonic() + RECHECK_SECONDS
         self.membership = Membership(swarm, self.swarm_id, self.describe_self, admission=admission)
         self.round_averager = RoundAverager(self.peer_id, self.matchmaker, self.averager, self.membership, averaging)
+        self.round_averager.fetch_state = exact_fetcher(swarm, self.swarm_id, averaging.part_timeout_seconds)
         # The operator's bootstrap peers have standing from the start: their word on state outweighs fresh identities.
         self.standing = self.round_averager.standing
         self.standing.trust(peer_id_of(maddr) for maddr in context.config.initial_peers)  # validated already

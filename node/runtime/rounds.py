@@ -14,7 +14,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Collection, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Awaitable, Callable, Collection, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ class Averaged:
     vector: np.ndarray
     resync: bool
     step: bool = True  # False: the round averaged nothing; the module keeps its local progress (apply)
+    adopted: Optional[np.ndarray] = None  # [global copy; momentum] of the group's majority, taken before stepping
 
 
 # A module whose round expected peers but averaged with none does not step: an outer step on its own
@@ -138,6 +139,9 @@ class RoundAverager:
         self._unstepped: Dict[str, int] = {}  # module -> rounds in a row that averaged with nobody
         # Told of every finished all-reduce (members-only swarms sign receipts for the parts we reduced).
         self.on_averaged: Optional[Callable[[Group, AllReduceResult], object]] = None
+        # Downloads the state of a module that hashes to a given value from the given peers (joined.py; adoption).
+        # Without it, a group whose members hold different states re-syncs, as protocol versions before 5 did.
+        self.fetch_state: Optional[FetchState] = None
 
     def _say_if_nobody_dialable(self, module: str, stranded: bool) -> None:
         """Once when a module's group is only members behind NAT (nobody can reduce for them: a relay-less swarm
@@ -179,8 +183,13 @@ class RoundAverager:
             window_seconds, self._averager.message_ask(name),
         )  # fmt: skip
         self._say_if_nobody_dialable(name, group.nobody_dialable)
-        resync = group.needs_resync
-        if resync:  # members hold different global copies: average those too, uncompressed
+        resync, adopting = group.needs_resync, None
+        majority = majority_state(group.params_hashes) if resync and self.fetch_state is not None else None
+        if majority is not None:  # most members hold one state: a normal round, and the others adopt that state
+            resync = False
+            if item.params_hash != majority:
+                adopting = asyncio.ensure_future(self._adopt(name, state.numel, group, majority, item.params_hash))
+        if resync:  # no state most members hold: average the global copies too, uncompressed
             vector = state.payload(True, item.delta)
             counted = [m != self._me and self.standing.has(m) for m in group.members]
             verify = majority_check(group.params_hashes, state.numel, self._spec.aggregator, counted, item.params_hash)
@@ -189,6 +198,7 @@ class RoundAverager:
             )
         else:
             result = await self._averager.all_reduce(group, delta)
+        adopted = await adopting if adopting is not None else None
         leave_unstepped(result, state.numel)
         self.standing.observe(round_number, (p for p in result.contributors if p != self._me))
         self.no_shows.observe((m for m in group.members if m != self._me), result.contributors)
@@ -220,7 +230,39 @@ class RoundAverager:
             dropped=len(result.dropped),
             numel=state.numel,
         )
-        return Averaged(outcome, vector, resync, step)
+        return Averaged(outcome, vector, resync, step, adopted if step else None)
+
+    async def _adopt(self, name: str, numel: int, group: Group, majority: str, own: str) -> Optional[np.ndarray]:
+        """The state most of ``group`` holds (hash ``majority``), downloaded from its holders while the round runs;
+        None when the members whose word counts here (Standing; none: our own) do not hold it by a strict majority,
+        or no holder delivered it (we then keep our own state: the next round tries again)."""
+        assert self.fetch_state is not None
+        others = [(m, h) for m, h in zip(group.members, group.params_hashes, strict=True) if m != self._me]
+        voters = [h for m, h in others if self.standing.has(m)] or [own]
+        if majority_state(voters) != majority:
+            logger.info("%s round %d: most of the group holds another state than ours, but not most of the members "
+                        "whose word counts here: keeping ours", name, group.round)  # fmt: skip
+            return None
+        holders = [m for m, h in others if h == majority]
+        vector = await self.fetch_state(name, holders, numel, majority)
+        if vector is None:
+            logger.warning("%s round %d: could not download the group's state from %d holder(s): keeping ours", name,
+                           group.round, len(holders))  # fmt: skip
+            return None
+        logger.info("%s round %d: adopted the state %d of %d members hold", name, group.round, len(holders),
+                    len(group.members), extra={"event": "adopted", "module_name": name})  # fmt: skip
+        return vector
+
+
+FetchState = Callable[[str, List[str], int, str], Awaitable[Optional[np.ndarray]]]
+
+
+def majority_state(hashes: Sequence[str]) -> Optional[str]:
+    """The state hash a strict majority of ``hashes`` holds, if one does."""
+    if not hashes:
+        return None
+    value, count = Counter(hashes).most_common(1)[0]
+    return value if 2 * count > len(hashes) else None
 
 
 def leave_unstepped(result: AllReduceResult, numel: int) -> None:
@@ -256,5 +298,7 @@ def apply(pending: PendingRound, results: List[Averaged], overlap: bool) -> List
         drift: Optional[torch.Tensor] = None
         if overlap:  # local now - local at prepare time (= global - delta)
             drift = item.state.local_flat() - (item.state.global_flat - item.delta)
+        if averaged.adopted is not None:  # the group's state, then the group's step on it: the members' state
+            item.state.adopt(averaged.adopted)
         item.state.apply(averaged.vector, averaged.resync, drift=drift)
     return [a.outcome for a in results]

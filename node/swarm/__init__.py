@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.swarm.statesync import RANGE_ELEMENTS as RANGE_ELEMENTS
     from node.swarm.statesync import StateServer as StateServer
     from node.swarm.statesync import download_modules as download_modules
+    from node.swarm.statesync import exact_fetcher as exact_fetcher
     from node.swarm.statesync import fetch_heads as fetch_heads
 else:
     __getattr__, __all__ = lazy_exports(__name__, __file__)

@@ -90,8 +90,10 @@ class StateServer:
         digest = StateReply(ok=True, outer_round=self._round_now(), numel=state.numel, params_hash=state.params_hash())
         if request.count == 0:
             return encode(digest)
-        if request.expected_hash != digest.params_hash:
+        found = state.snapshot(request.expected_hash)  # the current state, or the one before our last step
+        if found is None:
             return encode(digest.copy(update={"ok": False, "reason": "state moved on since that digest"}))
+        global_flat, momentum = found
         end, numel = min(request.offset + request.count, 2 * state.numel), state.numel
         if request.offset >= end:
             return encode(digest.copy(update={"ok": False, "reason": "range outside the state"}))
@@ -100,9 +102,9 @@ class StateServer:
             return encode(digest.copy(update={"ok": False, "reason": "this peer downloaded its share of our state"}))
         pieces = []  # the range's values, without copying the whole state first
         if request.offset < numel:
-            pieces.append(state.global_flat[request.offset : min(end, numel)].numpy())
+            pieces.append(global_flat[request.offset : min(end, numel)].numpy())
         if end > numel:
-            pieces.append(state.momentum[max(request.offset, numel) - numel : end - numel].numpy())
+            pieces.append(momentum[max(request.offset, numel) - numel : end - numel].numpy())
         values = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.float32)
         reply = digest.copy(update={"offset": request.offset, "count": end - request.offset})
         return encode(reply, values.astype("<f4").tobytes())
@@ -161,6 +163,20 @@ class StateDownloader:
                         self._reject("hash_mismatch")
             elif vector is not None:
                 bad.add(agreeing[0].peer)
+                self._reject("hash_mismatch")
+        return None
+
+    async def exact(self, module: str, donors: Sequence[str], numel: int, expected: str) -> Optional[np.ndarray]:
+        """[global copy; momentum] of the state that hashes to ``expected`` (a group's majority: the donors hold it
+        or held it before their last step), from all ``donors`` at once, then one at a time; None if none did."""
+        vector = await self._fetch(module, list(donors), expected, 2 * numel)
+        if vector is not None and _hash(vector, numel) == expected:
+            return vector
+        for donor in donors if len(donors) > 1 else ():
+            vector = await self._fetch(module, [donor], expected, 2 * numel)
+            if vector is not None and _hash(vector, numel) == expected:
+                return vector
+            if vector is not None:
                 self._reject("hash_mismatch")
         return None
 
@@ -308,6 +324,18 @@ def download_modules(
                "hashes": {m: states[m].params_hash() for m in adopted}},
     )  # fmt: skip
     return adopted
+
+
+def exact_fetcher(
+    swarm: SwarmPort, swarm_id: str, timeout: float
+) -> Callable[[str, List[str], int, str], Awaitable[Optional[np.ndarray]]]:
+    """``fetch(module, donors, numel, expected_hash)``: StateDownloader.exact, for a member adopting its group's
+    state (node/runtime/rounds.py)."""
+
+    async def fetch(module: str, donors: List[str], numel: int, expected: str) -> Optional[np.ndarray]:
+        return await StateDownloader(swarm, swarm_id, timeout).exact(module, donors, numel, expected)
+
+    return fetch
 
 
 def fetch_heads(

@@ -10,7 +10,7 @@ copies and momentum buffers, after which all members hold bit-identical state.
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ class ModuleState:
         self.spec = spec
         self.global_flat = self.local_flat()
         self.momentum = torch.zeros_like(self.global_flat)
+        # The state before the last outer step, (hash, global copy, momentum): a member adopting the state its
+        # group held at the start of a round (node/runtime/rounds.py) may ask for it after we stepped.
+        self.previous: Optional[Tuple[str, torch.Tensor, torch.Tensor]] = None
 
     @property
     def numel(self) -> int:
@@ -56,6 +59,22 @@ class ModuleState:
         self._hash_cache = (key, value)
         return value
 
+    def snapshot(self, params_hash: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(global copy, momentum) of the state that hashes to ``params_hash``: the current one or the one before
+        the last outer step; None if neither."""
+        if params_hash == self.params_hash():
+            return self.global_flat, self.momentum
+        if self.previous is not None and self.previous[0] == params_hash:
+            return self.previous[1], self.previous[2]
+        return None
+
+    def adopt(self, vector: np.ndarray) -> None:
+        """Take [global copy; momentum] (2 x numel float32) as this module's state; the model is not touched (the
+        next ``apply`` or ``load_global`` writes it)."""
+        n = self.numel
+        self.global_flat = torch.from_numpy(np.array(vector[:n], dtype=np.float32))
+        self.momentum = torch.from_numpy(np.array(vector[n : 2 * n], dtype=np.float32))
+
     def pseudo_gradient(self) -> torch.Tensor:
         """global - local: the direction the inner steps moved, to be averaged."""
         return self.global_flat - self.local_flat()
@@ -74,6 +93,7 @@ class ModuleState:
         ``drift`` (overlapped rounds): local steps taken while the round was on the network;
         the model becomes the new global copy plus that drift, so no step is lost."""
         n = self.numel
+        self.previous = (self.params_hash(), self.global_flat, self.momentum.clone())  # momentum changes in place
         averaged_t = torch.from_numpy(np.ascontiguousarray(averaged, dtype=np.float32))
         delta = averaged_t[:n]
         if resync:

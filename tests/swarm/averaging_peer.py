@@ -1,7 +1,7 @@
 """A real peer that runs only the averaging layer (DHT, p2pd, matchmaking, all-reduce), driven over stdin.
 
 Usage: python -m tests.swarm.averaging_peer --host-maddrs MADDR [--initial-peers MADDR ...]
-       [--compression none|fp16|int8] [--aggregator centered_clip|mean] [--attack MODE] [--out DIR]
+       [--compression none|fp16|int8|sparse] [--aggregator centered_clip|mean] [--attack MODE] [--out DIR]
        [--part-timeout SECONDS] [--message-ask BYTES] [--log-level LEVEL]
 
 Prints JSON lines: first {"event": "ready", "peer_id", "maddrs"}, then one reply per command.
@@ -203,7 +203,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"])
     parser.add_argument("--initial-peers", nargs="*", default=[])
-    parser.add_argument("--compression", default="none", choices=["none", "fp16", "int8"])
+    parser.add_argument("--compression", default="none", choices=["none", "fp16", "int8", "sparse"])
     parser.add_argument("--aggregator", default="centered_clip", choices=["centered_clip", "mean"])
     parser.add_argument("--attack", default="none", choices=ATTACKS)
     parser.add_argument("--out", default="")

@@ -54,7 +54,7 @@ from protocol.membership import (
     revokes,
 )
 
-SHIPPED_SWARM_ID = "54be49691fa173c3"
+SHIPPED_SWARM_ID = "0805cf2318cd853f"
 SWARM = "0123456789abcdef"
 OTHER_SWARM = "fedcba9876543210"
 NOW = 1_000_000
