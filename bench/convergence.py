@@ -3,7 +3,8 @@
 Usage (root, from the repository root; about 30 minutes on 2 cores):
     python -m bench.convergence [--steps 2400] [--inner-steps 5] [--outer-lr 1.0] [--momentum 0]
                                 [--overlap true|false] [--gather-seconds 10] [--aggregator mean|centered_clip]
-                                [--clip-multiplier 3]
+                                [--clip-multiplier 3] [--compression none|fp16|int8|sparse] [--topk 64]
+                                [--error-feedback 0.95]
                                 [--result-tolerance 3] [--mbit 20] [--wan-steps 12] [--diloco-steps 1.5 x steps]
                                 [--diloco-only]
                                 [--out bench-results/convergence]
@@ -34,9 +35,12 @@ The same total number of training samples (``--steps`` batches of 16) in three w
 The corpus is the node's default one (stdlib ``*.py``), split by bench/convergence_data.py: every 10th
 file held out, the rest dealt to 4 shards of nearly equal size. Every curve is scored on the same fixed windows
 of the held-out files. Wall time counts from the first training step (b: node 0's ready line; a, c: after set-up),
-excluding snapshot saving in (a) and (c). Writes OUT/results.md, OUT/loss_vs_samples.png, OUT/loss_vs_time.png,
-OUT/curves.json and logs; prints the table. The processes share the machine's cores: (b) and (c) each run 4
-processes on them, so their compute speed is comparable; other load on the machine shows in the wall times.
+excluding snapshot saving in (a) and (c). Bytes on the wire are counted at each host's network interface (every
+byte it transmits: TCP/IP headers, p2pd's encryption, DHT traffic, re-syncs and state downloads included) for (b),
+and for (c) over the links, and given per training sample. Writes OUT/results.md, OUT/loss_vs_samples.png,
+OUT/loss_vs_time.png, OUT/curves.json and logs; prints the table. The processes share the machine's cores: (b) and
+(c) each run 4 processes on them, so their compute speed is comparable; other load on the machine shows in the wall
+times.
 Tuning the DiLoCo settings: bench/convergence_tune.py.
 """
 
@@ -132,6 +136,7 @@ def run_ddp(net: TestNetwork, args: argparse.Namespace, corpus: Any, wan: bool) 
     per_rank = args.wan_steps if wan else args.steps // WORKERS
     tag = "ddp-wan" if wan else "ddp"
     procs: List[JsonProcess] = []
+    before = [tx_bytes(net, h) for h in range(WORKERS)]
     try:
         for rank in range(WORKERS):
             argv = ["ddp", "--rank", str(rank), "--world", str(WORKERS), "--data", str(corpus.shards[rank]),
@@ -147,7 +152,11 @@ def run_ddp(net: TestNetwork, args: argparse.Namespace, corpus: Any, wan: bool) 
         for p in procs:
             p.close()
     points = [Point(e["samples"], e["elapsed"], e["path"]) for e in events if e["event"] == "snapshot"]
-    return Curve("(c) DDP gloo, loopback", points, events[-1]["elapsed"]), events[-1]["step_seconds"]
+    curve = Curve("(c) DDP gloo, loopback", points, events[-1]["elapsed"])
+    if wan:  # every rank in its own host: what the links carried
+        sent = sum(tx_bytes(net, h) - b for h, b in enumerate(before))
+        curve.notes = f"{sent / (per_rank * WORKERS * BATCH):,.0f} B per training sample on the wire"
+    return curve, events[-1]["step_seconds"]
 
 
 # --- (b) -----------------------------------------------------------------------------------------------------------
@@ -161,11 +170,17 @@ def node_argv(net: TestNetwork, args: argparse.Namespace, host: int, data: Path,
     return argv + extra  # fmt: skip
 
 
+def tx_bytes(net: TestNetwork, host: int) -> int:
+    """Bytes the host has transmitted on its link so far (the kernel's counter of its eth0)."""
+    shown = json.loads(net.run(host, ["ip", "-j", "-s", "link", "show", "dev", "eth0"]).stdout)
+    return int(shown[0]["stats64"]["tx"]["bytes"])
+
+
 def steps_done(log: Path) -> int:
     return sum(r["steps"] for r in log_records(log, "round"))
 
 
-def diloco_curve(args: argparse.Namespace, logs: List[List[Dict[str, Any]]]) -> Curve:
+def diloco_curve(args: argparse.Namespace, logs: List[List[Dict[str, Any]]], sent: int) -> Curve:
     """Checkpoints of every node, one per outer round (lowest node first), with samples and time of that round."""
     t0 = min(r["timestamp"] for r in logs[0] if str(r.get("message", "")).startswith("ready:"))
     rounds = [r for node in logs for r in node if r.get("event") == "round"]
@@ -187,8 +202,10 @@ def diloco_curve(args: argparse.Namespace, logs: List[List[Dict[str, Any]]]) -> 
     head = min((r["timestamp"] for node in logs[1:] for r in node if r.get("event") == "round"), default=t0) - t0
     solo = sum(1 for r in logs[0] if r.get("event") == "round" and r["trunk_group"] == 1)
     resync = sum(bool(r["trunk_resync"]) for r in rounds) / max(1, len(rounds))
+    trained = sum(r["steps"] * BATCH for r in rounds)
     notes = (f"{len(rounds)} node-rounds, {full:.0%} with all {WORKERS} in the trunk group, {resync:.0%} resyncs; "
-             f"node 0 averaged alone in {solo} round(s); the others' first round at {head:.0f}s")  # fmt: skip
+             f"node 0 averaged alone in {solo} round(s); the others' first round at {head:.0f}s; "
+             f"{sent / 1e6:.1f} MB sent in all, {sent / max(1, trained):,.0f} B per training sample")  # fmt: skip
     return Curve(f"(b) DiLoCo, 4 nodes, {args.mbit:g} Mbit/s", points, end, notes)
 
 
@@ -215,6 +232,7 @@ def run_diloco(net: TestNetwork, args: argparse.Namespace, corpus: Any) -> Curve
     P2P.generate_identity(str(key))
     first = f"/ip4/{net.ip(0)}/tcp/{NODE0_PORT}/p2p/{PeerID.from_identity(key.read_bytes())}"
     nodes: List[JsonProcess] = []
+    before = [tx_bytes(net, h) for h in range(WORKERS)]
     try:
         nodes.append(start_node(net, args, 0, corpus.shards[0], ["--identity", str(key)]))
         listening(net, 0, NODE0_PORT, 180)
@@ -240,7 +258,8 @@ def run_diloco(net: TestNetwork, args: argparse.Namespace, corpus: Any) -> Curve
     finally:
         for node in nodes:
             node.close()
-    return diloco_curve(args, [log_records(args.out / "logs" / f"node-{i}.log") for i in range(WORKERS)])
+    sent = sum(tx_bytes(net, h) - b for h, b in enumerate(before))
+    return diloco_curve(args, [log_records(args.out / "logs" / f"node-{i}.log") for i in range(WORKERS)], sent)
 
 
 # --- scoring and reporting -----------------------------------------------------------------------------------------
@@ -277,7 +296,9 @@ def table(curves: Dict[str, Curve], args: argparse.Namespace, load: str) -> str:
     head = (f"{args.steps} batches of {BATCH} in total ({args.steps // WORKERS} per worker in b, c); DiLoCo H="
             f"{args.inner_steps}, outer lr {args.outer_lr:g}, momentum {args.momentum:g} (Nesterov), overlap "
             f"{args.overlap}, gather {args.gather_seconds:g}s, aggregator {args.aggregator} (clip "
-            f"{args.clip_multiplier:g}), result_tolerance "
+            f"{args.clip_multiplier:g}), compression {args.compression}"
+            + (f" (topk {args.topk}, error feedback {args.error_feedback:g})" if args.compression == "sparse" else "")
+            + ", result_tolerance "
             f"{args.result_tolerance:g}, "
             f"{args.mbit:g} Mbit/s links; held-out: {args.windows} fixed windows of files no worker trains on; "
             + (f"(b) kept training to {args.diloco_steps} batches in all (row b+; (b) is its curve up to the "
@@ -352,15 +373,18 @@ def measure(net: TestNetwork, args: argparse.Namespace, corpus: Any) -> Dict[str
     c, steps = run_ddp(net, args, corpus, wan=False)
     c.notes = f"median step {statistics.median(steps):.3f}s"
     print(f"  done in {c.wall:.0f}s ({c.notes})\n(c) DDP over {args.mbit:g} Mbit/s: {args.wan_steps} steps", flush=True)
-    _, wan_steps = run_ddp(net, args, corpus, wan=True)
+    wan_ddp, wan_steps = run_ddp(net, args, corpus, wan=True)
     step = statistics.median(wan_steps[2:] or wan_steps)  # the first steps set up gloo's buffers
+    print(f"  {wan_ddp.notes}", flush=True)
     print(f"  median step {step:.2f}s\nscoring (b), (c) on the held-out set", flush=True)
     score([longer or b, c], evals)
     a = finish_single(single, args)
     print(f"  (a) done in {a.wall:.0f}s", flush=True)
     score([a], evals)
     extra = {"b+": longer} if longer is not None else {}
-    return {"a": a, "b": b, **extra, "c": c, "wan": wan_curve(c, step, args)}
+    wan = wan_curve(c, step, args)
+    wan.notes += f"; {wan_ddp.notes}"
+    return {"a": a, "b": b, **extra, "c": c, "wan": wan}
 
 
 def main() -> int:
@@ -376,6 +400,10 @@ def main() -> int:
                         help="manifest averaging.aggregator")
     parser.add_argument("--clip-multiplier", type=float, default=3.0, help="manifest averaging.clip_multiplier")
     parser.add_argument("--result-tolerance", type=float, default=3.0, help="manifest averaging.result_tolerance")
+    parser.add_argument("--compression", choices=["none", "fp16", "int8", "sparse"], default="none",
+                        help="manifest averaging.compression")
+    parser.add_argument("--topk", type=int, default=64, help="manifest averaging.topk (sparse: values per 4096)")
+    parser.add_argument("--error-feedback", type=float, default=0.95, help="manifest averaging.error_feedback")
     parser.add_argument("--diloco-steps", type=int, default=None,
                         help="(b) keeps training to this many batches (default 1.5 x --steps; --steps: stop there)")
     parser.add_argument("--diloco-only", action="store_true", help="run and score (b) only (for tuning)")
@@ -401,7 +429,8 @@ def main() -> int:
             averaging = dataclasses.replace(manifest.averaging, overlap=args.overlap == "true",
                                             gather_seconds=args.gather_seconds, aggregator=args.aggregator,
                                             result_tolerance=args.result_tolerance,
-                                            clip_multiplier=args.clip_multiplier)  # fmt: skip
+                                            clip_multiplier=args.clip_multiplier, compression=args.compression,
+                                            topk=args.topk, error_feedback=args.error_feedback)  # fmt: skip
             manifest = dataclasses.replace(manifest, averaging=averaging)
             write_manifest(args.out / "manifest.yaml", manifest)
             print(f"writing to {args.out}; {corpus.describe()}", flush=True)

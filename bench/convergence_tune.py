@@ -3,8 +3,8 @@
 Usage: python -m bench.convergence_tune [--steps 1200] [--configs 25:0.7:0.9 10:0.7:0.9 ddp single ...]
                                           [--aggregator centered_clip[:M]|mean] [--parallel 2] [--out DIR]
 
-A config is ``H:outer_lr:momentum[:warmup_rounds[:delay_steps]]``, or ``ddp`` (4 workers' gradients averaged
-every step, one AdamW) or ``single`` (one worker on all the training data). ``--steps`` is the total number of
+A config is ``H:outer_lr:momentum[:warmup_rounds[:delay_steps[:compression]]]``, or ``ddp`` (4 workers' gradients
+averaged every step, one AdamW) or ``single`` (one worker on all the training data). ``--steps`` is the total number of
 batches of 16 over all workers, as in bench/convergence.py. Each worker is the node's own Trainer (the
 manifest's model, every expert, AdamW as the manifest says) on its quarter shard; each module keeps a
 node.diloco.ModuleState per worker, so the outer step is the node's. Per round, every module's pseudo-gradients
@@ -13,6 +13,11 @@ by default, like the default manifest). *warmup_rounds*: the outer learning rate
 rounds (not in the node today). *delay_steps*: the averaged result is applied that many local steps into the next
 round, keeping the drift, as ``averaging.overlap`` does when a round takes that long on the network. Settings run
 ``--parallel`` at a time (one torch thread each); results go to DIR/tune.jsonl (appended) and DIR/tune.md.
+*compression* ``sparse[-topk[-error_feedback]]`` (e.g. ``sparse-64-0.95``): every worker sends each slice as the
+node does with ``averaging.compression: sparse`` (protocol/sparse.py: the top-k of each block of 4096 in 2 bits,
+what was not sent kept for the next round), the slice's result is the aggregate of the decoded parts, sent back in
+8 bits; the table then gives the averaging bytes a worker sends per training sample (payloads only: no headers,
+TCP or encryption) beside DDP's (a ring all-reduce of float32 gradients every step).
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ import torch
 
 from bench.convergence_data import build_model, diloco_manifest, evaluate, heldout_batches, split_corpus
 from node.averaging.robust import aggregate
-from node.averaging.slices import slice_bounds
+from node.averaging.slices import chunked_bounds, slice_values
 from node.training.data import TextData
 from node.training.diloco import ModuleState
 from node.training.trainer import Trainer
+from protocol import sparse
 
 WORKERS = 4
 EVAL_POINTS = 4
@@ -48,6 +54,9 @@ class Setting:
     momentum: float = 0.9
     warmup: int = 0
     delay: int = 0
+    compression: str = "none"
+    topk: int = 64
+    error_feedback: float = 0.95
 
     @classmethod
     def parse(cls, text: str) -> "Setting":
@@ -56,13 +65,24 @@ class Setting:
         fields = text.split(":")
         h, lr, mom = int(fields[0]), float(fields[1]), float(fields[2])
         warm = int(fields[3]) if len(fields) > 3 else 0
-        return cls("diloco", h, lr, mom, warm, int(fields[4]) if len(fields) > 4 else 0)
+        delay = int(fields[4]) if len(fields) > 4 else 0
+        if len(fields) > 5 and fields[5] != "none":
+            kind, *more = fields[5].split("-")
+            if kind != "sparse":
+                raise ValueError(f"unknown compression {fields[5]!r}")
+            topk = int(more[0]) if more else 64
+            feedback = float(more[1]) if len(more) > 1 else 0.95
+            return cls("diloco", h, lr, mom, warm, delay, "sparse", topk, feedback)
+        return cls("diloco", h, lr, mom, warm, delay)
 
     @property
     def label(self) -> str:
         if self.kind != "diloco":
             return self.kind
-        return f"H={self.inner_steps} lr={self.lr:g} mom={self.momentum:g} warmup={self.warmup} delay={self.delay}"
+        label = f"H={self.inner_steps} lr={self.lr:g} mom={self.momentum:g} warmup={self.warmup} delay={self.delay}"
+        if self.compression == "sparse":
+            label += f" sparse topk={self.topk} ef={self.error_feedback:g}"
+        return label
 
 
 class Workers:
@@ -80,6 +100,8 @@ class Workers:
             {m: ModuleState(m, t.model.module_parameters(m), self.manifest.outer_optimizer) for m in names}
             for t in self.trainers
         ]
+        self.residuals: List[Dict[str, np.ndarray]] = [{} for _ in self.trainers]  # sparse: what was not sent
+        self.bytes_sent = 0  # sparse: payload bytes all workers sent (parts to reducers, results to members)
 
     def steps(self, count: int) -> None:
         for trainer in self.trainers:
@@ -92,15 +114,41 @@ class Workers:
         spec = self.manifest.averaging
         clip = float(self.clip_multiplier) if self.clip_multiplier else spec.clip_multiplier
         result: Dict[str, np.ndarray] = {}
+        sparse_on = self.setting.compression == "sparse"
         for module in deltas[0]:
             parts = [d[module].numpy() for d in deltas]
+            # the node's layout: float32 slices of chunk_elements, 16x that when sparse (node/averaging/slices.py)
+            per_slice = slice_values(spec.chunk_elements, "topk2" if sparse_on else "float32")
+            bounds = chunked_bounds(parts[0].size, WORKERS, per_slice)
+            if sparse_on:
+                parts = [self._sent(w, module, p, bounds) for w, p in enumerate(parts)]
             pieces = []
-            for j, (lo, hi) in enumerate(slice_bounds(parts[0].size, WORKERS)):
+            for j, (lo, hi) in enumerate(bounds):
                 sliced = {str(w): p[lo:hi] for w, p in enumerate(parts)}
-                pieces.append(aggregate(sliced, str(j), method=self.aggregator, clip_multiplier=clip,
-                                        outlier_ratio=spec.outlier_ratio).values)  # fmt: skip
+                combined = aggregate(sliced, str(j % WORKERS), method=self.aggregator, clip_multiplier=clip,
+                                     outlier_ratio=spec.outlier_ratio).values  # fmt: skip
+                if sparse_on:
+                    payload = sparse.encode_topk8(combined)
+                    self.bytes_sent += (WORKERS - 1) * len(payload)  # the reducer sends it to every other member
+                    combined = sparse.decode(payload, hi - lo, "topk8")
+                pieces.append(combined)
             result[module] = np.concatenate(pieces)
         return result, deltas
+
+    def _sent(self, worker: int, module: str, delta: np.ndarray, bounds: List[Tuple[int, int]]) -> np.ndarray:
+        """What a sparse member's parts decode to, with error feedback (node/averaging/run.py: _encode_own)."""
+        residual = self.residuals[worker].get(module)
+        target = delta.astype(np.float32, copy=True)
+        if residual is not None:
+            target += np.float32(self.setting.error_feedback) * residual
+        sent = np.empty_like(target)
+        for j, (lo, hi) in enumerate(bounds):
+            payload = sparse.encode_topk2(target[lo:hi], self.setting.topk)
+            if j % WORKERS != worker:  # its own slice it reduces itself
+                self.bytes_sent += len(payload)
+            sent[lo:hi] = sparse.decode(payload, hi - lo, "topk2")
+        self.residuals[worker][module] = target - sent
+        return sent
 
     def apply(self, averaged: Dict[str, np.ndarray], deltas: List[Dict[str, torch.Tensor]], lr: float) -> None:
         for states, own in zip(self.states, deltas, strict=True):
@@ -143,6 +191,11 @@ def run_diloco(setting: Setting, shards: List[Path], per_worker: int, evals: Lis
         if (r + 1) % max(1, rounds // EVAL_POINTS) == 0 or r == rounds - 1:
             workers.global_into(probe)
             curve.append([(r + 1) * h * WORKERS * 16, evaluate(probe, evals)])
+    if setting.compression == "sparse":  # bytes a worker sends per training sample, in the last column
+        curve[-1].append(workers.bytes_sent / (rounds * h * WORKERS * 16))
+    else:  # float32 parts of 3/4 of the vector to reducers, and 3 x the result of its own quarter
+        numel = sum(s.numel for s in workers.states[0].values())
+        curve[-1].append(WORKERS * 2 * (WORKERS - 1) / WORKERS * 4 * numel * rounds / (rounds * h * WORKERS * 16))
     return curve
 
 
@@ -180,17 +233,26 @@ def run_one(job: Tuple[str, str, int, str]) -> dict:
         curve = run_diloco(setting, shards, steps // WORKERS, evals, aggregator)
     else:
         curve = run_sync(setting, shards, corpus_root / "train", steps, evals)
+    sent = curve[-1][2] if len(curve[-1]) > 2 else None
+    if setting.kind == "ddp":  # a ring all-reduce of float32 gradients every step: 2 x 3/4 x 4 bytes a parameter
+        numel = sum(p.numel() for p in build_model(diloco_manifest(25, 0.7, 0.9)).parameters())
+        sent = WORKERS * 2 * (WORKERS - 1) / WORKERS * 4 * numel / (WORKERS * 16)
     return {"config": text, "label": setting.label, "steps": steps, "aggregator": aggregator, "final": curve[-1][1],
-            "curve": curve, "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+            "curve": curve, "seconds": round(time.perf_counter() - started, 1), "bytes_per_sample": sent}  # fmt: skip
 
 
 def table(rows: List[dict]) -> str:
     ref = next((r["final"] for r in rows if r["config"] == "ddp"), None)
-    lines = ["| setting | aggregator | total steps | held-out loss | × ddp | seconds |", "|---|---|---|---|---|---|"]
+    ddp_bytes = next((r.get("bytes_per_sample") for r in rows if r["config"] == "ddp"), None)
+    lines = ["| setting | aggregator | total steps | held-out loss | × ddp | bytes sent per sample | ddp / that | "
+             "seconds |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(rows, key=lambda r: r["final"]):
         ratio = f"{r['final'] / ref:.3f}" if ref else "—"
-        lines.append(f"| {r['label']} | {r['aggregator']} | {r['steps']} | {r['final']:.4f} | {ratio} | "
-                     f"{r['seconds']:.0f} |")  # fmt: skip
+        sent = r.get("bytes_per_sample")
+        fewer = f"{ddp_bytes / sent:,.0f}×" if sent and ddp_bytes else "—"
+        shown = f"{sent:,.1f}" if sent else "—"
+        lines.append(f"| {r['label']} | {r['aggregator']} | {r['steps']} | {r['final']:.4f} | {ratio} | {shown} | "
+                     f"{fewer} | {r['seconds']:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 
