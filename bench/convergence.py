@@ -352,6 +352,10 @@ def plots(curves: Dict[str, Curve], out: Path) -> None:
 
 
 def measure(net: TestNetwork, args: argparse.Namespace, corpus: Any) -> Dict[str, Curve]:
+    if args.ddp_wan_only:  # the bytes DDP puts on the links per sample, and its step time there
+        wan_ddp, wan_steps = run_ddp(net, args, corpus, wan=True)
+        print(json.dumps({"ddp_wan": wan_ddp.notes, "median_step": statistics.median(wan_steps[2:] or wan_steps)}))
+        return {}
     evals = heldout_batches(corpus.heldout, load_manifest(None).model.seq_len, windows=args.windows)
     rounds = args.steps // WORKERS // args.inner_steps
     single = None if args.diloco_only else start_single(net, args, corpus)
@@ -407,6 +411,7 @@ def main() -> int:
     parser.add_argument("--diloco-steps", type=int, default=None,
                         help="(b) keeps training to this many batches (default 1.5 x --steps; --steps: stop there)")
     parser.add_argument("--diloco-only", action="store_true", help="run and score (b) only (for tuning)")
+    parser.add_argument("--ddp-wan-only", action="store_true", help="measure only (c) over the links (bytes, steps)")
     parser.add_argument("--mbit", type=float, default=20.0)
     parser.add_argument("--wan-steps", type=int, default=12, help="DDP steps measured over the limited links")
     parser.add_argument("--points", type=int, default=16, help="held-out evaluations per curve (about)")
