@@ -258,17 +258,26 @@ def test_what_a_member_does_not_send_it_sends_later_error_feedback() -> None:
     assert np.count_nonzero(sent_total) > 3 * per_round
 
 
-def test_a_scaled_sparse_part_is_screened_out_and_the_honest_result_stands() -> None:
-    vectors = {i: make_vector(5, i, NUMEL) for i in range(4)}
+Attacked = Tuple[Dict[int, np.ndarray], Dict[int, AllReduceResult], Dict[str, int]]
+
+
+def attacked(round_number: int, count: int, attack: str) -> Attacked:
+    """One round of ``count`` peers whose last one attacks as ``attack``: (vectors, results, peer 0's rejections)."""
+    vectors = {i: make_vector(round_number, i, NUMEL) for i in range(count)}
 
     async def scenario(swarm: Swarm) -> Tuple[Dict[int, AllReduceResult], Dict[str, int]]:
-        attacker = swarm.averagers[3]
+        attacker = swarm.averagers[count - 1]
         assert isinstance(attacker, Attacker)
-        attacker.attack = "scale_1e30"
-        results = await swarm.average(5, vectors)
+        attacker.attack = attack
+        results = await swarm.average(round_number, vectors)
         return results, dict(swarm.averagers[0].stats.parts_rejected)
 
-    results, rejected = averaged(scenario, attacker=3)
+    results, rejected = averaged(scenario, count=count, attacker=count - 1)
+    return vectors, results, rejected
+
+
+def test_a_scaled_sparse_part_is_screened_out_and_the_honest_result_stands() -> None:
+    vectors, results, rejected = attacked(5, 4, "scale_1e30")
     assert rejected.get("outlier", 0) >= 1
     honest = expected_result({i: vectors[i] for i in range(3)}, SPEC)
     for i in range(3):
@@ -279,17 +288,11 @@ def test_a_scaled_sparse_part_is_screened_out_and_the_honest_result_stands() -> 
 
 
 def test_a_part_in_another_format_is_refused_as_malformed() -> None:
-    """A member of this swarm sends its parts in the manifest's format (or float32 in a re-sync), nothing else."""
-    vectors = {i: make_vector(7, i, NUMEL) for i in range(3)}
-
-    async def scenario(swarm: Swarm) -> Tuple[Dict[int, AllReduceResult], Dict[str, int]]:
-        attacker = swarm.averagers[2]
-        assert isinstance(attacker, Attacker)
-        attacker.attack = "int8_in_sparse"
-        results = await swarm.average(7, vectors)
-        return results, dict(swarm.averagers[0].stats.parts_rejected)
-
-    results, rejected = averaged(scenario, count=3, attacker=2)
+    """A member of this swarm sends its parts in the manifest's format (or float32 in a re-sync), nothing else: an
+    int8 part in a sparse swarm is refused, its sender is out of the round, and the others average without it."""
+    _, results, rejected = attacked(7, 3, "int8_in_sparse")
     assert rejected.get("malformed", 0) >= 1
     assert RESULT_DTYPE_OF["topk2"] == "topk8"
-    assert results[0].vector.shape == (NUMEL,)
+    for i in range(2):
+        assert results[i].dropped == ("peer-2",) and "malformed" in results[i].excluded["peer-2"]
+    np.testing.assert_array_equal(results[0].vector, results[1].vector)
