@@ -2,7 +2,8 @@
 
 Serving: every node answers state requests for the modules it hosts: a *digest* (round,
 size, hash of [global copy; momentum]) or a *range* of that vector, refused when the
-state has moved on since the digest the requester trusts.
+state has moved on since the digest the requester trusts (the state before our last outer step
+is still served: a group member adopting the state its group held at the round's start asks for it).
 
 Downloading: ask every host for its digest; trust the hash most hosts report (ties: the
 newer round), never one donor's word alone when others disagree. Split the vector into
