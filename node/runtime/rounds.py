@@ -281,11 +281,8 @@ def majority_check(
     its hash is counted (the members with standing: Standing; default all); when none is, ``own`` (our hash)
     decides: a group of fresh identities cannot replace the state we hold."""
     voters = [h for h, c in zip(hashes, counted, strict=True) if c] if counted is not None else list(hashes)
-    voters = voters or ([own] if own else [])
-    if not voters:
-        return None
-    value, count = Counter(voters).most_common(1)[0]
-    if 2 * count <= len(voters) or aggregator != "centered_clip":
+    value = majority_state(voters or ([own] if own else []))
+    if value is None or aggregator != "centered_clip":
         return None
     return lambda vector: state_hash(vector[numel : 2 * numel], vector[2 * numel : 3 * numel]) == value
 

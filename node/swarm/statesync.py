@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Collection, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
-import torch
 
 from node.net import Buckets, SwarmPort
 from node.training import ModuleState, state_hash
@@ -284,8 +283,7 @@ async def catch_up(
             logger.warning("could not get %s from any of %d donor(s): keeping our own copy", name, len(donors))
             continue
         vector, round_number = got
-        state.global_flat = torch.from_numpy(vector[: state.numel].copy())
-        state.momentum = torch.from_numpy(vector[state.numel :].copy())
+        state.adopt(vector)
         state.load_global()
         adopted[name] = round_number
     return adopted

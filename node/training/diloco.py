@@ -93,7 +93,7 @@ class ModuleState:
         ``drift`` (overlapped rounds): local steps taken while the round was on the network;
         the model becomes the new global copy plus that drift, so no step is lost."""
         n = self.numel
-        self.previous = (self.params_hash(), self.global_flat, self.momentum.clone())  # momentum changes in place
+        self.previous = (self.params_hash(), self.global_flat, self.momentum)  # both replaced below, not changed
         averaged_t = torch.from_numpy(np.ascontiguousarray(averaged, dtype=np.float32))
         delta = averaged_t[:n]
         if resync:
@@ -101,7 +101,7 @@ class ModuleState:
             self.momentum = averaged_t[2 * n : 3 * n].clone()
         mu, lr = self.spec.momentum, self.spec.lr
         # torch.optim.SGD(nesterov=True) on a gradient g: buf = mu*buf + g; step = g + mu*buf
-        self.momentum.mul_(mu).add_(delta)
+        self.momentum = self.momentum.mul(mu).add_(delta)
         step = delta + mu * self.momentum
         self.global_flat = self.global_flat - lr * step
         self.load_global(drift)
