@@ -94,6 +94,9 @@ class PeerRecord(BaseModel):
     # Members-only swarms: the founders' invite of this peer (protocol/membership.py, JSON); a founder's own
     # node has none. Readers check it and leave out peers whose invite does not admit them.
     invite: Optional[constr(max_length=4096, strict=True)] = None  # type: ignore[valid-type]
+    # Experts this node will stop hosting once the notice has run (node/swarm/placement.py, SwapNotice): readers
+    # do not count it as a host that stays. Older peers send none.
+    dropping: conlist(constr(regex=MODULE_PATTERN, strict=True), max_items=MAX_MODULES_PER_PEER) = []  # type: ignore
 
     class Config:
         extra = "ignore"  # newer peers may add fields; older peers read what they know

@@ -55,6 +55,8 @@ from node.swarm import (
     Membership,
     Revocations,
     StateServer,
+    Swap,
+    SwapNotice,
     SwarmView,
     Verdict,
     check_bootstrap_peers,
@@ -164,6 +166,7 @@ class Joined:
         self.affinity = AffinityMeter(swarm, self.swarm_id, trainer, manifest.averaging.part_timeout_seconds,
                                       self.model_lock)  # fmt: skip
         self.taken_at_check: Dict[str, int] = {}  # follow_data: the check at which this node took on each expert
+        self.swaps = SwapNotice()  # a re-placement announced in our record, made once peers have seen it
         averaging = manifest.averaging
         # Members-only swarms (node/net/admission.py): peers we know are out (revoked, expired) are left out of
         # groups, state donors and placement; the founders' revocations are read and passed on.
@@ -194,6 +197,7 @@ class Joined:
         self._recheck: Optional["concurrent.futures.Future[Verdict]"] = None  # a re-check in flight
         self._recheck_at = time.monotonic() + RECHECK_SECONDS
         self.membership = Membership(swarm, self.swarm_id, self.describe_self, admission=admission)
+        self.membership.on_stored = lambda record: self.swaps.stored(record.dropping)
         self.round_averager = RoundAverager(self.peer_id, self.matchmaker, self.averager, self.membership, averaging)
         self.round_averager.fetch_state = exact_fetcher(swarm, self.swarm_id, averaging.part_timeout_seconds)
         # The operator's bootstrap peers have standing from the start: their word on state outweighs fresh identities.
@@ -375,21 +379,25 @@ class Joined:
         """Once per round: an expert with no host left makes exactly one node (the same choice everywhere)
         swap a duplicated expert for it, and uneven hosts make a few nodes move to the least-hosted experts
         (placement.rebalance). Else, with follow_data, every ``check_every_rounds`` rounds: this node may
-        swap an expert for one its data routes to more (placement.follow_swap)."""
-        view = dict(self.membership.view.modules_by_peer())
+        swap an expert for one its data routes to more (placement.follow_swap). Each swap is announced first
+        and made rounds later, if another host of the dropped expert stays (placement.SwapNotice); no other
+        is planned meanwhile. Plans count only hosts that do not announce a drop."""
+        if self.swaps.pending is not None:
+            if self.swaps.due():
+                self._settle_swap()
+            return
+        view = self.membership.view.staying_by_peer()
         view[self.peer_id] = self.hosting.modules
         swap = rebalance(self.peer_id, view, self.module_names[1:])
         if swap is not None:
             drop, add = swap
             hosts = replica_counts(view)
-            logger.info("re-placement: %s has %d host(s), %s has %d; hosting the first instead of the second",
-                        add, hosts.get(add, 0), drop, hosts[drop],
-                        extra={"event": "replaced", "drop": drop, "add": add})  # fmt: skip
-            self._swap(drop, add)
+            why = f"{add} has {hosts.get(add, 0)} host(s), {drop} has {hosts[drop]}; hosting the first instead"
+            self._propose(Swap(drop, add, "replaced", f"re-placement: {why}"))
         elif self.follows_data and self.progress.outer_round % self.context.manifest.placement.check_every_rounds == 0:
-            self._follow_data(view)
+            self._follow_data()
 
-    def _follow_data(self, view: Dict[str, List[str]]) -> None:
+    def _follow_data(self) -> None:
         spec = self.context.manifest.placement
         affinity = self._measure_affinity()
         if affinity is None:
@@ -398,25 +406,51 @@ class Joined:
         # An expert taken on at the last check stays for one more: its first rounds here move its gate (the
         # balance loss pushes the gate of a busy expert away from this node's tokens), so it could swap back.
         keep = {e for e, taken in self.taken_at_check.items() if taken >= check - 1}
-        # Decide on records read now, not up to half a second ago: the dropper of an expert at the last check
-        # has announced its swap by then, and a view without it would let this check's dropper leave the
-        # expert with no host (seen in tests/swarm/test_follow_data.py with a check every round).
-        try:
-            view = dict(self.refresh_view().modules_by_peer())
-        except Exception as e:  # a failed read: decide on the view we have
+        try:  # plan on records read now, not up to half a second ago: fewer notices withdrawn
+            view = self.refresh_view().staying_by_peer()
+        except Exception as e:  # a failed read: plan on the view we have
             logger.debug("follow_data: could not re-read the peer records: %s", e)
+            view = self.membership.view.staying_by_peer()
         view[self.peer_id] = self.hosting.modules
         swap = follow_swap(self.peer_id, view, self.module_names[1:], affinity, spec.swap_margin, check, keep)
         if swap is None:
             return
         drop, add = swap
-        self.taken_at_check[add] = check
-        logger.info(
-            "re-placement: this node's data routes %.1f%% of its layer to %s and %.1f%% to %s; hosting it instead",
-            100 * affinity[add], add, 100 * affinity[drop], drop,
-            extra={"event": "follow_data_swap", "drop": drop, "add": add, "round": self.progress.outer_round},
-        )  # fmt: skip
-        self._swap(drop, add)
+        why = (f"this node's data routes {100 * affinity[add]:.1f}% of its layer to {add} and "
+               f"{100 * affinity[drop]:.1f}% to {drop}; hosting it instead")  # fmt: skip
+        self._propose(Swap(drop, add, "follow_data_swap", f"re-placement: {why}"))
+
+    def _propose(self, swap: Swap) -> None:
+        self.swaps.propose(swap)
+        logger.info("%s (after a %.0f s notice, if another host keeps %s)", swap.message, self.swaps.notice,
+                    swap.drop, extra={"event": "swap_notice", "drop": swap.drop, "add": swap.add})  # fmt: skip
+
+    def _settle_swap(self) -> None:
+        """The notice has run: make the pending swap if another host keeps its expert, on records read now. A
+        read missing a peer or older than the last view (a DHT node did not answer in time) waits a round."""
+        before = self.membership.view
+        try:
+            view = self.refresh_view()
+        except Exception as e:
+            logger.debug("re-placement: could not re-read the peer records: %s", e)
+            return
+        if view is before or not view.covers(before):  # the same object: the read missed our own record
+            logger.debug("re-placement: the peer records read are older or fewer than the last view's; next round")
+            return
+        swap, withdrawn = self.swaps.settle(self.peer_id, view.staying_by_peer())
+        if withdrawn is not None:
+            others = [p[-8:] for p in view.hosts_of(withdrawn.drop, exclude=self.peer_id)]
+            logger.info("re-placement withdrawn: no other host keeps %s (%d peer(s) in view; other hosts, all "
+                        "dropping it: %s)", withdrawn.drop, len(view.peers), ", ".join(others) or "none",
+                        extra={"event": "swap_withdrawn", "drop": withdrawn.drop, "add": withdrawn.add})  # fmt: skip
+        if swap is None:
+            return
+        if swap.event == "follow_data_swap":
+            check_every = self.context.manifest.placement.check_every_rounds
+            self.taken_at_check[swap.add] = self.progress.outer_round // check_every
+        logger.info("%s", swap.message, extra={"event": swap.event, "drop": swap.drop, "add": swap.add,
+                                              "round": self.progress.outer_round})  # fmt: skip
+        self._swap(swap.drop, swap.add)
 
     def _measure_affinity(self) -> Optional[Dict[str, float]]:
         return self.affinity.measure(self.hosting.states, self.membership.view, self.module_names[1:])
@@ -479,6 +513,7 @@ class Joined:
             maddrs=self.maddrs[:16], device=self.device.type, version=__version__,
             data=self.trainer.data.commitment()["commitment"], reachability=self.reachability.reachability,
             invite=self.admission.own_invite.decode() if self.admission and self.admission.own_invite else None,
+            dropping=self.swaps.dropping(),
         )  # fmt: skip
 
     def _out(self, why: str) -> None:

@@ -4,7 +4,8 @@
 - hello       the hello exchange; refuses other manifests / protocol versions
 - invites     members-only swarms: this node's own invite, the founders' revocations spread through the DHT
 - membership  announces this node and reads every peer's record (SwarmView)
-- placement   which experts to host, from the replica counts in peer records (and this node's routing affinity)
+- placement   which experts to host, from the replica counts in peer records (and this node's routing affinity);
+              swaps announced before they are made (SwapNotice)
 - reachability  can others dial us: the dial-back server and probe (public / private / unknown)
 - statesync   serving module state to newcomers, downloading it from several donors (or just its head: a gate)
 """
@@ -33,6 +34,9 @@ if TYPE_CHECKING:  # the surface, imported on first use (node/_lazy.py)
     from node.swarm.membership import Membership as Membership
     from node.swarm.membership import SwarmView as SwarmView
     from node.swarm.membership import read_peers as read_peers
+    from node.swarm.placement import SWAP_NOTICE_SECONDS as SWAP_NOTICE_SECONDS
+    from node.swarm.placement import Swap as Swap
+    from node.swarm.placement import SwapNotice as SwapNotice
     from node.swarm.placement import choose_experts as choose_experts
     from node.swarm.placement import follow_swap as follow_swap
     from node.swarm.placement import rebalance as rebalance

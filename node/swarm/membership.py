@@ -43,6 +43,16 @@ class SwarmView:
     def modules_by_peer(self) -> Dict[str, List[str]]:
         return {peer: list(record.modules) for peer, record in self.peers.items()}
 
+    def staying_by_peer(self) -> Dict[str, List[str]]:
+        """What each peer hosts and has not announced it will drop (its record's ``dropping``): what placement
+        plans with (node/swarm/placement.py, SwapNotice)."""
+        return {p: [m for m in r.modules if m not in r.dropping] for p, r in self.peers.items()}
+
+    def covers(self, other: "SwarmView") -> bool:
+        """Every peer of ``other`` is here, in a record stored no earlier (each compared by its owner's clock):
+        this read is no older than ``other``, nor missing what a DHT node that did not answer held."""
+        return all(p in self.seen_at and self.seen_at[p] >= t for p, t in other.seen_at.items())
+
     def hosts_of(self, module: str, exclude: Optional[str] = None, round_number: Optional[int] = None) -> List[str]:
         """Peers hosting ``module``; with ``round_number``, only those that may still average that round.
 
@@ -123,6 +133,7 @@ class Membership:
         self.read_error: Optional[str] = None  # set after READ_FAILURES_UNHEALTHY in a row, cleared by a good read
         self._nudged: Optional[asyncio.Event] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.on_stored: Callable[[PeerRecord], None] = lambda record: None  # each record of ours the DHT took
 
     async def announce(self) -> None:
         me = self._describe_self()
@@ -130,6 +141,8 @@ class Membership:
             peers_key(self._swarm_id), me.peer_id, me.dict(), self._clock() + RECORD_TTL_SECONDS
         )
         self._announced = self._announced or bool(stored)
+        if stored:
+            self.on_stored(me)
 
     async def refresh(self) -> SwarmView:
         """Re-read every peer record, and whether someone is already averaging our round. A read that fails or

@@ -10,12 +10,20 @@ Policy ``follow_data`` (the manifest's ``placement``) adds this node's routing a
 share of its own tokens the router sends to each expert, measured locally): at join it
 ranks experts after coverage and the spread over layers, and every few rounds
 ``follow_swap`` may trade a duplicated expert for one its data routes to more.
+
+Every swap goes through ``SwapNotice``: the drop is announced in the node's record first and made only
+once others have had time to see it, and only if another host of the expert stays.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Collection, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+
+SWAP_NOTICE_SECONDS = 2.0  # a drop waits this long after the DHT took a record announcing it
 
 
 def _tiebreak(peer_id: str, expert: str) -> str:
@@ -157,3 +165,65 @@ def follow_swap(
 def _dropper(hosted: Mapping[str, Set[str]], expert: str, check: int) -> str:
     """The one host of ``expert`` allowed to drop it at this check (every node computes the same)."""
     return min((p for p, mods in hosted.items() if expert in mods), key=lambda p: _tiebreak(p, f"{expert}|{check}"))
+
+
+@dataclass
+class Swap:
+    """Host ``add`` instead of ``drop``; ``event`` and ``message`` go to the node's log when it is made."""
+
+    drop: str
+    add: str
+    event: str = "replaced"
+    message: str = ""
+
+
+class SwapNotice:
+    """A swap in two steps, so that nodes deciding at once on views a moment apart never leave an expert with
+    no host (two hosts of one expert, each reading the other's record from before its swap, both dropped it).
+
+    1. ``propose``: the node's record lists the expert under ``dropping`` (the node still hosts it).
+    2. Once the DHT took a record carrying it (``stored``) ``notice`` seconds ago, ``settle`` on a fresh read
+       of the records: the swap is made if another peer hosts the expert and does not announce dropping it;
+       else it is withdrawn (placement may propose again at a later round).
+
+    Why no expert is left without a host: of the hosts that drop it, take the last to read the records for its
+    settle. Every other dropper's notice was stored before that dropper's own read, so before this read: it
+    saw each of them dropping or gone, and counted a host that is neither. ``notice`` is margin for a read
+    that reaches a replica a moment behind. Thread-safe: the DHT loop calls ``stored``.
+    """
+
+    def __init__(self, notice: float = SWAP_NOTICE_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.notice = notice
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.pending: Optional[Swap] = None
+        self._stored_at: Optional[float] = None
+
+    def propose(self, swap: Swap) -> None:
+        with self._lock:
+            self.pending, self._stored_at = swap, None
+
+    def dropping(self) -> List[str]:
+        pending = self.pending
+        return [pending.drop] if pending is not None else []
+
+    def stored(self, dropping: Collection[str]) -> None:
+        """The DHT took a record of ours listing ``dropping``: the notice of a pending drop starts now."""
+        with self._lock:
+            if self.pending is not None and self._stored_at is None and self.pending.drop in dropping:
+                self._stored_at = self._clock()
+
+    def due(self) -> bool:
+        with self._lock:
+            return self._stored_at is not None and self._clock() - self._stored_at >= self.notice
+
+    def settle(self, peer_id: str, staying: Mapping[str, Iterable[str]]) -> Tuple[Optional[Swap], Optional[Swap]]:
+        """On a fresh read (``staying``: what each peer hosts and does not announce dropping): (the swap to
+        make, None) if another peer keeps the expert, else (None, the withdrawn swap). No longer pending."""
+        with self._lock:
+            swap, self.pending, self._stored_at = self.pending, None, None
+        if swap is None:
+            return None, None
+        if any(swap.drop in modules for peer, modules in staying.items() if peer != peer_id):
+            return swap, None
+        return None, swap

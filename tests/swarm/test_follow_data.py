@@ -1,5 +1,6 @@
 """Placement ``follow_data``: three real peers whose data differ (English prose, digits, code) host the
-experts their data routes to, swap on the way, and never leave an expert without a host."""
+experts their data routes to, swap on the way (each swap announced first: placement.SwapNotice), and never
+leave an expert without a host."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tests.swarm.test_swarm import Peer, wait_for
 pytestmark = pytest.mark.swarm
 
 EXPERTS_PER_PEER = 2  # 3 peers x 2 over 4 experts: every expert covered, two of them twice (room to swap)
-ROUNDS = 5  # rounds all three peers finish together
+ROUNDS = 15  # rounds all three peers finish together (a few seconds: time for a swap's notice to run)
 
 
 def write_digits(path: Path, size: int = 60_000) -> Path:
@@ -66,14 +67,16 @@ def test_follow_data_keeps_every_expert_covered(tmp_path: Path, different_data: 
             common = sorted(set.intersection(*(set(p.rounds()) for p in peers)))
             return common if len(common) >= ROUNDS else []
 
-        common = wait_for(rounds_together, 60, f"{ROUNDS} rounds of all three peers", peers)
+        common = wait_for(rounds_together, 90, f"{ROUNDS} rounds of all three peers", peers)
         for r in common:
             hosted = [set(p.rounds()[r]["hosted_during_round"]) - {"trunk"} for p in peers]
             assert all(len(h) == EXPERTS_PER_PEER for h in hosted), (r, hosted)
             assert set.union(*hosted) == experts, f"round {r}: an expert has no host: {hosted}"
         for peer in peers:
+            noticed = [(n["drop"], n["add"]) for n in peer.proc.events("swap_notice")]
             for swap in peer.proc.events("follow_data_swap"):
                 assert swap["drop"] in experts and swap["add"] in experts and swap["drop"] != swap["add"]
+                assert (swap["drop"], swap["add"]) in noticed, f"{peer.proc.name} swapped without a notice: {swap}"
         for peer in peers:
             assert peer.proc.terminate() == 0, peer.proc.stderr_tail()
     finally:

@@ -502,6 +502,7 @@ PEER_RECORDS = st.builds(
     data=st.none() | st.text(HEX, min_size=64, max_size=64).map("sha256:".__add__),
     reachability=st.sampled_from([None, "public", "private", "unknown"]),
     invite=st.none() | text(4096),
+    dropping=st.lists(MODULES, max_size=3),
 )
 READY_RECORDS = st.builds(
     ReadyRecord,
@@ -515,7 +516,8 @@ READY_RECORDS = st.builds(
 )
 RECORD_SHAPES = {
     PeerRecord: PeerRecord(peer_id="p", modules=["trunk"], outer_round=1, local_steps=2, loss=1.5, maddrs=["/a"],
-                           data="sha256:" + "0" * 64, reachability="public", invite="{}").dict(),
+                           data="sha256:" + "0" * 64, reachability="public", invite="{}",
+                           dropping=["expert.0.1"]).dict(),
     ReadyRecord: ReadyRecord(posted_at=1.5, params_hash="0" * 16, numel=4, window_seconds=2.0, message_bytes=64,
                              reduces=True, samples=3).dict(),
 }  # fmt: skip
