@@ -184,8 +184,8 @@ class RoundAverager:
         )  # fmt: skip
         self._say_if_nobody_dialable(name, group.nobody_dialable)
         resync, adopting = group.needs_resync, None
-        majority = majority_state(group.params_hashes) if resync and self.fetch_state is not None else None
-        if majority is not None:  # most members hold one state: a normal round, and the others adopt that state
+        majority = adoption_target(group.params_hashes) if resync and self.fetch_state is not None else None
+        if majority is not None:  # most members hold one state (or two halves do): a normal round, the others adopt it
             resync = False
             if item.params_hash != majority:
                 adopting = asyncio.ensure_future(self._adopt(name, state.numel, group, majority, item.params_hash))
@@ -233,13 +233,13 @@ class RoundAverager:
         return Averaged(outcome, vector, resync, step, adopted if step else None)
 
     async def _adopt(self, name: str, numel: int, group: Group, majority: str, own: str) -> Optional[np.ndarray]:
-        """The state most of ``group`` holds (hash ``majority``), downloaded from its holders while the round runs;
-        None when the members whose word counts here (Standing; none: our own) do not hold it by a strict majority,
-        or no holder delivered it (we then keep our own state: the next round tries again)."""
+        """The state ``group`` adopts (hash ``majority``: adoption_target), downloaded from its holders while the
+        round runs; None when the members whose word counts here (Standing; none: our own) do not make it their
+        target too, or no holder delivered it (we then keep our own state: the next round tries again)."""
         assert self.fetch_state is not None
         others = [(m, h) for m, h in zip(group.members, group.params_hashes, strict=True) if m != self._me]
         voters = [h for m, h in others if self.standing.has(m)] or [own]
-        if majority_state(voters) != majority:
+        if adoption_target(voters) != majority:
             logger.info("%s round %d: most of the group holds another state than ours, but not most of the members "
                         "whose word counts here: keeping ours", name, group.round)  # fmt: skip
             return None
@@ -263,6 +263,23 @@ def majority_state(hashes: Sequence[str]) -> Optional[str]:
         return None
     value, count = Counter(hashes).most_common(1)[0]
     return value if 2 * count > len(hashes) else None
+
+
+def adoption_target(hashes: Sequence[str]) -> Optional[str]:
+    """The state a group with differing states adopts instead of re-syncing: the one a strict majority of
+    ``hashes`` holds; or, when the group holds exactly two states, each by half of it and by at least two
+    members, the smaller hash (every member computes the same). Two pairs that averaged apart for a while meet in
+    a group of four with two states and no majority; re-syncing sends global copies and momentum in float32
+    (hundreds of sparse rounds' bytes), slows those rounds, and the pairs drift apart again (bench/RESULTS.md,
+    issue 21). The tie goes to a hash, which its holders could choose: it gives nothing to an attacker who
+    would not already share a re-sync's CenteredClip half and half (two identities with standing against two)."""
+    value = majority_state(hashes)
+    if value is not None:
+        return value
+    counts = Counter(hashes)
+    if len(counts) == 2 and len(set(counts.values())) == 1 and min(counts.values()) >= 2:
+        return min(counts)
+    return None
 
 
 def leave_unstepped(result: AllReduceResult, numel: int) -> None:

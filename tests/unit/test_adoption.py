@@ -3,8 +3,9 @@
 Three in-process peers in virtual time, each with the production RoundAverager, Matchmaker, Averager and
 StateServer: two hold one state, the third another. The round is a normal (compressed) one for all three, the
 third downloads the majority's state from its holders (StateDownloader.exact) while it runs, and after the outer
-step all three hold the same state. Without standing for the holders it keeps its own; with no majority the
-group re-syncs as before.
+step all three hold the same state. Two halves of four adopt the state with the smaller hash the same way.
+Without standing for the holders a member keeps its own; with no majority and no two halves the group re-syncs
+as before.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from node.averaging import Averager, Matchmaker
 from node.net import InProcessNetwork, VirtualClock, run_virtual
-from node.runtime.rounds import Averaged, RoundAverager, apply, majority_state, prepare
+from node.runtime.rounds import Averaged, RoundAverager, adoption_target, apply, majority_state, prepare
 from node.swarm import StateServer, exact_fetcher
 from node.training import ModuleState
 from protocol.manifest import AveragingSpec, OuterOptimizerSpec
@@ -104,6 +105,30 @@ def test_without_standing_for_the_holders_a_member_keeps_its_own_state() -> None
 def test_with_no_majority_state_the_group_re_syncs_as_before() -> None:
     out = one_round([1, 2, 3])
     assert all(averaged.resync and averaged.adopted is None for averaged, _ in out.values())
+
+
+def test_two_halves_adopt_the_state_with_the_smaller_hash_and_the_round_is_a_normal_one() -> None:
+    out = one_round([1, 1, 2, 2])
+    hashes = [state_of(seed).params_hash() for seed in (1, 2)]
+    losers = {0, 1} if hashes[0] > hashes[1] else {2, 3}
+    assert all(not averaged.resync and averaged.step for averaged, _ in out.values())
+    assert {i for i, (averaged, _) in out.items() if averaged.adopted is not None} == losers
+    assert len({h for _, h in out.values()}) == 1, "after the outer step all four hold one state"
+    assert all(averaged.outcome.averaged_fraction == 1.0 for averaged, _ in out.values())
+
+
+def test_a_pair_or_three_states_re_sync_as_before() -> None:
+    for seeds in ([1, 2], [1, 1, 2, 3]):
+        out = one_round(seeds)
+        assert all(averaged.resync and averaged.adopted is None for averaged, _ in out.values()), seeds
+
+
+def test_adoption_target_is_a_majority_or_two_equal_halves() -> None:
+    assert adoption_target(["b", "a", "b"]) == "b" and adoption_target(["b", "b", "a", "a"]) == "a"
+    assert adoption_target(["c", "c", "c", "b", "b", "b"]) == "b"
+    assert adoption_target(["a", "b"]) is None  # a pair: either could be anyone's
+    assert adoption_target(["a", "a", "b", "c"]) is None and adoption_target(["a", "a", "b", "b", "c", "c"]) is None
+    assert adoption_target([]) is None
 
 
 def test_majority_state_is_a_strict_majority() -> None:
