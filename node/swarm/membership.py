@@ -2,9 +2,11 @@
 
 One task on the swarm loop stores our PeerRecord every ANNOUNCE_SECONDS, or at once
 when nudged (records expire after RECORD_TTL_SECONDS, so a dead peer vanishes on its
-own). Another re-reads all peer records every WATCH_SECONDS and watches whether another
-peer is already ready to average the trunk in our current round (the training loop
-then cuts its round short to join them).
+own). Another watches every WATCH_SECONDS whether another peer is already ready to average the trunk in
+our current round (the training loop then cuts its round short to join them), and re-reads all peer records
+every PEERS_READ_SECONDS: a record changes once a round or every ANNOUNCE_SECONDS, and reading every record
+from every DHT node was most of an idle node's traffic (bench/idle_traffic.py). Placement and state downloads
+read them afresh when they decide (``refresh``).
 
 A read of the peer records that fails, or that misses our own record (stored every few seconds, so any
 complete read holds it), is not taken for "everyone left": the last view stays, the failure is counted, and
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Dict, List, Optional
 
@@ -25,9 +28,10 @@ from protocol.records import PeerRecord, ReadyRecord, RecordError, parse_record,
 logger = logging.getLogger(__name__)
 
 ANNOUNCE_SECONDS = 2.0
-WATCH_SECONDS = 0.5  # how soon a peer notices the swarm is averaging or moved on; well under gather_seconds
+WATCH_SECONDS = 0.5  # how soon a peer notices the swarm is averaging our round; well under gather_seconds
+PEERS_READ_SECONDS = 2.0  # how often the watch re-reads every peer record
 RECORD_TTL_SECONDS = 12.0  # a few missed announcements before a peer is considered gone
-READ_FAILURES_UNHEALTHY = 6  # reads in a row (3 s) that failed or missed our own record: /healthz says so
+READ_FAILURES_UNHEALTHY = 6  # reads in a row (12 s) that failed or missed our own record: /healthz says so
 
 
 @dataclass
@@ -114,9 +118,11 @@ class Membership:
         describe_self: Callable[[], PeerRecord],
         clock: Optional[Callable[[], float]] = None,
         admission: Optional[Admission] = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """``clock``: what records are stamped with (default: the swarm's ``now``). ``admission``: members-only,
-        the view leaves out peers that are not members (read_peers)."""
+        the view leaves out peers that are not members (read_peers). ``monotonic``: paces the reads."""
+        self._monotonic = monotonic
         self._admission = admission
         self._swarm = swarm
         self._swarm_id = swarm_id
@@ -133,6 +139,7 @@ class Membership:
         self.read_error: Optional[str] = None  # set after READ_FAILURES_UNHEALTHY in a row, cleared by a good read
         self._nudged: Optional[asyncio.Event] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._peers_read_at = -PEERS_READ_SECONDS  # time.monotonic() of the last read of every peer record
         self.on_stored: Callable[[PeerRecord], None] = lambda record: None  # each record of ours the DHT took
 
     async def announce(self) -> None:
@@ -148,6 +155,7 @@ class Membership:
         """Re-read every peer record, and whether someone is already averaging our round. A read that fails or
         misses our own record keeps the last view (and raises, or returns it)."""
         me = self._describe_self()
+        self._peers_read_at = self._monotonic()
         try:
             view = await read_peers(self._swarm, self._swarm_id, self._admission)
         except Exception as e:
@@ -162,11 +170,21 @@ class Membership:
         view.peers[me.peer_id] = me
         view.seen_at[me.peer_id] = self._clock()
         self.view = view
+        await self._watch_ready(view)
+        return view
+
+    async def watch(self) -> None:
+        """Whether someone is already averaging our round; every PEERS_READ_SECONDS, every peer record too."""
+        if self._monotonic() - self._peers_read_at >= PEERS_READ_SECONDS:
+            await self.refresh()
+        else:
+            await self._watch_ready(self.view)
+
+    async def _watch_ready(self, view: SwarmView) -> None:
         round_number = self.watch_round
         posted = await self._swarm.read(ready_key(self._swarm_id, "trunk", round_number))
         if any(self._counts_ready(view, peer, value) for peer, (value, _) in posted.items()):
             self.others_ready_round = max(self.others_ready_round, round_number)
-        return view
 
     def _read_failed(self, why: str) -> None:
         self.reads_failed += 1
@@ -224,7 +242,7 @@ class Membership:
         await self.refresh()
         self._tasks = [
             asyncio.create_task(self._every(ANNOUNCE_SECONDS, self.announce, self._nudged), name="announce"),
-            asyncio.create_task(self._every(WATCH_SECONDS, self.refresh), name="watch"),
+            asyncio.create_task(self._every(WATCH_SECONDS, self.watch), name="watch"),
         ]
 
     async def stop(self) -> None:
