@@ -203,7 +203,10 @@ def diloco_curve(args: argparse.Namespace, logs: List[List[Dict[str, Any]]], sen
     solo = sum(1 for r in logs[0] if r.get("event") == "round" and r["trunk_group"] == 1)
     resync = sum(bool(r["trunk_resync"]) for r in rounds) / max(1, len(rounds))
     trained = sum(r["steps"] * BATCH for r in rounds)
-    notes = (f"{len(rounds)} node-rounds, {full:.0%} with all {WORKERS} in the trunk group, {resync:.0%} resyncs; "
+    adopted = sum(1 for node in logs for r in node if r.get("event") == "adopted")
+    averaging = sum(r.get("averaging_sent_bytes", 0) for node in logs for r in node if r.get("event") == "left")
+    notes = (f"{len(rounds)} node-rounds, {full:.0%} with all {WORKERS} in the trunk group, {resync:.0%} resyncs, "
+             f"{adopted} adoptions, {averaging / 1e6:.1f} MB of averaging sent; "
              f"node 0 averaged alone in {solo} round(s); the others' first round at {head:.0f}s; "
              f"{sent / 1e6:.1f} MB sent in all, {sent / max(1, trained):,.0f} B per training sample")  # fmt: skip
     return Curve(f"(b) DiLoCo, 4 nodes, {args.mbit:g} Mbit/s", points, end, notes)
