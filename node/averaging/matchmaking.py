@@ -36,6 +36,10 @@ from protocol.wire import payload_bytes
 logger = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 0.5  # DHT stores finish within milliseconds on a LAN; this covers clock jitter too
+# Reads of a module's ready posts while its window is open: the first after POLL_FIRST_SECONDS, each next gap
+# POLL_GROWTH times the last, at most POLL_MOST_SECONDS (every module polls; every read fetches every post from
+# every DHT node holding them, so a fixed 0.2 s gap was a large share of a round's bytes besides its parts).
+POLL_FIRST_SECONDS, POLL_GROWTH, POLL_MOST_SECONDS = 0.2, 1.5, 1.0
 MAX_WINDOW_FACTOR = 4.0  # the longest window a record may ask for, in gather_seconds
 MAX_MESSAGE_GROWTH = 4  # a group's averaging messages are at most this many times the manifest's size
 
@@ -202,6 +206,7 @@ class Matchmaker:
         key = ready_key(self._swarm_id, module, round_number)
         await self._swarm.store(key, me, record.dict(), posted_at + expiration_seconds)
         expected: Set[str] = set(expected_peers) | {me}
+        gap = POLL_FIRST_SECONDS
         while True:
             records = await self.read_ready(module, round_number)
             records[me] = record
@@ -211,4 +216,5 @@ class Matchmaker:
             missing = expected - set(records)
             if not missing or self._clock() >= closes_at + SETTLE_SECONDS:
                 return make_group(module, round_number, window, self._smallest_message)
-            await asyncio.sleep(min(0.2, max(0.01, closes_at + SETTLE_SECONDS - self._clock())))
+            await asyncio.sleep(min(gap, max(0.01, closes_at + SETTLE_SECONDS - self._clock())))
+            gap = min(gap * POLL_GROWTH, POLL_MOST_SECONDS)
