@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
 .PHONY: install install-dev notebook system-packages start demo test test-unit lint bench bench-suite bench-wan bench-utilization \
-	bench-convergence bench-flood bench-languages bench-membership bench-nat bench-overhead bench-scale bench-transport clean
+	bench-convergence bench-flood bench-idle bench-languages bench-membership bench-nat bench-overhead bench-scale bench-transport clean
 
 # Progress goes to stderr so that `make start`'s stdout holds only the node's JSON ready line.
 $(BIN)/python:
@@ -123,6 +123,10 @@ bench-membership: install-dev
 
 bench-flood: install-dev
 	$(BIN)/python -m bench.flood --baseline d933530 --out bench-results/flood
+
+# Issue 21: what 4 nodes send per second when no round ends (DHT records and reads, transport), on 20 Mbit/s links.
+bench-idle: install-dev
+	$(BIN)/python -m bench.idle_traffic --out bench-results/idle-traffic
 
 bench-nat: install-dev system-packages
 	$(BIN)/python -m bench.wan_averaging --systems commons --compression none int8 --mbit 20 --mbytes 10 --rounds 4 \
