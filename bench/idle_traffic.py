@@ -24,7 +24,7 @@ from typing import List
 import yaml
 
 from bench.convergence import tx_bytes
-from bench.netns import JsonProcess, SkipBenchmark, TestNetwork
+from bench.netns import JsonProcess, SkipBenchmark, TestNetwork, start_nodes
 from protocol.manifest import DEFAULT_MANIFEST_NAME
 from tests.procs import REPO, child_env
 
@@ -46,16 +46,12 @@ def measure(args: argparse.Namespace, tmp: Path) -> List[float]:
     with TestNetwork(hosts=args.peers, mbit=args.mbit) as net:
         nodes: List[JsonProcess] = []
         try:
-            for host in range(args.peers):
-                argv = [sys.executable, "-m", "node", "start", "--log-format", "json", "--manifest", str(manifest),
-                        "--host-maddrs", f"/ip4/{net.ip(host)}/tcp/0", "--metrics-addr", f"{net.ip(host)}:9347"]
-                if nodes:
-                    argv += ["--initial-peers", nodes[0].ready["maddrs"][0]]
-                workdir = tmp / f"node-{host}"
-                workdir.mkdir(parents=True, exist_ok=True)
-                node = JsonProcess(net, host, argv, workdir / "node.log", cwd=workdir, env=child_env())
-                node.ready = node.expect("ready", 180)
-                nodes.append(node)
+            start_nodes(
+                net, lambda host: [sys.executable, "-m", "node", "start", "--log-format", "json", "--manifest",
+                                   str(manifest), "--host-maddrs", f"/ip4/{net.ip(host)}/tcp/0",
+                                   "--metrics-addr", f"{net.ip(host)}:9347"],
+                lambda host: tmp / f"node-{host}", nodes, env=child_env(),
+            )  # fmt: skip
             time.sleep(args.settle)
             before = [tx_bytes(net, h) for h in range(args.peers)]
             started = time.monotonic()

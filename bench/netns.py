@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Dict, List, Optional, Sequence, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type
 
 from node.ops.procs import in_process_group
 
@@ -318,6 +318,21 @@ class JsonProcess:
     def close(self) -> None:
         self.net.stop(self.proc)
         self._log.close()
+
+
+def start_nodes(
+    net: TestNetwork, argv: Callable[[int], List[str]], workdir: Callable[[int], Path], nodes: List[JsonProcess],
+    env: Optional[Dict[str, str]] = None,
+) -> None:  # fmt: skip
+    """One ``node start`` per host of ``net`` (``argv(host)``, its log in ``workdir(host)``), each joining the first
+    by its ready line's address, one after the other; appended to ``nodes`` as they start (the caller closes them)."""
+    for host in range(net.hosts):
+        args = argv(host) + (["--initial-peers", nodes[0].ready["maddrs"][0]] if nodes else [])
+        directory = workdir(host)
+        directory.mkdir(parents=True, exist_ok=True)
+        node = JsonProcess(net, host, args, directory / "node.log", cwd=directory, env=env)
+        node.ready = node.expect("ready", 180)
+        nodes.append(node)
 
 
 if __name__ == "__main__":  # smoke test: python -m bench.netns

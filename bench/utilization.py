@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from bench.netns import JsonProcess, SkipBenchmark, TestNetwork
+from bench.netns import JsonProcess, SkipBenchmark, TestNetwork, start_nodes
 from tests.procs import REPO, child_env, log_records
 
 
@@ -73,17 +73,12 @@ def run_swarm(mbit: float, args: argparse.Namespace, logs: Path, private: int = 
     return every node's round entries."""
     with TestNetwork(hosts=args.peers, mbit=mbit, private=range(args.peers - private, args.peers)) as net:
         nodes: List[JsonProcess] = []
-        for host in range(args.peers):
-            argv = [sys.executable, "-m", "node", "start", "--log-format", "json",
-                    "--host-maddrs", f"/ip4/{net.ip(host)}/tcp/0", "--metrics-addr", f"{net.ip(host)}:9347",
-                    "--max-rounds", str(4 * args.rounds + 10)]  # fmt: skip
-            if nodes:
-                argv += ["--initial-peers", nodes[0].ready["maddrs"][0]]
-            workdir = logs / f"{mbit:g}mbit-{private}nat-{host}"
-            workdir.mkdir(parents=True, exist_ok=True)
-            node = JsonProcess(net, host, argv, workdir / "node.log", cwd=workdir, env=child_env())
-            node.ready = node.expect("ready", 180)
-            nodes.append(node)
+        start_nodes(
+            net, lambda host: [sys.executable, "-m", "node", "start", "--log-format", "json",
+                               "--host-maddrs", f"/ip4/{net.ip(host)}/tcp/0", "--metrics-addr", f"{net.ip(host)}:9347",
+                               "--max-rounds", str(4 * args.rounds + 10)],
+            lambda host: logs / f"{mbit:g}mbit-{private}nat-{host}", nodes, env=child_env(),
+        )  # fmt: skip
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline and all(node.proc.poll() is None for node in nodes):
             per_node = [log_records(node.log_path, "round") for node in nodes]
