@@ -83,7 +83,8 @@ class RoundLoop:
         logger.info("leaving after %d round(s), %d local step(s)", done, trainer.local_steps - steps_at_start,
                     extra={"event": "left", "rounds": done, "rounds_total": progress.rounds_done,
                            "averaging_sent_bytes": stats.bytes_sent,
-                           "averaging_received_bytes": stats.bytes_received})  # fmt: skip
+                           "averaging_received_bytes": stats.bytes_received,
+                           "swarm_reads_incomplete": self.joined.membership.reads_incomplete})  # fmt: skip
 
     # --- local steps ----------------------------------------------------------------------
     def _local_steps(self, out_of_time: Callable[[], bool]) -> int:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Dict, List, Optional
+from typing import Awaitable, Callable, Dict, List, Optional, Set
 
 from node.net import Admission, SwarmPort
 from protocol.contributions import Vouch
@@ -43,6 +43,8 @@ class SwarmView:
     rejected_records: int = 0
     # Members-only swarms, `node status`: member -> voucher -> latest vouch (node/swarm/contributions.py)
     vouches: Optional[Dict[str, Dict[str, Vouch]]] = None
+    answered: Set[str] = field(default_factory=set)  # every subkey the read returned, valid, leaving or refused
+    carried: Set[str] = field(default_factory=set)  # peers this read missed, kept from the last view (Membership)
 
     def modules_by_peer(self) -> Dict[str, List[str]]:
         return {peer: list(record.modules) for peer, record in self.peers.items()}
@@ -53,9 +55,10 @@ class SwarmView:
         return {p: [m for m in r.modules if m not in r.dropping] for p, r in self.peers.items()}
 
     def covers(self, other: "SwarmView") -> bool:
-        """Every peer of ``other`` is here, in a record stored no earlier (each compared by its owner's clock):
-        this read is no older than ``other``, nor missing what a DHT node that did not answer held."""
-        return all(p in self.seen_at and self.seen_at[p] >= t for p, t in other.seen_at.items())
+        """Every peer of ``other`` is here, read (not carried) in a record stored no earlier (each compared by its
+        owner's clock): this read is no older than ``other``, nor missing what a DHT node that did not answer held."""
+        fresh = {p: t for p, t in self.seen_at.items() if p not in self.carried}
+        return all(p in fresh and fresh[p] >= t for p, t in other.seen_at.items())
 
     def hosts_of(self, module: str, exclude: Optional[str] = None, round_number: Optional[int] = None) -> List[str]:
         """Peers hosting ``module``; with ``round_number``, only those that may still average that round.
@@ -87,7 +90,7 @@ async def read_peers(swarm: SwarmPort, swarm_id: str, admission: Optional[Admiss
     """Every live peer record of the swarm; with ``admission`` (members-only), only peers whose record's invite
     admits them now (its signatures checked once; the rest is checked on every read)."""
     raw = await swarm.read(peers_key(swarm_id))
-    view = SwarmView()
+    view = SwarmView(answered=set(raw))
     for peer, (value, expiration) in raw.items():
         try:
             record = parse_record(PeerRecord, value)
@@ -135,6 +138,7 @@ class Membership:
         self._tasks: List[asyncio.Task[None]] = []
         self._announced = False  # our record was stored once: a complete read of the peer records holds it
         self.reads_failed = 0  # reads of the peer records that failed or came back without our own record
+        self.reads_incomplete = 0  # reads that missed a live record of the last view (kept until it expires)
         self._failing = 0  # of them, in a row
         self.read_error: Optional[str] = None  # set after READ_FAILURES_UNHEALTHY in a row, cleared by a good read
         self._nudged: Optional[asyncio.Event] = None
@@ -169,6 +173,7 @@ class Membership:
         self._failing, self.read_error = 0, None
         view.peers[me.peer_id] = me
         view.seen_at[me.peer_id] = self._clock()
+        self._carry(view, self.view)
         self.view = view
         await self._watch_ready(view)
         return view
@@ -185,6 +190,21 @@ class Membership:
         posted = await self._swarm.read(ready_key(self._swarm_id, "trunk", round_number))
         if any(self._counts_ready(view, peer, value) for peer, (value, _) in posted.items()):
             self.others_ready_round = max(self.others_ready_round, round_number)
+
+    def _carry(self, view: SwarmView, last: SwarmView) -> None:
+        """A peer in the last view whose record is missing from this read, neither leaving nor refused, and not
+        expired: a DHT node that held it did not answer in time (seen with 2 loaded cores: a read holding only our
+        own record). Keep its last record until it expires, as a complete read would: a peer that drops out of
+        and back into view is left out of groups meanwhile, and its groups split from ours."""
+        now = self._clock()
+        missed = [p for p in last.peers if p not in view.answered and p not in view.peers
+                  and last.seen_at.get(p, 0.0) + RECORD_TTL_SECONDS > now]  # fmt: skip
+        for peer in missed:
+            view.peers[peer], view.seen_at[peer] = last.peers[peer], last.seen_at[peer]
+        view.carried = set(missed)
+        if missed:
+            self.reads_incomplete += 1
+            logger.debug("a read of the peer records missed %d live record(s): kept from the last view", len(missed))
 
     def _read_failed(self, why: str) -> None:
         self.reads_failed += 1
