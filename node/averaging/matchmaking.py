@@ -36,11 +36,10 @@ from protocol.wire import payload_bytes
 logger = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 0.5  # DHT stores finish within milliseconds on a LAN; this covers clock jitter too
-# Reads of a module's ready posts while its window is open: the first after POLL_FIRST_SECONDS, each next gap
-# POLL_GROWTH times the last, at most POLL_MOST_SECONDS. A gap growing 1.5x to 1 s saved ~8 MB in one 4-node
-# sparse run (bench/RESULTS.md); it stays fixed at 0.2 s until the recovery seen in tests/system/test_nat.py
-# (see node/swarm/membership.py, PEERS_READ_SECONDS) is understood.
-POLL_FIRST_SECONDS, POLL_GROWTH, POLL_MOST_SECONDS = 0.2, 1.0, 0.2
+# How often a module's ready posts are read while its window is open. A gap growing 1.5x to 1 s saved ~8 MB in
+# one 4-node sparse run (bench/RESULTS.md, 4102baa); it stays 0.2 s until the recovery seen in
+# tests/system/test_nat.py (see node/swarm/membership.py, PEERS_READ_SECONDS) is understood.
+POLL_SECONDS = 0.2
 MAX_WINDOW_FACTOR = 4.0  # the longest window a record may ask for, in gather_seconds
 MAX_MESSAGE_GROWTH = 4  # a group's averaging messages are at most this many times the manifest's size
 
@@ -207,7 +206,6 @@ class Matchmaker:
         key = ready_key(self._swarm_id, module, round_number)
         await self._swarm.store(key, me, record.dict(), posted_at + expiration_seconds)
         expected: Set[str] = set(expected_peers) | {me}
-        gap = POLL_FIRST_SECONDS
         while True:
             records = await self.read_ready(module, round_number)
             records[me] = record
@@ -217,5 +215,4 @@ class Matchmaker:
             missing = expected - set(records)
             if not missing or self._clock() >= closes_at + SETTLE_SECONDS:
                 return make_group(module, round_number, window, self._smallest_message)
-            await asyncio.sleep(min(gap, max(0.01, closes_at + SETTLE_SECONDS - self._clock())))
-            gap = min(gap * POLL_GROWTH, POLL_MOST_SECONDS)
+            await asyncio.sleep(min(POLL_SECONDS, max(0.01, closes_at + SETTLE_SECONDS - self._clock())))
